@@ -1,0 +1,59 @@
+"""The one typed configuration object that flows from the command line to where it is used."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .model.config import TrainConfig
+
+DATA_DIR = Path(__file__).resolve().parent / "data"
+RADIOMICS_PARAMS = DATA_DIR / "radiomics.yaml"
+BUNDLED_MODEL_DIR = DATA_DIR / "model"
+
+
+@dataclass(frozen=True)
+class PreprocConfig:
+    """Participant-level preprocessing knobs (defaults documented in the README)."""
+
+    n4_shrink_factor: int = 4
+    n4_iterations: tuple[int, ...] = (50, 50, 30)
+    n4_convergence: float = 1e-4
+    min_lesion_voxels: int = 10
+    patch_size: tuple[int, int, int] = (32, 32, 16)
+    qsm_units: str | None = None  # None: trust BIDS (Chimap is ppm)
+    radiomics_params: Path = RADIOMICS_PARAMS
+    # A registration whose final Mattes MI is above this (MI is negative, lower is better)
+    # did not find a meaningful alignment and is an error for that participant.
+    registration_max_metric: float = -0.05
+
+
+@dataclass(frozen=True)
+class InferenceConfig:
+    model_dir: Path = BUNDLED_MODEL_DIR
+    threshold: float | None = None
+    operating_point: str = "f1"  # or "high-sensitivity"
+
+
+@dataclass(frozen=True)
+class AppConfig:
+    bids_dir: Path
+    output_dir: Path
+    analysis_level: str
+    work_dir: Path
+    participant_labels: tuple[str, ...] = ()
+    session_labels: tuple[str, ...] = ()
+    bids_filters: dict = field(default_factory=dict)
+    derivatives: tuple[Path, ...] = ()
+    nprocs: int = 1
+    omp_nthreads: int = 1
+    mem_gb: float | None = None
+    device: str = "auto"
+    plugin: str = "MultiProc"
+    plugin_args: dict = field(default_factory=dict)
+    skip_bids_validation: bool = False
+    verbosity: int = 0
+    train: bool = False
+    preproc: PreprocConfig = field(default_factory=PreprocConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
+    training: TrainConfig = field(default_factory=TrainConfig)
+    command_line: tuple[str, ...] = ()
