@@ -36,6 +36,13 @@ class InferenceConfig:
 
 @dataclass(frozen=True)
 class AppConfig:
+    """Everything one run needs, validated by ``cli/run.py``; paths are absolute.
+
+    ``work_dir`` defaults (in the CLI) to ``<parent of output_dir>/qsmrim_work``, or to
+    ``<parent of bids_dir>/qsmrim_work`` when the output is ``<bids_dir>/derivatives/<name>``,
+    so that nothing is ever written inside ``bids_dir``.
+    """
+
     bids_dir: Path
     output_dir: Path
     analysis_level: str
@@ -53,6 +60,8 @@ class AppConfig:
     skip_bids_validation: bool = False
     verbosity: int = 0
     train: bool = False
+    # What ``--train`` trains (``--method all`` expands to every comparator); training.method is the first.
+    train_methods: tuple[str, ...] = ("qsmrimnet",)
     preproc: PreprocConfig = field(default_factory=PreprocConfig)
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     training: TrainConfig = field(default_factory=TrainConfig)

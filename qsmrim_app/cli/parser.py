@@ -1,0 +1,285 @@
+"""The qsmrim command line (BIDS Apps conventions): argparse only, no side effects.
+
+Checks that need nothing but the option's own value (label syntax, the filter file's schema,
+the plugin file) are done here so that a bad value is a usage error (exit 64) before any work.
+Checks that relate options to each other or to the file system live in ``cli/run.py``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any, NoReturn
+
+from .. import __version__
+
+EXIT_USAGE = 64
+
+#: The input kinds a ``--bids-filter-file`` may hold a PyBIDS query for.
+FILTER_KINDS: tuple[str, ...] = ("qsm", "flair", "magnitude", "lesion_mask", "rim_labels")
+TRAIN_METHODS: tuple[str, ...] = ("qsmrimnet", "aprl-rf", "aprl-nn", "rimnet")
+
+_LABEL_RE = re.compile(r"^[A-Za-z0-9]+$")
+# Entities PyBIDS knows (its 'bids' and 'derivatives' configurations) plus the query keywords.
+_FILTER_ENTITIES: frozenset[str] = frozenset(
+    {
+        "acquisition", "ceagent", "chunk", "datatype", "direction", "echo", "extension", "flip",
+        "inv", "modality", "mt", "nucleus", "part", "proc", "reconstruction", "recording", "run",
+        "sample", "session", "space", "staining", "subject", "suffix", "task", "tracer",
+        "atlas", "den", "desc", "from", "hemi", "label", "mode", "model", "res", "roi",
+        "segmentation", "subset", "to", "scope",
+    }
+)
+
+
+class QsmrimArgumentParser(argparse.ArgumentParser):
+    """ArgumentParser whose usage errors exit 64 (EX_USAGE), as the BIDS Apps spec asks."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Show '(default: X)' only where X tells the user something (not None, False or empty)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False or action.default == []:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _label(value: str) -> str:
+    """A BIDS label; a leading ``sub-``/``ses-`` is stripped so both spellings work."""
+    value = value.strip()
+    for prefix in ("sub-", "ses-"):
+        if value.startswith(prefix):
+            value = value[len(prefix):]
+    if not _LABEL_RE.match(value):
+        raise argparse.ArgumentTypeError(f"{value!r} is not a BIDS label (letters and digits only)")
+    return value
+
+
+def _positive_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not an integer") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"{value!r} must be >= 1")
+    return number
+
+
+def _non_negative_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not an integer") from None
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"{value!r} must be >= 0")
+    return number
+
+
+def _positive_float(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
+    if not number > 0:
+        raise argparse.ArgumentTypeError(f"{value!r} must be > 0")
+    return number
+
+
+def _probability(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
+    if not 0.0 <= number <= 1.0:
+        raise argparse.ArgumentTypeError(f"{value!r} must be a probability in [0, 1]")
+    return number
+
+
+def _existing_path(value: str) -> Path:
+    path = Path(value).expanduser()
+    if not path.exists():
+        raise argparse.ArgumentTypeError(f"{value} does not exist")
+    return path.absolute()
+
+
+def validate_bids_filters(filters: Any) -> dict[str, dict[str, Any]]:
+    """Check a ``--bids-filter-file`` document; raises ValueError naming the first bad key.
+
+    The accepted shape is fMRIPrep's: ``{kind: {entity: value | [values] | null | "<Query.ANY>"}}``
+    with ``kind`` one of :data:`FILTER_KINDS`.
+    """
+    if not isinstance(filters, dict):
+        raise ValueError("the top level must be a JSON object keyed by input kind")
+    for kind, query in filters.items():
+        if kind not in FILTER_KINDS:
+            raise ValueError(f"unknown input kind {kind!r}; expected one of {', '.join(FILTER_KINDS)}")
+        if not isinstance(query, dict):
+            raise ValueError(f"the query for {kind!r} must be a JSON object of entity: value")
+        for entity, val in query.items():
+            if entity not in _FILTER_ENTITIES:
+                raise ValueError(f"unknown BIDS entity {entity!r} in the query for {kind!r}")
+            values = val if isinstance(val, list) else [val]
+            for item in values:
+                if item is not None and not isinstance(item, (str, int, bool)):
+                    raise ValueError(f"value {item!r} of {kind}.{entity} must be a string, number, "
+                                     "boolean, null or a list of these")
+    return filters
+
+
+def _bids_filter_file(value: str) -> dict[str, dict[str, Any]]:
+    path = Path(value).expanduser()
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"BIDS filter file {value} does not exist")
+    try:
+        filters = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise argparse.ArgumentTypeError(f"BIDS filter file {value} is not valid JSON: {err}") from None
+    try:
+        return validate_bids_filters(filters)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"BIDS filter file {value}: {err}") from None
+
+
+def _plugin_file(value: str) -> dict[str, Any]:
+    """A nipype plugin YAML: ``plugin: MultiProc`` and optional ``plugin_args: {...}``."""
+    import yaml
+
+    path = Path(value).expanduser()
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"plugin file {value} does not exist")
+    try:
+        settings = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise argparse.ArgumentTypeError(f"plugin file {value} is not valid YAML: {err}") from None
+    if not isinstance(settings, dict) or not isinstance(settings.get("plugin"), str):
+        raise argparse.ArgumentTypeError(f"plugin file {value} must have a 'plugin' name (e.g. MultiProc)")
+    unknown = set(settings) - {"plugin", "plugin_args"}
+    if unknown:
+        raise argparse.ArgumentTypeError(f"plugin file {value}: unknown keys {sorted(unknown)}")
+    args = settings.get("plugin_args") or {}
+    if not isinstance(args, dict):
+        raise argparse.ArgumentTypeError(f"plugin file {value}: 'plugin_args' must be a mapping")
+    return {"plugin": settings["plugin"], "plugin_args": args}
+
+
+def _available_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not on Linux
+        return os.cpu_count() or 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The one parser of ``run.py`` / ``qsmrim``: positional BIDS Apps arguments plus options."""
+    parser = QsmrimArgumentParser(
+        prog="qsmrim",
+        description=(
+            "qsmrim: find chronic active (rim+) multiple sclerosis lesions on quantitative "
+            "susceptibility maps with QSMRim-Net (Zhang et al., NeuroImage: Clinical 2022). "
+            "A BIDS App: the participant level classifies every lesion of each participant; the "
+            "group level gathers the participants' results (and, with --train, trains a model)."
+        ),
+        formatter_class=_HelpFormatter,
+    )
+    parser.add_argument("bids_dir", type=Path,
+                        help="the root of the input BIDS dataset (read only; nothing is ever written there)")
+    parser.add_argument("output_dir", type=Path,
+                        help="where the derivatives go; may be <bids_dir>/derivatives/<name> but not "
+                             "elsewhere inside bids_dir")
+    parser.add_argument("analysis_level", choices=["participant", "group"],
+                        help="'participant': one unit of work per participant and session; "
+                             "'group': summarise (or --train on) the participant-level outputs")
+    parser.add_argument("--version", action="version", version=f"qsmrim {__version__}")
+
+    sel = parser.add_argument_group("Selecting the inputs")
+    sel.add_argument("--participant-label", "--participant_label", dest="participant_label",
+                     nargs="+", type=_label, default=[], metavar="LABEL",
+                     help="participants to process (with or without 'sub-'); default: all of them")
+    sel.add_argument("--session-label", "--session_label", dest="session_label",
+                     nargs="+", type=_label, default=[], metavar="LABEL",
+                     help="sessions to process (with or without 'ses-'); default: all of them")
+    sel.add_argument("--bids-filter-file", "--bids_filter_file", dest="bids_filters",
+                     type=_bids_filter_file, default=None, metavar="FILE",
+                     help="JSON file of PyBIDS queries per input kind (keys: "
+                          + ", ".join(FILTER_KINDS) + "), e.g. {\"qsm\": {\"acquisition\": \"gre\"}} "
+                          "to pick one of several runs or acquisitions")
+    sel.add_argument("-d", "--derivatives", nargs="+", type=_existing_path, default=[], metavar="PATH",
+                     help="extra derivatives datasets holding QSM maps, lesion masks or rim "
+                          "annotations; every folder in <bids_dir>/derivatives is searched anyway")
+    sel.add_argument("--qsm-units", "--qsm_units", dest="qsm_units", choices=["ppm", "ppb"], default=None,
+                     help="units of the QSM maps when they do not follow BIDS; default: ppm as "
+                          "BIDS specifies for Chimap")
+    sel.add_argument("--skip-bids-validation", "--skip_bids_validation", dest="skip_bids_validation",
+                     action="store_true",
+                     help="do not check the raw dataset against the BIDS specification")
+
+    perf = parser.add_argument_group("Resources")
+    perf.add_argument("-w", "--work-dir", "--work_dir", dest="work_dir", type=Path, default=None,
+                      help="folder for intermediate files; default: <parent of output_dir>/qsmrim_work "
+                           "(or <parent of bids_dir>/qsmrim_work when output_dir is inside bids_dir); "
+                           "never inside bids_dir")
+    perf.add_argument("--nprocs", "--n-cpus", "--n_cpus", dest="nprocs", type=_positive_int,
+                      default=_available_cpus(), help="processes running at once")
+    perf.add_argument("--omp-nthreads", "--omp_nthreads", dest="omp_nthreads", type=_positive_int,
+                      default=None, help="threads per process (ITK, torch); default: min(8, nprocs)")
+    perf.add_argument("--mem-gb", "--mem_gb", dest="mem_gb", type=_positive_float, default=None,
+                      help="memory limit in GB for the scheduler; default: no limit")
+    perf.add_argument("--use-plugin", "--use_plugin", dest="use_plugin", type=_plugin_file,
+                      default=None, metavar="FILE",
+                      help="nipype plugin YAML with 'plugin' and optional 'plugin_args'; "
+                           "default: MultiProc with --nprocs")
+    perf.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                      help="where the network runs; 'auto' uses a CUDA GPU when one is available")
+
+    model = parser.add_argument_group("Classification")
+    model.add_argument("--model", type=_existing_path, default=None, metavar="PATH",
+                       help="a model directory written by 'group --train'; default: the bundled model")
+    model.add_argument("--threshold", type=_probability, default=None, metavar="VALUE",
+                       help="probability above which a lesion is called rim+; overrides "
+                            "--operating-point; default: the model's threshold for the operating point")
+    model.add_argument("--operating-point", "--operating_point", dest="operating_point",
+                       choices=["f1", "high-sensitivity"], default="f1",
+                       help="which of the model's stored thresholds to use")
+
+    pre = parser.add_argument_group("Preprocessing")
+    pre.add_argument("--min-lesion-voxels", "--min_lesion_voxels", dest="min_lesion_voxels",
+                     type=_positive_int, default=10, metavar="N",
+                     help="lesions (connected components in the QSM grid) smaller than this are ignored")
+    pre.add_argument("--patch-size", "--patch_size", dest="patch_size", nargs=3, type=_positive_int,
+                     default=[32, 32, 16], metavar=("X", "Y", "Z"),
+                     help="lesion patch size in QSM voxels (i, j, k); must match the model's")
+    pre.add_argument("--n4-shrink-factor", "--n4_shrink_factor", dest="n4_shrink_factor",
+                     type=_positive_int, default=4, help="FLAIR bias correction (N4) shrink factor")
+    pre.add_argument("--n4-iterations", "--n4_iterations", dest="n4_iterations", nargs="+",
+                     type=_non_negative_int, default=[50, 50, 30], metavar="N",
+                     help="N4 iterations per fitting level (one number per level)")
+
+    train = parser.add_argument_group("Group level: training")
+    train.add_argument("--train", action="store_true",
+                       help="at the group level, train a model (cross-validated) from the participants' "
+                            "rim annotations (desc-rim_dseg) and write it to <output_dir>/model")
+    train.add_argument("--method", choices=[*TRAIN_METHODS, "all"], default="qsmrimnet",
+                       help="what --train trains: QSMRim-Net, a comparator, or all of them")
+    train.add_argument("--epochs", type=_positive_int, default=40, help="training epochs")
+    train.add_argument("--folds", type=_positive_int, default=5,
+                       help="subject-stratified cross-validation folds (1: train on everything)")
+    train.add_argument("--seeds", type=_positive_int, default=3,
+                       help="networks trained per fold with different seeds (majority vote)")
+    train.add_argument("--batch-size", "--batch_size", dest="batch_size", type=_positive_int, default=64,
+                       help="mini-batch size")
+    train.add_argument("--width-multiplier", "--width_multiplier", dest="width_multiplier",
+                       type=_positive_float, default=1.0,
+                       help="scales the network's channel widths (1.0: the paper's ResNet-18)")
+
+    other = parser.add_argument_group("Other")
+    other.add_argument("-v", "--verbose", dest="verbose", action="count", default=0,
+                       help="more log output (-v: info, -vv: debug)")
+    return parser

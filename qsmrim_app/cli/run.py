@@ -1,0 +1,231 @@
+"""``qsmrim`` / ``run.py``: validate the command line, build the one AppConfig, dispatch, exit codes.
+
+Exit codes follow the BIDS Apps execution spec: 0 success, 1 some participant failed (the others
+still complete), 16 BIDS validation failed, 18 the selection matched no data, 64 usage error,
+66 input missing. Every refusal is one log line naming the path or label and the fix.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from argparse import Namespace
+from pathlib import Path
+from typing import Sequence
+
+from ..config import AppConfig, InferenceConfig, PreprocConfig
+from ..model.config import TrainConfig
+from .parser import EXIT_USAGE, TRAIN_METHODS, build_parser
+
+EXIT_OK = 0
+EXIT_PARTICIPANT_FAILED = 1
+EXIT_BIDS_INVALID = 16
+EXIT_NO_DATA = 18
+EXIT_INPUT_MISSING = 66
+EXIT_INTERRUPTED = 130
+
+LOGGER = logging.getLogger("qsmrim")
+
+
+class UsageError(Exception):
+    """A refusal of the command line as given: message for the user plus the exit code."""
+
+    def __init__(self, message: str, code: int = EXIT_USAGE) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def setup_logging(verbosity: int) -> None:
+    """One handler on stderr; -v/-vv raise our verbosity and then nipype's."""
+    level = logging.INFO if verbosity < 1 else logging.DEBUG
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s", "%H:%M:%S"))
+    LOGGER.handlers[:] = [handler]
+    LOGGER.setLevel(level)
+    LOGGER.propagate = False
+    # nipype and pybids are noisy; keep them to warnings unless asked for more.
+    third_party = {0: logging.WARNING, 1: logging.INFO}.get(verbosity, logging.DEBUG)
+    for name in ("nipype.workflow", "nipype.interface", "nipype.utils", "bids"):
+        logging.getLogger(name).setLevel(third_party)
+
+
+def _is_within(path: Path, parent: Path) -> bool:
+    """True when ``path`` is ``parent`` or below it (both already resolved)."""
+    return path == parent or parent in path.parents
+
+
+def _resolve_paths(args: Namespace) -> tuple[Path, Path, Path]:
+    """Absolute bids/output/work dirs, refusing layouts that would write into the input dataset."""
+    bids_dir = args.bids_dir.expanduser().resolve()
+    if not bids_dir.exists():
+        raise UsageError(f"BIDS dataset {args.bids_dir} does not exist; give the folder that holds "
+                         "dataset_description.json and the sub-* folders", EXIT_INPUT_MISSING)
+    if not bids_dir.is_dir():
+        raise UsageError(f"BIDS dataset {args.bids_dir} is not a folder", EXIT_INPUT_MISSING)
+
+    output_dir = args.output_dir.expanduser().resolve()
+    derivatives_root = bids_dir / "derivatives"
+    if _is_within(output_dir, bids_dir) and not (
+        output_dir != derivatives_root and _is_within(output_dir, derivatives_root)
+    ):
+        raise UsageError(f"output_dir {output_dir} is inside the input dataset {bids_dir}; use a folder "
+                         f"outside it or {derivatives_root}/qsmrim")
+    if _is_within(bids_dir, output_dir):
+        raise UsageError(f"output_dir {output_dir} contains the input dataset {bids_dir}; "
+                         "choose a folder beside it, e.g. <dataset>/../derivatives/qsmrim")
+
+    if args.work_dir is not None:
+        work_dir = args.work_dir.expanduser().resolve()
+    elif _is_within(output_dir, bids_dir):
+        work_dir = bids_dir.parent / "qsmrim_work"
+    else:
+        work_dir = output_dir.parent / "qsmrim_work"
+    if _is_within(work_dir, bids_dir):
+        raise UsageError(f"work directory {work_dir} is inside the input dataset {bids_dir}; "
+                         "give -w/--work-dir a folder outside it")
+    if _is_within(bids_dir, work_dir):
+        raise UsageError(f"work directory {work_dir} contains the input dataset {bids_dir}; "
+                         "give -w/--work-dir a folder of its own")
+    return bids_dir, output_dir, work_dir
+
+
+def build_config(args: Namespace, argv: Sequence[str]) -> AppConfig:
+    """The one AppConfig from parsed arguments (paths validated, defaults resolved)."""
+    bids_dir, output_dir, work_dir = _resolve_paths(args)
+    if args.analysis_level == "group" and not output_dir.is_dir():
+        raise UsageError(f"output_dir {output_dir} does not exist; run the participant level first "
+                         "(same bids_dir and output_dir, analysis level 'participant')", EXIT_INPUT_MISSING)
+    plugin = args.use_plugin or {"plugin": "MultiProc", "plugin_args": {}}
+    plugin_args = dict(plugin["plugin_args"])
+    if plugin["plugin"] == "MultiProc":
+        plugin_args.setdefault("n_procs", args.nprocs)
+        if args.mem_gb is not None:
+            plugin_args.setdefault("memory_gb", args.mem_gb)
+    omp_nthreads = args.omp_nthreads or min(8, args.nprocs)
+    methods = TRAIN_METHODS if args.method == "all" else (args.method,)
+    if tuple(args.patch_size) != PreprocConfig().patch_size and args.model is None:
+        LOGGER.warning("--patch-size %s differs from the bundled model's %s; the bundled model "
+                       "will refuse it unless you give a matching --model", tuple(args.patch_size),
+                       PreprocConfig().patch_size)
+    preproc = PreprocConfig(
+        n4_shrink_factor=args.n4_shrink_factor,
+        n4_iterations=tuple(args.n4_iterations),
+        min_lesion_voxels=args.min_lesion_voxels,
+        patch_size=tuple(args.patch_size),
+        qsm_units=args.qsm_units,
+    )
+    inference = InferenceConfig(threshold=args.threshold, operating_point=args.operating_point)
+    if args.model is not None:
+        inference = InferenceConfig(model_dir=args.model.resolve(), threshold=args.threshold,
+                                    operating_point=args.operating_point)
+    training = TrainConfig(
+        method=methods[0], epochs=args.epochs, batch_size=args.batch_size, folds=args.folds,
+        seeds=args.seeds, width_multiplier=args.width_multiplier,
+        patch_size=tuple(args.patch_size), device=args.device,
+    )
+    return AppConfig(
+        bids_dir=bids_dir,
+        output_dir=output_dir,
+        analysis_level=args.analysis_level,
+        work_dir=work_dir,
+        participant_labels=tuple(dict.fromkeys(args.participant_label)),
+        session_labels=tuple(dict.fromkeys(args.session_label)),
+        bids_filters=args.bids_filters or {},
+        derivatives=tuple(dict.fromkeys(p.resolve() for p in args.derivatives)),
+        nprocs=args.nprocs,
+        omp_nthreads=omp_nthreads,
+        mem_gb=args.mem_gb,
+        device=args.device,
+        plugin=plugin["plugin"],
+        plugin_args=plugin_args,
+        skip_bids_validation=args.skip_bids_validation,
+        verbosity=args.verbose,
+        train=args.train,
+        train_methods=tuple(methods),
+        preproc=preproc,
+        inference=inference,
+        training=training,
+        command_line=tuple(argv),
+    )
+
+
+def _validate_dataset(config: AppConfig) -> None:
+    """BIDS validation of the raw dataset (unless skipped): exit 16 naming the offending paths."""
+    from ..bids import validate_dataset
+
+    if config.skip_bids_validation:
+        LOGGER.info("BIDS validation skipped (--skip-bids-validation)")
+        return
+    errors = validate_dataset(config.bids_dir)
+    if errors:
+        shown = "\n  ".join(errors[:20])
+        more = f"\n  ... and {len(errors) - 20} more" if len(errors) > 20 else ""
+        raise UsageError(f"{config.bids_dir} is not a valid BIDS dataset:\n  {shown}{more}\n"
+                         "Fix or .bidsignore these files, or pass --skip-bids-validation",
+                         EXIT_BIDS_INVALID)
+
+
+def run_participant_level(config: AppConfig) -> int:
+    """Discover every participant/session, report problems, hand the good ones to the workflow."""
+    from ..bids import SelectionError, discover
+
+    try:
+        inputs, problems = discover(config)
+    except SelectionError as err:
+        raise UsageError(str(err), EXIT_NO_DATA if err.no_data else EXIT_USAGE) from None
+    for problem in problems:
+        LOGGER.error("%s", problem)
+    if not inputs and problems and all(p.missing for p in problems):
+        raise UsageError("no participant has the inputs qsmrim needs (QSM, FLAIR, lesion mask) "
+                         "with the given selection; check --participant-label, --session-label "
+                         "and --bids-filter-file", EXIT_NO_DATA)
+    LOGGER.info("%d participant/session unit(s) to process, %d skipped for input problems",
+                len(inputs), len(problems))
+    from ..workflows.participant import run_participants
+
+    code = run_participants(config, inputs, problems)
+    return max(int(code), EXIT_PARTICIPANT_FAILED if problems else EXIT_OK)
+
+
+def run_group_level(config: AppConfig) -> int:
+    """The group level reads the participant outputs; nothing to discover in bids_dir."""
+    from ..workflows.group import run_group
+
+    return int(run_group(config))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console entry point (``qsmrim``, ``run.py``): returns the process exit code."""
+    # No network call home from nipype, set before anything imports it.
+    os.environ.setdefault("NIPYPE_NO_ET", "1")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # --help/--version (0) and usage errors (64) end here
+        return int(exit_.code or 0)
+    setup_logging(args.verbose)
+    try:
+        config = build_config(args, argv)
+        _validate_dataset(config)
+        LOGGER.info("qsmrim %s: %s level on %s -> %s (work: %s)", _version(), config.analysis_level,
+                    config.bids_dir, config.output_dir, config.work_dir)
+        if config.analysis_level == "participant":
+            return run_participant_level(config)
+        return run_group_level(config)
+    except UsageError as err:
+        LOGGER.error("%s", err)
+        return err.code
+    except KeyboardInterrupt:
+        LOGGER.error("interrupted")
+        return EXIT_INTERRUPTED
+
+
+def _version() -> str:
+    from .. import __version__
+
+    return __version__
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
