@@ -1,0 +1,348 @@
+"""Every output file of the app: BIDS-derivative names, sidecars and atomic writes.
+
+One place builds every output path, so names stay consistent between the participant level that
+writes them, the group level and the reports that read them. Every write goes through a temporary
+file in the target folder plus ``os.replace``: a killed job never leaves a half-written file, and
+several participant jobs of an HPC array can share one output folder.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterator, Mapping, Sequence
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+
+from . import __version__
+
+APP_NAME = "qsmrim"
+CODE_URL = "https://github.com/qsmrim/qsmrim"
+BIDS_VERSION = "1.9.0"
+# Set by the container image (see Dockerfile) so outputs record the exact image they came from.
+CONTAINER_ENV = "QSMRIM_CONTAINER"
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One unit of participant-level work: a subject, optionally one session of it."""
+
+    subject: str
+    session: str | None = None
+
+    @property
+    def prefix(self) -> str:
+        return f"sub-{self.subject}" + (f"_ses-{self.session}" if self.session else "")
+
+    @property
+    def participant_id(self) -> str:
+        return f"sub-{self.subject}"
+
+    def folder(self, root: Path, datatype: str = "anat") -> Path:
+        path = Path(root) / f"sub-{self.subject}"
+        if self.session:
+            path = path / f"ses-{self.session}"
+        return path / datatype
+
+
+def bids_name(unit: Unit, suffix: str, extension: str, *, space: str | None = None,
+              label: str | None = None, desc: str | None = None, **entities: str) -> str:
+    """File name with entities in the order BIDS derivatives prescribe."""
+    parts = [unit.prefix]
+    for key, value in entities.items():  # e.g. from/to/mode for transforms
+        parts.append(f"{key.rstrip('_')}-{value}")
+    if space:
+        parts.append(f"space-{space}")
+    if label:
+        parts.append(f"label-{label}")
+    if desc:
+        parts.append(f"desc-{desc}")
+    return "_".join(parts) + f"_{suffix}{extension}"
+
+
+# The outputs, by role. Each entry: (suffix, extension, entities).
+OUTPUTS: dict[str, tuple[str, str, dict[str, str]]] = {
+    "flair_preproc": ("FLAIR", ".nii.gz", {"space": "QSM", "desc": "preproc"}),
+    "qsm_ppb": ("Chimap", ".nii.gz", {"space": "QSM", "desc": "ppb"}),
+    "xfm_flair_to_qsm": ("xfm", ".txt", {"from_": "FLAIR", "to": "QSM", "mode": "image"}),
+    "lesions_dseg": ("dseg", ".nii.gz", {"space": "QSM", "desc": "lesions"}),
+    "lesions_dseg_tsv": ("dseg", ".tsv", {"space": "QSM", "desc": "lesions"}),
+    "radiomics": ("lesions", ".tsv", {"space": "QSM", "desc": "radiomics"}),
+    "patches": ("lesions", ".npz", {"space": "QSM", "desc": "patches"}),
+    "annotations": ("lesions", ".tsv", {"space": "QSM", "desc": "annotations"}),
+    "rimplus_mask": ("mask", ".nii.gz", {"space": "QSM", "desc": "rimplus"}),
+    "rimplus_probseg": ("probseg", ".nii.gz", {"space": "QSM", "label": "rimplus"}),
+    "rim_lesions": ("lesions", ".tsv", {"space": "QSM", "desc": "rim"}),
+    "summary": ("summary", ".tsv", {"desc": "rim"}),
+}
+
+
+def output_path(root: Path, unit: Unit, role: str) -> Path:
+    """Where the output of ``role`` (a key of OUTPUTS) lives for ``unit``."""
+    suffix, extension, entities = OUTPUTS[role]
+    entities = dict(entities)
+    named = {k: entities.pop(k) for k in ("space", "label", "desc") if k in entities}
+    return unit.folder(root) / bids_name(unit, suffix, extension, **entities, **named)
+
+
+def sidecar_path(path: Path) -> Path:
+    name = path.name
+    for ext in (".nii.gz", ".nii", ".tsv", ".npz", ".txt", ".h5"):
+        if name.endswith(ext):
+            return path.with_name(name[: -len(ext)] + ".json")
+    return path.with_suffix(".json")
+
+
+def report_path(root: Path, unit: Unit) -> Path:
+    return Path(root) / f"{unit.prefix}.html"
+
+
+# ---------------------------------------------------------------------------------------------
+# Atomic writes
+# ---------------------------------------------------------------------------------------------
+@contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; it becomes ``path`` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Keep the real extension at the end so writers that look at it (nibabel, numpy) behave.
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + "".join(path.suffixes[-2:]),
+                               dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.chmod(tmp_path, 0o644)
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def write_text(path: Path, text: str) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+    return Path(path)
+
+
+def write_json(path: Path, data: Mapping) -> Path:
+    return write_text(path, json.dumps(data, indent=2, sort_keys=False, default=_json_default) + "\n")
+
+
+def write_tsv(path: Path, table: pd.DataFrame) -> Path:
+    with atomic_path(path) as tmp:
+        table.to_csv(tmp, sep="\t", index=False, na_rep="n/a", float_format="%.10g")
+    return Path(path)
+
+
+def read_tsv(path: Path) -> pd.DataFrame:
+    return pd.read_csv(path, sep="\t", na_values=["n/a"], keep_default_na=False)
+
+
+def write_nifti(path: Path, data: np.ndarray, affine: np.ndarray, *, dtype=None,
+                header: nib.Nifti1Header | None = None) -> Path:
+    array = np.asarray(data if dtype is None else np.asarray(data).astype(dtype))
+    image = nib.Nifti1Image(array, affine, header=header)
+    image.header.set_data_dtype(array.dtype)
+    image.set_qform(affine, code=1)
+    image.set_sform(affine, code=1)
+    with atomic_path(path) as tmp:
+        nib.save(image, tmp)
+    return Path(path)
+
+
+def copy_file(src: Path, dst: Path) -> Path:
+    with atomic_path(dst) as tmp:
+        shutil.copyfile(src, tmp)
+    return Path(dst)
+
+
+def _json_default(value):
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating,)):
+        return float(value)
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"cannot serialise {type(value).__name__} to JSON")
+
+
+# ---------------------------------------------------------------------------------------------
+# Sidecars and dataset-level files
+# ---------------------------------------------------------------------------------------------
+def bids_uri(path: Path | str, bids_dir: Path | None) -> str:
+    """``bids:raw:sub-01/anat/...`` for inputs inside the raw dataset, else the plain path."""
+    path = Path(path)
+    if bids_dir is not None:
+        try:
+            return "bids:raw:" + path.resolve().relative_to(Path(bids_dir).resolve()).as_posix()
+        except ValueError:
+            pass
+    return str(path)
+
+
+def write_with_sidecar(role_path: Path, writer, *, sources: Sequence[str],
+                       metadata: Mapping | None = None) -> Path:
+    """Write an output through ``writer(path)`` and its JSON sidecar with ``Sources``."""
+    writer(role_path)
+    meta = {"Sources": list(sources)}
+    if metadata:
+        meta.update(metadata)
+    write_json(sidecar_path(role_path), meta)
+    return role_path
+
+
+def generated_by() -> list[dict]:
+    entry = {"Name": APP_NAME, "Version": __version__, "CodeURL": CODE_URL}
+    container = os.environ.get(CONTAINER_ENV)
+    if container:
+        kind, _, tag = container.partition("://")
+        entry["Container"] = {"Type": kind or "docker", "Tag": tag or container}
+    return [entry]
+
+
+def dataset_description(bids_dir: Path | None) -> dict:
+    description = {
+        "Name": "qsmrim: rim+ lesion detection on QSM",
+        "BIDSVersion": BIDS_VERSION,
+        "DatasetType": "derivative",
+        "GeneratedBy": generated_by(),
+        "HowToAcknowledge": "Cite QSMRim-Net (Zhang et al., NeuroImage: Clinical 2022) and qsmrim; see CITATION.md.",
+    }
+    if bids_dir is not None:
+        description["SourceDatasets"] = [{"URL": Path(bids_dir).resolve().as_uri()}]
+        description["DatasetLinks"] = {"raw": Path(bids_dir).resolve().as_uri()}
+    return description
+
+
+BIDSIGNORE = "\n".join([
+    "*_lesions.tsv", "*_lesions.json", "*_lesions.npz", "*_summary.tsv", "*_summary.json",
+    "*.html", "logs/", "models/", "group_*", "figures/", "CITATION.md", "",
+])
+
+CITATION = """# Citing qsmrim
+
+If you use qsmrim, please cite the method it implements and the libraries it builds on:
+
+- Zhang H, Nguyen TD, Zhang J, et al. QSMRim-Net: Imbalance-aware learning for identification of chronic
+  active lesions with paramagnetic rim on quantitative susceptibility maps. NeuroImage: Clinical 2022;34:102979.
+- van Griethuysen JJM, et al. Computational Radiomics System to Decode the Radiographic Phenotype
+  (pyradiomics). Cancer Research 2017;77(21):e104-e107.
+- Gorgolewski K, et al. Nipype: a flexible, lightweight and extensible neuroimaging data processing
+  framework in Python. Front. Neuroinform. 2011;5:13.
+- Yoo TS, Lowekamp BC, et al. SimpleITK / the Insight Toolkit (N4: Tustison NJ, et al. IEEE TMI 2010;29:1310).
+- Yarkoni T, et al. PyBIDS: Python tools for BIDS datasets. JOSS 2019;4(40):1294.
+- Paszke A, et al. PyTorch: an imperative style, high-performance deep learning library. NeurIPS 2019.
+- Pedregosa F, et al. Scikit-learn: machine learning in Python. JMLR 2011;12:2825-2830.
+"""
+
+
+def _write_if_changed(path: Path, text: str) -> None:
+    if path.is_file() and path.read_text() == text:
+        return
+    write_text(path, text)
+
+
+def init_output_dir(output_dir: Path, bids_dir: Path | None) -> None:
+    """Dataset-level files; safe when many participant jobs start at once (same content, atomic)."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    description = json.dumps(dataset_description(bids_dir), indent=2) + "\n"
+    _write_if_changed(output_dir / "dataset_description.json", description)
+    _write_if_changed(output_dir / ".bidsignore", BIDSIGNORE)
+    _write_if_changed(output_dir / "CITATION.md", CITATION)
+
+
+def versions() -> dict[str, str]:
+    """Versions of what produced the outputs, for logs, sidecars and the model card."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {"qsmrim": __version__, "python": platform.python_version()}
+    for dist in ("numpy", "scipy", "nibabel", "nipype", "pybids", "SimpleITK", "pyradiomics-bhklab",
+                 "PyWavelets", "torch", "scikit-learn"):
+        try:
+            found[dist] = version(dist)
+        except PackageNotFoundError:
+            continue
+    return found
+
+
+def write_run_log(output_dir: Path, level: str, command_line: Sequence[str], config: Mapping,
+                  label: str | None = None) -> Path:
+    """``logs/`` entry with the command line, configuration and versions of this run."""
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
+    name = f"{label or level}_{stamp}_{os.getpid()}.json"
+    return write_json(Path(output_dir) / "logs" / name, {
+        "level": level,
+        "command_line": list(command_line),
+        "config": config,
+        "versions": versions(),
+        "started": stamp,
+        "host": platform.node(),
+    })
+
+
+# ---------------------------------------------------------------------------------------------
+# Data dictionaries for the TSV outputs (the JSON sidecars describe every column)
+# ---------------------------------------------------------------------------------------------
+GEOMETRY_DICTIONARY = {
+    "lesion_id": {"Description": "Lesion instance: its value in the space-QSM desc-lesions dseg image"},
+    "voxels": {"Description": "Number of QSM-grid voxels in the lesion"},
+    "volume_mm3": {"Description": "Lesion volume", "Units": "mm^3"},
+    "centroid_x_mm": {"Description": "Lesion centre of mass, world x (NIfTI affine of the QSM grid)", "Units": "mm"},
+    "centroid_y_mm": {"Description": "Lesion centre of mass, world y", "Units": "mm"},
+    "centroid_z_mm": {"Description": "Lesion centre of mass, world z", "Units": "mm"},
+}
+
+RIM_DICTIONARY = {
+    **GEOMETRY_DICTIONARY,
+    "probability": {"Description": "Rim+ probability: mean over the ensemble's fold/seed models"},
+    "uncertainty": {"Description": "Standard deviation of the ensemble members' probabilities"},
+    "votes": {"Description": "Fraction of ensemble members whose own fold threshold calls the lesion rim+"},
+    "rim_positive": {"Description": "1 if probability >= threshold (a paramagnetic rim lesion), else 0",
+                     "Levels": {"0": "rim-", "1": "rim+"}},
+    "threshold": {"Description": "Probability threshold applied (see the summary's operating_point)"},
+}
+
+SUMMARY_DICTIONARY = {
+    "participant_id": {"Description": "Participant label"},
+    "session": {"Description": "Session label (n/a when the dataset has no sessions)"},
+    "n_lesions": {"Description": "Lesions analysed (after --min-lesion-voxels)"},
+    "n_rimplus": {"Description": "Lesions classified rim+"},
+    "lesion_volume_mm3": {"Description": "Total lesion volume", "Units": "mm^3"},
+    "rimplus_volume_mm3": {"Description": "Total volume of rim+ lesions", "Units": "mm^3"},
+    "threshold": {"Description": "Probability threshold applied"},
+    "operating_point": {"Description": "f1 (model's F1-optimal threshold), high-sensitivity, or user (--threshold)"},
+    "model_id": {"Description": "Identifier of the model directory used"},
+}
+
+ANNOTATION_DICTIONARY = {
+    "lesion_id": GEOMETRY_DICTIONARY["lesion_id"],
+    "rim_positive": {"Description": "Expert label carried onto the lesion by majority vote of desc-rim_dseg",
+                     "Levels": {"0": "rim-", "1": "rim+"}},
+    "agreement": {"Description": "Fraction of the lesion's annotated voxels that agree with the majority label"},
+}
+
+
+def radiomics_dictionary(columns: Sequence[str]) -> dict:
+    """Sidecar for the feature table: geometry columns plus one entry per pyradiomics feature."""
+    entries = {}
+    for column in columns:
+        if column in GEOMETRY_DICTIONARY:
+            entries[column] = GEOMETRY_DICTIONARY[column]
+            continue
+        image_type, _, rest = column.partition("_")
+        feature_class, _, feature = rest.partition("_")
+        entries[column] = {"Description": f"pyradiomics {feature_class} feature {feature} on the {image_type} "
+                                          "image of the QSM (ppb, binWidth 25)"}
+    return entries

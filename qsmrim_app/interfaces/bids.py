@@ -1,0 +1,43 @@
+"""Write a node's result as a BIDS derivative (the name comes from derivatives.OUTPUTS)."""
+from __future__ import annotations
+
+import json
+
+from nipype.interfaces.base import (BaseInterfaceInputSpec, Directory, File, SimpleInterface,
+                                    TraitedSpec, traits)
+
+from .. import derivatives as drv
+
+
+class _SinkInputSpec(BaseInterfaceInputSpec):
+    in_file = File(exists=True, mandatory=True)
+    base_directory = Directory(mandatory=True, desc="the output (derivatives) dataset")
+    subject = traits.Str(mandatory=True)
+    session = traits.Str(desc="session label, if any")
+    role = traits.Enum(*drv.OUTPUTS, mandatory=True, desc="which output this is")
+    sources = traits.List(traits.Str, desc="BIDS URIs or paths the output was derived from")
+    metadata = traits.Dict(desc="extra sidecar fields (e.g. column descriptions of a TSV)")
+    metadata_file = File(exists=True, desc="JSON whose fields are added to the sidecar")
+
+
+class _SinkOutputSpec(TraitedSpec):
+    out_file = File(exists=True)
+
+
+class DerivativesDataSink(SimpleInterface):
+    """Copy into the derivatives tree atomically, with a JSON sidecar holding ``Sources``."""
+
+    input_spec = _SinkInputSpec
+    output_spec = _SinkOutputSpec
+
+    def _run_interface(self, runtime):
+        unit = drv.Unit(self.inputs.subject, self.inputs.session or None)
+        target = drv.output_path(self.inputs.base_directory, unit, self.inputs.role)
+        metadata = dict(self.inputs.metadata or {})
+        if self.inputs.metadata_file:
+            with open(self.inputs.metadata_file) as handle:
+                metadata.update(json.load(handle))
+        drv.write_with_sidecar(target, lambda path: drv.copy_file(self.inputs.in_file, path),
+                               sources=list(self.inputs.sources or []), metadata=metadata)
+        self._results["out_file"] = str(target)
+        return runtime

@@ -1,0 +1,84 @@
+"""Lesion instances in the QSM grid, their geometry, and the expert rim labels carried onto them."""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pandas as pd
+from nipype.interfaces.base import (BaseInterfaceInputSpec, File, SimpleInterface, TraitedSpec,
+                                    traits)
+
+from ..lesions import LesionMaskError, carry_rim_labels, label_instances, lesion_geometry
+from ._base import InputDataError, load_3d, out_path, save_like
+
+LOGGER = logging.getLogger("nipype.interface")
+
+
+class _LesionsInputSpec(BaseInterfaceInputSpec):
+    mask_file = File(exists=True, mandatory=True, desc="lesion mask in the QSM grid")
+    source_file = traits.Str(desc="the original mask file, named in messages")
+    is_instance_map = traits.Bool(False, usedefault=True)
+    min_voxels = traits.Int(10, usedefault=True)
+    rim_file = File(exists=True, desc="rim annotations (1 rim-, 2 rim+) in the QSM grid")
+
+
+class _LesionsOutputSpec(TraitedSpec):
+    instances_file = File(exists=True)
+    geometry_file = File(exists=True, desc="lesion_id, voxels, volume, centroid (world mm)")
+    annotations_file = File(desc="lesion_id, rim_positive, agreement (only with rim_file)")
+    dseg_tsv_file = File(exists=True, desc="BIDS dseg.tsv look-up table: index, name")
+    n_lesions = traits.Int()
+    n_dropped = traits.Int()
+    messages = traits.List(traits.Str)
+
+
+class LesionInstances(SimpleInterface):
+    input_spec = _LesionsInputSpec
+    output_spec = _LesionsOutputSpec
+
+    def _run_interface(self, runtime):
+        source = self.inputs.source_file or self.inputs.mask_file
+        image = load_3d(self.inputs.mask_file, "lesion mask")
+        mask = np.asarray(image.dataobj)
+        try:
+            found = label_instances(mask, min_voxels=self.inputs.min_voxels,
+                                    is_instance_map=self.inputs.is_instance_map)
+        except LesionMaskError as exc:
+            raise InputDataError(f"lesion mask {source}: {exc}") from exc
+        messages = []
+        if found.dropped:
+            messages.append(f"lesion mask {source}: {found.dropped} component(s) smaller than "
+                            f"{self.inputs.min_voxels} voxels dropped (--min-lesion-voxels)")
+        self._results["instances_file"] = save_like(found.labels, image, "lesions_dseg.nii.gz", np.int32)
+        geometry = lesion_geometry(found.labels, image.affine)
+        self._results["geometry_file"] = out_path("lesion_geometry.tsv")
+        geometry.to_csv(self._results["geometry_file"], sep="\t", index=False, na_rep="n/a")
+        self._results["dseg_tsv_file"] = out_path("lesions_dseg.tsv")
+        pd.DataFrame({"index": geometry["lesion_id"], "name": [f"lesion-{i}" for i in geometry["lesion_id"]]}
+                     ).to_csv(self._results["dseg_tsv_file"], sep="\t", index=False)
+        if self.inputs.rim_file:
+            rim = np.asarray(load_3d(self.inputs.rim_file, "rim annotation").dataobj)
+            try:
+                labels = carry_rim_labels(found.labels, rim)
+            except LesionMaskError as exc:
+                raise InputDataError(f"rim annotation {self.inputs.rim_file}: {exc}") from exc
+            ids = list(found.lesion_ids)
+            table = pd.DataFrame({
+                "lesion_id": ids,
+                "rim_positive": [labels.labels.get(i, np.nan) for i in ids],
+                "agreement": [labels.agreement.get(i, np.nan) for i in ids],
+            })
+            if labels.missing:
+                messages.append(f"rim annotation: lesions {list(labels.missing)} have no rim label "
+                                "and are left out of training")
+            if labels.disagreeing:
+                messages.append(f"rim annotation: lesions {list(labels.disagreeing)} have voxels with "
+                                "both rim+ and rim- labels; the majority label is used")
+            self._results["annotations_file"] = out_path("lesion_annotations.tsv")
+            table.to_csv(self._results["annotations_file"], sep="\t", index=False, na_rep="n/a")
+        for message in messages:
+            LOGGER.warning(message)
+        self._results["n_lesions"] = len(found.lesion_ids)
+        self._results["n_dropped"] = int(found.dropped)
+        self._results["messages"] = messages
+        return runtime

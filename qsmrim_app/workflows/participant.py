@@ -1,0 +1,225 @@
+"""The participant level: one nipype workflow per participant/session, run one unit after another.
+
+N4 -> register FLAIR to QSM -> resample -> lesion instances -> patches + radiomics -> classify -> sink.
+Every step is a cached nipype node in the work directory, so an interrupted run resumes where it
+stopped. Derivatives are written only after every processing node of a unit succeeded, so a failed
+participant leaves no partial outputs behind.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+from nipype import Workflow
+from nipype.interfaces.utility import IdentityInterface, Merge
+from nipype.pipeline import engine as pe
+
+from .. import derivatives as drv
+from ..config import AppConfig
+from ..interfaces.bids import DerivativesDataSink
+from ..interfaces.classify import ClassifyLesions
+from ..interfaces.lesions import LesionInstances
+from ..interfaces.n4 import N4BiasCorrection
+from ..interfaces.patches import ExtractPatches
+from ..interfaces.qsm import PrepareQSM
+from ..interfaces.radiomics import RadiomicFeatures
+from ..interfaces.registration import ApplyTransform, RegisterFLAIRToQSM
+from ..interfaces.reports import ParticipantReport
+from .execution import run_workflow
+
+LOGGER = logging.getLogger("qsmrim")
+
+
+@dataclass(frozen=True)
+class ParticipantOutcome:
+    unit: drv.Unit
+    ok: bool
+    message: str = ""
+
+
+def model_available(config: AppConfig) -> bool:
+    return (Path(config.inference.model_dir) / "model.json").is_file()
+
+
+def init_participant_wf(config: AppConfig, inputs, classify: bool = True) -> Workflow:
+    """Build the nipype graph for one participant/session (``inputs``: bids.ParticipantInputs)."""
+    unit = drv.Unit(inputs.subject, inputs.session)
+    name = unit.prefix.replace("-", "_") + "_wf"
+    wf = Workflow(name=name, base_dir=str(config.work_dir))
+    out_dir = str(config.output_dir)
+    pre = config.preproc
+    bids_dir = Path(config.bids_dir)
+    uri = lambda path: drv.bids_uri(path, bids_dir)  # noqa: E731 - one-line adapter
+
+    qsm_ppb = pe.Node(PrepareQSM(in_file=str(inputs.qsm), units=inputs.qsm_units), name="qsm_ppb")
+    n4_kwargs = dict(shrink_factor=pre.n4_shrink_factor, iterations=list(pre.n4_iterations),
+                     convergence=pre.n4_convergence)
+    flair_n4 = pe.Node(N4BiasCorrection(in_file=str(inputs.flair), **n4_kwargs), name="flair_n4",
+                       n_procs=config.omp_nthreads)
+    register = pe.Node(RegisterFLAIRToQSM(max_metric=pre.registration_max_metric), name="flair_to_qsm_xfm",
+                       n_procs=config.omp_nthreads)
+    wf.connect([(flair_n4, register, [("out_file", "moving_file")]),
+                (qsm_ppb, register, [("mask_file", "fixed_mask_file")])])
+    if inputs.magnitude:
+        # The magnitude shares the QSM grid and has FLAIR-like anatomy: a better target than the QSM.
+        magnitude_n4 = pe.Node(N4BiasCorrection(in_file=str(inputs.magnitude), **n4_kwargs),
+                               name="magnitude_n4", n_procs=config.omp_nthreads)
+        wf.connect([(qsm_ppb, magnitude_n4, [("mask_file", "mask_file")]),
+                    (magnitude_n4, register, [("out_file", "fixed_file")])])
+    else:
+        wf.connect(qsm_ppb, "out_file", register, "fixed_file")
+
+    flair_in_qsm = pe.Node(ApplyTransform(interpolation="bspline", out_name="flair_in_qsm.nii.gz"),
+                           name="flair_in_qsm")
+    wf.connect([(flair_n4, flair_in_qsm, [("out_file", "in_file")]),
+                (qsm_ppb, flair_in_qsm, [("out_file", "reference_file")]),
+                (register, flair_in_qsm, [("transform_file", "transform_file")])])
+
+    lesions = pe.Node(LesionInstances(source_file=str(inputs.lesion_mask), min_voxels=pre.min_lesion_voxels,
+                                      is_instance_map=inputs.lesion_mask_kind == "instances"),
+                      name="lesion_instances")
+    _into_qsm_grid(wf, "mask", inputs.lesion_mask, inputs.lesion_mask_space, qsm_ppb, register,
+                   lesions, "mask_file")
+    if inputs.rim_labels:
+        _into_qsm_grid(wf, "rim", inputs.rim_labels, inputs.rim_labels_space, qsm_ppb, register,
+                       lesions, "rim_file")
+
+    patches = pe.Node(ExtractPatches(patch_size=tuple(pre.patch_size)), name="lesion_patches")
+    wf.connect([(qsm_ppb, patches, [("out_file", "qsm_file"), ("mask_file", "brain_mask_file")]),
+                (flair_in_qsm, patches, [("out_file", "flair_file")]),
+                (lesions, patches, [("instances_file", "instances_file")])])
+    radiomics = pe.Node(RadiomicFeatures(params_file=str(pre.radiomics_params), nprocs=config.nprocs),
+                        name="lesion_radiomics", n_procs=config.nprocs)
+    wf.connect([(qsm_ppb, radiomics, [("out_file", "qsm_file")]),
+                (lesions, radiomics, [("instances_file", "instances_file"), ("geometry_file", "geometry_file")])])
+
+    # Gate: sinks read from here, so nothing is written before every processing node succeeded.
+    fields = ["flair", "xfm", "dseg", "dseg_tsv", "radiomics", "radiomics_dict", "patches"]
+    if inputs.rim_labels:
+        fields.append("annotations")
+    if classify:
+        fields += ["rim_table", "rim_mask", "rim_probseg", "summary"]
+    done = pe.Node(IdentityInterface(fields=fields), name="outputs")
+    wf.connect([(flair_in_qsm, done, [("out_file", "flair")]),
+                (register, done, [("transform_file", "xfm")]),
+                (lesions, done, [("instances_file", "dseg"), ("dseg_tsv_file", "dseg_tsv")]),
+                (radiomics, done, [("features_file", "radiomics"), ("dictionary_file", "radiomics_dict")]),
+                (patches, done, [("patches_file", "patches")])])
+    if inputs.rim_labels:
+        wf.connect(lesions, "annotations_file", done, "annotations")
+    if classify:
+        inf = config.inference
+        classifier = pe.Node(ClassifyLesions(model_dir=str(inf.model_dir), operating_point=inf.operating_point,
+                                             device=config.device, subject=unit.subject,
+                                             session=unit.session or ""),
+                             name="rim_classification")
+        if inf.threshold is not None:
+            classifier.inputs.threshold = inf.threshold
+        wf.connect([(patches, classifier, [("patches_file", "patches_file")]),
+                    (radiomics, classifier, [("features_file", "features_file")]),
+                    (lesions, classifier, [("instances_file", "instances_file")]),
+                    (classifier, done, [("table_file", "rim_table"), ("mask_file", "rim_mask"),
+                                        ("probseg_file", "rim_probseg"), ("summary_file", "summary")])])
+
+    qsm_src, flair_src, mask_src = uri(inputs.qsm), uri(inputs.flair), uri(inputs.lesion_mask)
+    sources = {
+        "flair": ("flair_preproc", [flair_src, qsm_src], {"SkullStripped": False, "SpatialReference": qsm_src}),
+        "xfm": ("xfm_flair_to_qsm", [flair_src, qsm_src], {"Type": "ITK", "Direction":
+                "maps QSM-space physical points to FLAIR-space points (ITK resampling convention)"}),
+        "dseg": ("lesions_dseg", [mask_src, qsm_src], {"SpatialReference": qsm_src}),
+        "dseg_tsv": ("lesions_dseg_tsv", [mask_src], {}),
+        "radiomics": ("radiomics", [qsm_src, mask_src], {}),
+        "patches": ("patches", [qsm_src, flair_src, mask_src],
+                    {"Description": "Per-lesion 2-channel patches (QSM ppb, normalised FLAIR), zero outside the lesion",
+                     "Arrays": {"patches": "float32 (N, 2, X, Y, Z)", "lesion_id": "int32 (N,)",
+                                "voxel_size_mm": "float32 (3,)"}}),
+        "annotations": ("annotations", [uri(inputs.rim_labels)] if inputs.rim_labels else [],
+                        drv.ANNOTATION_DICTIONARY),
+        "rim_table": ("rim_lesions", [qsm_src, flair_src, mask_src], drv.RIM_DICTIONARY),
+        "rim_mask": ("rimplus_mask", [qsm_src, mask_src], {"SpatialReference": qsm_src}),
+        "rim_probseg": ("rimplus_probseg", [qsm_src, mask_src], {"SpatialReference": qsm_src}),
+        "summary": ("summary", [qsm_src, flair_src, mask_src], drv.SUMMARY_DICTIONARY),
+    }
+    sinks = {}
+    for field in fields:
+        if field == "radiomics_dict":
+            continue
+        role, srcs, meta = sources[field]
+        sink = pe.Node(DerivativesDataSink(base_directory=out_dir, subject=unit.subject,
+                                           session=unit.session or "", role=role, sources=srcs,
+                                           metadata=meta), name=f"ds_{role}", run_without_submitting=True)
+        wf.connect(done, field, sink, "in_file")
+        sinks[field] = sink
+    wf.connect(done, "radiomics_dict", sinks["radiomics"], "metadata_file")
+
+    if classify:
+        gather = pe.Node(Merge(len(sinks)), name="written")
+        for index, sink in enumerate(sinks.values(), start=1):
+            wf.connect(sink, "out_file", gather, f"in{index}")
+        report = pe.Node(ParticipantReport(
+            base_directory=out_dir, subject=unit.subject, session=unit.session or "",
+            qsm_file=str(inputs.qsm), qsm_units=inputs.qsm_units,
+            inputs_found={k: str(v) for k, v in _inputs_found(inputs).items()}),
+            name="participant_report", run_without_submitting=True)
+        wf.connect([(gather, report, [("out", "derivative_files")]),
+                    (register, report, [("report_file", "registration_file")]),
+                    (qsm_ppb, report, [("warnings", "qsm_messages")]),
+                    (lesions, report, [("messages", "lesion_messages")]),
+                    (patches, report, [("messages", "patch_messages")])])
+    return wf
+
+
+def _into_qsm_grid(wf: Workflow, what: str, path: Path, space: str, qsm_ppb, register, target, field: str) -> None:
+    """Masks drawn on the FLAIR are resampled (nearest neighbour keeps instance labels)."""
+    if space == "QSM":
+        setattr(target.inputs, field, str(path))
+        return
+    resample = pe.Node(ApplyTransform(in_file=str(path), interpolation="nearest",
+                                      out_name=f"{what}_in_qsm.nii.gz"), name=f"{what}_in_qsm")
+    wf.connect([(qsm_ppb, resample, [("out_file", "reference_file")]),
+                (register, resample, [("transform_file", "transform_file")]),
+                (resample, target, [("out_file", field)])])
+
+
+def _inputs_found(inputs) -> dict:
+    found = {"QSM": inputs.qsm, "FLAIR": inputs.flair, "Lesion mask": inputs.lesion_mask}
+    if inputs.magnitude:
+        found["Magnitude"] = inputs.magnitude
+    if inputs.rim_labels:
+        found["Rim annotations"] = inputs.rim_labels
+    return found
+
+
+def run_participants(config: AppConfig, inputs: Sequence, problems: Sequence = ()) -> int:
+    """Run every unit; a failed unit is reported and skipped, the others complete. Exit code 0/1."""
+    from tqdm import tqdm
+
+    drv.init_output_dir(config.output_dir, config.bids_dir)
+    classify = model_available(config)
+    if not classify:
+        LOGGER.warning("no model found at %s: running preprocessing only (no rim+ classification); "
+                       "train one with `group --train` or pass --model", config.inference.model_dir)
+    outcomes: list[ParticipantOutcome] = []
+    for unit_inputs in tqdm(inputs, desc="participants", unit="unit", disable=None):
+        unit = drv.Unit(unit_inputs.subject, unit_inputs.session)
+        drv.write_run_log(config.output_dir, "participant", config.command_line, _config_record(config),
+                          label=unit.prefix)
+        try:
+            run_workflow(init_participant_wf(config, unit_inputs, classify=classify), config, unit.prefix)
+            outcomes.append(ParticipantOutcome(unit, True))
+            LOGGER.info("%s: done", unit.prefix)
+        except Exception as exc:  # one participant's failure must not stop the others
+            outcomes.append(ParticipantOutcome(unit, False, str(exc)))
+            LOGGER.error("%s: FAILED: %s", unit.prefix, exc)
+    failed = [o for o in outcomes if not o.ok] + list(problems)
+    if failed:
+        LOGGER.error("%d of %d participant units failed or were skipped", len(failed), len(outcomes) + len(problems))
+        return 1
+    return 0
+
+
+def _config_record(config: AppConfig) -> dict:
+    record = asdict(config)
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in record.items()}
