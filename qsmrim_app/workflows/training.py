@@ -1,0 +1,98 @@
+"""``group --train``: all participants' annotated lesions -> cross-validated models and the paper's metrics.
+
+The participant level must have run with rim annotations present (``*_desc-annotations_lesions.tsv``).
+This module turns those derivatives into a :class:`~qsmrim_app.model.data.LesionSet` (the only
+BIDS-aware step) and hands it to ``model/``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .. import derivatives as drv
+from ..config import AppConfig
+from ..inference import GEOMETRY_COLUMNS
+from ..patches import load_patches
+from .group import find_units
+
+LOGGER = logging.getLogger("qsmrim")
+
+
+def collect_lesion_set(output_dir: Path):
+    """Every annotated lesion of every unit: patches, 527 features, expert label, participant."""
+    from ..model.data import LesionSet, concat
+
+    annotations = find_units(output_dir, "annotations")
+    radiomics = find_units(output_dir, "radiomics")
+    patches = find_units(output_dir, "patches")
+    sets = []
+    for unit in sorted(annotations, key=lambda u: (u.subject, u.session or "")):
+        if unit not in radiomics or unit not in patches:
+            LOGGER.warning("%s: annotations without features/patches; rerun its participant level", unit.prefix)
+            continue
+        labels = drv.read_tsv(annotations[unit]).set_index("lesion_id")["rim_positive"]
+        table = drv.read_tsv(radiomics[unit])
+        patchset = load_patches(patches[unit])
+        if list(patchset.lesion_ids) != table["lesion_id"].tolist():
+            raise RuntimeError(f"{patches[unit]} and {radiomics[unit]} list different lesions; rerun {unit.prefix}")
+        label = table["lesion_id"].map(labels)
+        keep = label.notna().to_numpy()
+        if not keep.any():
+            continue
+        names = [c for c in table.columns if c not in GEOMETRY_COLUMNS]
+        sets.append(LesionSet(
+            patches=patchset.patches[keep], features=table.loc[keep, names].to_numpy(np.float32),
+            feature_names=names, labels=label[keep].to_numpy(np.int64),
+            # Sessions of one participant share a subject id, so folds never split a participant.
+            subjects=np.full(int(keep.sum()), unit.participant_id), lesion_ids=table.loc[keep, "lesion_id"].to_numpy(),
+            voxel_size_mm=patchset.voxel_size_mm if patchset.voxel_size_mm is not None else np.ones(3)))
+    if not sets:
+        return None
+    return concat(sets)
+
+
+def model_id_for(lesions, config_dict: dict) -> str:
+    """Same data + same configuration -> same id, so rerunning the command resumes its training."""
+    digest = hashlib.sha1()
+    digest.update(json.dumps(config_dict, sort_keys=True, default=str).encode())
+    digest.update(np.asarray(lesions.subjects).astype(str).tobytes())
+    digest.update(np.asarray(lesions.lesion_ids).tobytes())
+    digest.update(np.asarray(lesions.labels).tobytes())
+    return digest.hexdigest()[:10]
+
+
+def train_from_derivatives(config: AppConfig) -> int:
+    from ..model.evaluation import write_evaluation
+    from ..model.train import train
+
+    lesions = collect_lesion_set(config.output_dir)
+    if lesions is None:
+        LOGGER.error("no annotated lesions under %s: run the participant level with rim annotations "
+                     "(*_desc-rim_dseg in a derivatives dataset) before `group --train`", config.output_dir)
+        return 1
+    summary = lesions.summary()
+    LOGGER.info("training on %d lesions (%d rim+) of %d participants", summary["lesions"],
+                summary.get("rim_positive", 0), summary["subjects"])
+    methods = list(config.train_methods)
+    primary = methods[0]
+    base = replace(config.training, device=config.device)
+    model_dir = Path(config.output_dir) / "models" / f"{primary}-{model_id_for(lesions, base.to_dict() | {'methods': methods})}"
+    results: dict[str, pd.DataFrame] = {}
+    for method in methods:
+        target = model_dir if method == primary else model_dir / "comparators" / method
+        LOGGER.info("method %s -> %s", method, target)
+        train(lesions, replace(base, method=method), target)
+        results[method] = drv.read_tsv(target / "oof_predictions.tsv")
+    metrics = write_evaluation(results, model_dir, title=f"qsmrim cross-validation ({', '.join(methods)})")
+    LOGGER.info("model: %s; metrics: %s", model_dir, model_dir / "metrics.json")
+    for method, values in metrics.items():
+        LOGGER.info("%s: pROC AUC (FPR<0.1) %.3f, PR AUC %.3f, F1 %.3f, count r %.3f", method,
+                    values.get("pauc_fpr_0.1", float("nan")), values.get("pr_auc", float("nan")),
+                    values.get("f1", float("nan")), values.get("count_pearson_r", float("nan")))
+    return 0
