@@ -1,0 +1,176 @@
+"""The group report: one self-contained HTML page over all participants of a run.
+
+Built from the group table and the per-lesion probabilities the group level already gathered; failed
+participants are listed with their reason rather than silently missing from the counts.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from ._html import esc, figure_data_uri, fmt, img_tag, kv_table, new_figure, page, safe_href, table, write_atomic
+
+AGREEMENT_LABELS = {
+    "n": "Participants with expert counts",
+    "count_pearson_r": "Pearson r (rim+ counts)",
+    "count_pearson_ci": "95% confidence interval of r",
+    "count_mse": "Mean squared error of counts",
+}
+
+
+def _missing(value: Any) -> bool:
+    if value is None:
+        return True
+    if isinstance(value, float) and math.isnan(value):
+        return True
+    return str(value).strip() in ("", "n/a", "nan", "None")
+
+
+def report_key(participant_id: str, session: Any = None) -> str:
+    """The key of `participant_reports`: `participant_id`, plus `_<session>` when there is a session."""
+    return str(participant_id) if _missing(session) else f"{participant_id}_{session}"
+
+
+def _find_href(participant_reports: Mapping[str, str], participant_id: str, session: Any) -> str | None:
+    """Look a report up tolerantly (with/without `sub-`/`ses-` prefixes), since labels come from several places."""
+    pid = str(participant_id)
+    pids = {pid, pid.removeprefix("sub-"), "sub-" + pid.removeprefix("sub-")}
+    if _missing(session):
+        candidates = pids
+    else:
+        ses = str(session)
+        sess = {ses, ses.removeprefix("ses-"), "ses-" + ses.removeprefix("ses-")}
+        candidates = {f"{p}_{s}" for p in pids for s in sess}
+    for key in candidates:
+        if key in participant_reports:
+            return safe_href(participant_reports[key])
+    return None
+
+
+def _histograms(group_table: pd.DataFrame, probabilities: pd.DataFrame) -> str | None:
+    """Rim+ count per participant and rim+ probability over all lesions, side by side."""
+    counts = pd.to_numeric(group_table.get("n_rimplus", pd.Series(dtype=float)), errors="coerce").dropna()
+    probs = pd.to_numeric(probabilities.get("probability", pd.Series(dtype=float)), errors="coerce").dropna()
+    if counts.empty and probs.empty:
+        return None
+    fig = new_figure(10.0, 3.4)
+    ax_count, ax_prob = fig.subplots(1, 2)
+    if counts.empty:
+        ax_count.text(0.5, 0.5, "no participants", ha="center", va="center", transform=ax_count.transAxes)
+    else:
+        top = int(counts.max())
+        ax_count.hist(counts.to_numpy(), bins=np.arange(-0.5, top + 1.5, 1.0), color="#c01c28", edgecolor="white")
+        ax_count.set_xticks(range(0, top + 1, max(1, math.ceil((top + 1) / 12))))
+    ax_count.set_xlabel("rim+ lesions per participant")
+    ax_count.set_ylabel("participants")
+    ax_count.set_title(f"Rim+ count distribution (n = {len(counts)})", fontsize=10)
+    if probs.empty:
+        ax_prob.text(0.5, 0.5, "no lesions", ha="center", va="center", transform=ax_prob.transAxes)
+    else:
+        ax_prob.hist(probs.clip(0, 1).to_numpy(), bins=np.linspace(0, 1, 21), color="#1a5fb4", edgecolor="white")
+    thresholds = pd.to_numeric(group_table.get("threshold", pd.Series(dtype=float)), errors="coerce").dropna()
+    for thr in sorted(set(thresholds.round(4))):
+        ax_prob.axvline(thr, color="k", linestyle="--", linewidth=1)
+        ax_prob.text(thr, 0.97, f" threshold {thr:g}", transform=ax_prob.get_xaxis_transform(), fontsize=8,
+                     va="top")
+    ax_prob.set_xlim(0, 1)
+    ax_prob.set_xlabel("rim+ probability")
+    ax_prob.set_ylabel("lesions")
+    ax_prob.set_title(f"Rim+ probability over all lesions (n = {len(probs)})", fontsize=10)
+    fig.tight_layout()
+    return figure_data_uri(fig, dpi=80)
+
+
+def _participants_table(group_table: pd.DataFrame, participant_reports: Mapping[str, str]) -> str:
+    if group_table.empty:
+        return "<p>No participant finished successfully.</p>"
+    df = group_table.sort_values([c for c in ("participant_id", "session") if c in group_table.columns],
+                                 kind="mergesort")
+    cols = [("session", False), ("n_lesions", True), ("n_rimplus", True), ("lesion_volume_mm3", True),
+            ("rimplus_volume_mm3", True), ("model_id", False), ("threshold", True)]
+    cols = [(c, n) for c, n in cols if c in df.columns]
+    rows = []
+    for _, row in df.iterrows():
+        pid = row["participant_id"]
+        href = _find_href(participant_reports, pid, row.get("session"))
+        link = f'<a href="{esc(href)}">report</a>' if href else "no report"
+        rows.append([esc(pid)] + [esc(fmt(row[c], 5)) for c, _ in cols] + [link])
+    return table(["participant"] + [c for c, _ in cols] + ["report"], rows,
+                 numeric=[False] + [n for _, n in cols] + [False])
+
+
+def _failed_section(failed: Sequence[tuple[str, str]], participant_reports: Mapping[str, str]) -> str:
+    if not failed:
+        return '<section id="failed"><h2>Failed participants</h2><p>None: every participant finished.</p></section>'
+    rows = []
+    for participant, reason in failed:
+        href = _find_href(participant_reports, participant, None)
+        link = f'<a href="{esc(href)}">report</a>' if href else "no report"
+        rows.append([esc(participant), esc(reason), link])
+    return (
+        f'<section id="failed"><h2>Failed participants ({len(failed)})</h2><p class="caption">These participants '
+        "are not in the counts and distributions above.</p>"
+        + table(["participant", "reason", "report"], rows) + "</section>"
+    )
+
+
+def _agreement_section(agreement: Mapping[str, Any] | None) -> str:
+    head = '<section id="agreement"><h2>Agreement with expert counts</h2>'
+    if not agreement:
+        return head + "<p>No expert rim+ counts were given, so agreement was not computed.</p></section>"
+    known = [(AGREEMENT_LABELS[k], agreement[k]) for k in AGREEMENT_LABELS if k in agreement]
+    extra = [(k, v) for k, v in agreement.items() if k not in AGREEMENT_LABELS]
+    return head + kv_table(known + extra) + "</section>"
+
+
+def write_group_report(
+    out_file: Path,
+    *,
+    group_table: pd.DataFrame,
+    probabilities: pd.DataFrame,
+    failed: Sequence[tuple[str, str]],
+    participant_reports: Mapping[str, str],
+    agreement: Mapping[str, Any] | None,
+    versions: Mapping[str, str],
+) -> Path:
+    """Write the group HTML page to `out_file` and return its path.
+
+    `participant_reports` maps `report_key(participant_id, session)` to a link relative to `out_file`.
+    """
+    n_ok, n_failed = len(group_table), len(failed)
+    n_lesions = pd.to_numeric(group_table.get("n_lesions", pd.Series(dtype=float)), errors="coerce").sum()
+    n_rim = pd.to_numeric(group_table.get("n_rimplus", pd.Series(dtype=float)), errors="coerce").sum()
+    with_rim = int((pd.to_numeric(group_table.get("n_rimplus", pd.Series(dtype=float)), errors="coerce") > 0).sum())
+    models = sorted({str(m) for m in group_table.get("model_id", pd.Series(dtype=str)).dropna()})
+    overview = [
+        ("Participants / sessions processed", n_ok),
+        ("Participants failed", n_failed),
+        ("Lesions (all participants)", int(n_lesions)),
+        ("Rim+ lesions (all participants)", int(n_rim)),
+        ("Participants with at least one rim+ lesion", with_rim),
+        ("Model(s)", ", ".join(models) if models else "n/a"),
+    ]
+    body = '<section id="overview"><h2>Overview</h2>' + kv_table(overview)
+    if n_failed:
+        body += f'<p class="bad">{n_failed} participant(s) failed; see <a href="#failed">Failed participants</a>.</p>'
+    body += "</section>"
+    uri = _histograms(group_table, probabilities)
+    body += '<section id="distributions"><h2>Distributions</h2>'
+    body += (img_tag(uri, "histograms of rim+ counts per participant and of rim+ probabilities")
+             + '<p class="caption">Left: number of rim+ lesions per participant/session. Right: rim+ probability '
+             "of every lesion; dashed line: the classification threshold.</p>") if uri else "<p>No data.</p>"
+    body += "</section>"
+    body += ('<section id="participants"><h2>Participants</h2>'
+             + _participants_table(group_table, participant_reports) + "</section>")
+    body += _failed_section(failed, participant_reports)
+    body += _agreement_section(agreement)
+    body += ('<section id="versions"><h2>Software versions</h2>' + kv_table(versions, "No versions were recorded.")
+             + "</section>")
+    nav = [("overview", "Overview"), ("distributions", "Distributions"), ("participants", "Participants"),
+           ("failed", "Failed"), ("agreement", "Agreement"), ("versions", "Versions")]
+    return write_atomic(Path(out_file), page("qsmrim: group report", nav, body))

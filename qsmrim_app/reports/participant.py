@@ -1,0 +1,393 @@
+"""The participant report: one self-contained `sub-X[_ses-Y].html` built from the derivatives.
+
+It never recomputes the analysis: it reads the QSM, the registered FLAIR and the lesion map (all in the
+QSM grid), the per-lesion table and the run's summary, and lays them out so a rater can check the
+registration and review every lesion (rim+ first, then by decreasing probability) quickly.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+from scipy import ndimage
+
+from ._html import (
+    Plane,
+    esc,
+    figure_data_uri,
+    fmt,
+    img_tag,
+    kv_table,
+    new_figure,
+    page,
+    png_data_uri,
+    robust_window,
+    table,
+    window_to_uint8,
+    write_atomic,
+)
+
+QSM_WINDOW = {"ppb": (-150.0, 150.0), "ppm": (-0.15, 0.15)}
+TILE_PX = 80  # pixels per panel side: 100 lesions stay around 1-2 MB
+TILE_GAP = 2
+FOV_MM = (24.0, 96.0)  # tile field of view: at least some context, at most a good part of a hemisphere
+THIS_LESION_RGB = (255, 48, 48)
+OTHER_LESION_RGB = (0, 190, 255)
+SUMMARY_LABELS = {
+    "n_lesions": "Lesions",
+    "n_rimplus": "Rim+ lesions",
+    "lesion_volume_mm3": "Lesion volume (mm³)",
+    "rimplus_volume_mm3": "Rim+ volume (mm³)",
+    "threshold": "Probability threshold",
+    "operating_point": "Operating point",
+    "model_id": "Model",
+}
+
+
+def _label(prefix: str, value: str) -> str:
+    value = str(value)
+    return value if value.startswith(f"{prefix}-") else f"{prefix}-{value}"
+
+
+def _load(path: Path | None, what: str, notes: list[str], dtype: type = np.float32) -> nib.Nifti1Image | None:
+    """Load an image or note why not: a report should still render when part of a run failed."""
+    if path is None or not Path(path).is_file():
+        notes.append(f"WARNING (report): {what} not found ({path}); its panels are left out.")
+        return None
+    try:
+        img = nib.load(str(path))
+        data = np.asanyarray(img.dataobj, dtype=dtype)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file becomes a visible note, not a crash
+        notes.append(f"WARNING (report): could not read {what} ({path}): {exc}")
+        return None
+    return nib.Nifti1Image(data.reshape(data.shape[:3]) if data.ndim > 3 else data, img.affine)
+
+
+def _same_grid(ref: nib.Nifti1Image, other: nib.Nifti1Image | None, what: str, notes: list[str]) -> nib.Nifti1Image | None:
+    if other is None:
+        return None
+    if other.shape[:3] != ref.shape[:3] or not np.allclose(other.affine, ref.affine, atol=1e-3):
+        notes.append(f"WARNING (report): {what} is not on the QSM grid ({other.shape} vs {ref.shape}); left out.")
+        return None
+    return other
+
+
+def order_lesions(lesion_table: pd.DataFrame) -> pd.DataFrame:
+    """Review order: rim+ first, then decreasing probability (missing last), then lesion id."""
+    if lesion_table.empty:
+        return lesion_table.copy()
+    df = lesion_table.copy()
+    rim = pd.to_numeric(df.get("rim_positive", pd.Series(0, index=df.index)), errors="coerce").fillna(0)
+    prob = pd.to_numeric(df.get("probability", pd.Series(np.nan, index=df.index)), errors="coerce")
+    keys = pd.DataFrame({"rim": -rim, "prob": (-prob).fillna(np.inf), "id": df["lesion_id"].astype(int)})
+    return df.loc[keys.sort_values(["rim", "prob", "id"], kind="mergesort").index]
+
+
+def _centre_voxel(row: pd.Series, affine: np.ndarray, labels: np.ndarray | None, lesion_id: int) -> np.ndarray | None:
+    """Lesion centre in voxel indices: the table's world centroid, else the lesion map's centre of mass."""
+    cols = ("centroid_x_mm", "centroid_y_mm", "centroid_z_mm")
+    xyz = pd.to_numeric(pd.Series([row.get(c) for c in cols]), errors="coerce").to_numpy(dtype=float)
+    if np.all(np.isfinite(xyz)):
+        return nib.affines.apply_affine(np.linalg.inv(affine), xyz)
+    if labels is not None and np.any(labels == lesion_id):
+        return np.asarray(ndimage.center_of_mass(labels == lesion_id))
+    return None
+
+
+def _sample(img2d: np.ndarray, plane: Plane, centre: tuple[float, float], fov_mm: float, order: int,
+            cval: float) -> np.ndarray:
+    """Resample a screen slice to a TILE_PX square of `fov_mm` around `centre` (physical aspect kept)."""
+    offsets = (np.arange(TILE_PX) - (TILE_PX - 1) / 2.0) * (fov_mm / TILE_PX)
+    rows = centre[0] + offsets / plane.row_mm
+    cols = centre[1] + offsets / plane.col_mm
+    grid = np.meshgrid(rows, cols, indexing="ij")
+    return ndimage.map_coordinates(img2d, grid, order=order, mode="constant", cval=cval, prefilter=False)
+
+
+def _outline(mask: np.ndarray) -> np.ndarray:
+    return mask & ~ndimage.binary_erosion(mask)
+
+
+def _lesion_tile(
+    lesion_id: int,
+    voxel: np.ndarray,
+    volume_mm3: float,
+    qsm: np.ndarray,
+    flair: np.ndarray | None,
+    labels: np.ndarray | None,
+    plane: Plane,
+    qsm_window: tuple[float, float],
+    flair_window: tuple[float, float],
+) -> tuple[np.ndarray, int]:
+    """RGB sprite [QSM | QSM + outline | FLAIR + outline] through the lesion's axial (k) slice."""
+    shape = qsm.shape
+    k = int(np.clip(round(float(voxel[plane.axis])), 0, shape[plane.axis] - 1))
+    lab2d = plane.take(labels, k) if labels is not None else None
+    if lab2d is not None and not np.any(lab2d == lesion_id) and np.any(labels == lesion_id):
+        # non-convex lesion whose centre falls outside it: show its largest slice instead
+        counts = np.sum(labels == lesion_id, axis=tuple(a for a in range(3) if a != plane.axis))
+        k = int(np.argmax(counts))
+        lab2d = plane.take(labels, k)
+    centre = plane.to_screen(voxel, shape)
+    diameter = (6.0 * max(volume_mm3, 0.0) / math.pi) ** (1.0 / 3.0) if math.isfinite(volume_mm3) else 0.0
+    extent = 0.0
+    if lab2d is not None and np.any(lab2d == lesion_id):
+        rr, cc = np.nonzero(lab2d == lesion_id)
+        extent = max(np.ptp(rr) * plane.row_mm, np.ptp(cc) * plane.col_mm)
+    fov = float(np.clip(max(4.0 * diameter, 1.6 * extent), *FOV_MM))
+
+    grey_q = window_to_uint8(_sample(plane.take(qsm, k), plane, centre, fov, 1, np.nan), *qsm_window)
+    panels = [np.repeat(grey_q[..., None], 3, axis=2), np.repeat(grey_q[..., None], 3, axis=2)]
+    if flair is not None:
+        grey_f = window_to_uint8(_sample(plane.take(flair, k), plane, centre, fov, 1, np.nan), *flair_window)
+        panels.append(np.repeat(grey_f[..., None], 3, axis=2))
+    # small ticks on the plain QSM panel point at the centre without covering the rim
+    mid = TILE_PX // 2
+    for r0, c0 in ((slice(0, 4), mid), (slice(TILE_PX - 4, TILE_PX), mid)):
+        panels[0][r0, c0] = THIS_LESION_RGB
+    for r0, c0 in ((mid, slice(0, 4)), (mid, slice(TILE_PX - 4, TILE_PX))):
+        panels[0][r0, c0] = THIS_LESION_RGB
+    if lab2d is not None:
+        lab = _sample(lab2d.astype(np.float32), plane, centre, fov, 0, 0.0).astype(np.int64)
+        this = _outline(lab == lesion_id)
+        other = _outline((lab > 0) & (lab != lesion_id))
+        for panel in panels[1:]:
+            panel[other] = OTHER_LESION_RGB
+            panel[this] = THIS_LESION_RGB
+    gap = np.full((TILE_PX, TILE_GAP, 3), 255, dtype=np.uint8)
+    parts: list[np.ndarray] = []
+    for i, panel in enumerate(panels):
+        parts.extend([gap, panel] if i else [panel])
+    return np.concatenate(parts, axis=1), k
+
+
+def _registration_figure(qsm: np.ndarray, flair: np.ndarray, affine: np.ndarray,
+                         qsm_window: tuple[float, float], flair_window: tuple[float, float]) -> str:
+    """Three orthogonal cuts through the brain centre: FLAIR contour over QSM, and a QSM/FLAIR checkerboard."""
+    brain = np.isfinite(qsm) & (qsm != 0)
+    if not brain.any():
+        brain = flair > 0
+    centre = (np.asarray(ndimage.center_of_mass(brain)) if brain.any() else (np.asarray(qsm.shape) - 1) / 2.0)
+    smooth = ndimage.gaussian_filter(np.nan_to_num(flair), 1.0)
+    positive = flair[flair > 0]
+    level = 0.5 * float(np.median(positive)) if positive.size else 0.5 * float(flair.max() or 1.0)
+    names = {0: "sagittal", 1: "coronal", 2: "axial"}
+    fig = new_figure(10.5, 7.0)
+    axes = fig.subplots(2, 3)
+    for col, axis in enumerate(sorted(range(3), key=lambda a: -nib.orientations.io_orientation(affine)[a, 0])):
+        plane = Plane.from_affine(affine, axis)
+        idx = int(round(centre[axis]))
+        q = plane.take(qsm, idx)
+        f = plane.take(flair, idx)
+        extent = (0, q.shape[1] * plane.col_mm, q.shape[0] * plane.row_mm, 0)
+        view = names[int(nib.orientations.io_orientation(affine)[axis, 0])]
+        ax = axes[0, col]
+        ax.imshow(np.nan_to_num(q), cmap="gray", vmin=qsm_window[0], vmax=qsm_window[1], extent=extent,
+                  interpolation="nearest")
+        yy = (np.arange(q.shape[0]) + 0.5) * plane.row_mm
+        xx = (np.arange(q.shape[1]) + 0.5) * plane.col_mm
+        if np.nanmax(plane.take(smooth, idx)) > level:
+            ax.contour(xx, yy, plane.take(smooth, idx), levels=[level], colors=["#ff3030"], linewidths=0.8)
+        ax.set_title(f"{view} (voxel index {idx} of axis {'ijk'[axis]})", fontsize=9)
+        # checkerboard of the two windowed images, 16 mm squares
+        qn = np.clip((np.nan_to_num(q) - qsm_window[0]) / (qsm_window[1] - qsm_window[0]), 0, 1)
+        fn = np.clip((np.nan_to_num(f) - flair_window[0]) / (flair_window[1] - flair_window[0]), 0, 1)
+        rr = (np.arange(q.shape[0]) * plane.row_mm // 16).astype(int)
+        cc = (np.arange(q.shape[1]) * plane.col_mm // 16).astype(int)
+        board = ((rr[:, None] + cc[None, :]) % 2).astype(bool)
+        axes[1, col].imshow(np.where(board, qn, fn), cmap="gray", vmin=0, vmax=1, extent=extent,
+                            interpolation="nearest")
+        for ax in axes[:, col]:
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_ylabel("")
+            w, h = extent[1], extent[2]
+            style = dict(color="yellow", fontsize=9, fontweight="bold", ha="center", va="center")
+            ax.text(0.03 * w, 0.5 * h, plane.col_labels[0], **style)
+            ax.text(0.97 * w, 0.5 * h, plane.col_labels[1], **style)
+            ax.text(0.5 * w, 0.04 * h, plane.row_labels[0], **style)
+            ax.text(0.5 * w, 0.96 * h, plane.row_labels[1], **style)
+    axes[0, 0].set_ylabel("QSM + FLAIR contour", fontsize=9)
+    axes[1, 0].set_ylabel("checkerboard QSM/FLAIR", fontsize=9)
+    fig.tight_layout()
+    return figure_data_uri(fig, dpi=72)
+
+
+def _summary_section(subject: str, session: str | None, summary: Mapping[str, Any], n_rows: int, n_rim: int,
+                     inputs: Mapping[str, str], versions: Mapping[str, str]) -> str:
+    n_lesions = summary.get("n_lesions", n_rows)
+    n_rimplus = summary.get("n_rimplus", n_rim)
+    headline = (
+        f"<p><b>{esc(fmt(n_lesions))}</b> lesion(s), <b>{esc(fmt(n_rimplus))}</b> classified rim+"
+        f" (probability threshold {esc(fmt(summary.get('threshold')))},"
+        f" operating point {esc(fmt(summary.get('operating_point')))},"
+        f" model {esc(fmt(summary.get('model_id')))}).</p>"
+    )
+    known = [(SUMMARY_LABELS[k], summary[k]) for k in SUMMARY_LABELS if k in summary]
+    extra = [(k, v) for k, v in summary.items() if k not in SUMMARY_LABELS]
+    ident = [("Participant", subject)] + ([("Session", session)] if session else [])
+    return (
+        '<section id="summary"><h2>Summary</h2>' + headline
+        + kv_table(ident + known + extra)
+        + "<h3>Inputs found</h3>" + kv_table(inputs, "No inputs were recorded.")
+        + "<h3>Software versions</h3>" + kv_table(versions, "No versions were recorded.")
+        + "</section>"
+    )
+
+
+def _lesion_sections(ordered: pd.DataFrame, tiles: Mapping[int, tuple[str, int]], qsm_units: str,
+                     qsm_window: tuple[float, float], has_flair: bool, dseg_has_lesions: bool) -> str:
+    if ordered.empty:
+        note = (" The lesion map does contain labelled voxels, so the table and map disagree: check the run's "
+                "messages below." if dseg_has_lesions else "")
+        return ('<section id="lesions"><h2>Lesions</h2><p class="empty-lesions">No lesions were found for this '
+                f"participant: there is nothing to review.{esc(note)}</p></section>")
+    rows, figures = [], []
+    for rank, (_, row) in enumerate(ordered.iterrows(), start=1):
+        lid = int(row["lesion_id"])
+        rim = _is_rim(row.get("rim_positive"))
+        tag = '<span class="tag rimpos">rim+</span>' if rim else '<span class="tag rimneg">rim−</span>'
+        prob, unc = row.get("probability"), row.get("uncertainty")
+        vol = row.get("volume_mm3")
+        rows.append([
+            str(rank), f'<a href="#lesion-{lid}">{lid}</a>', tag, esc(fmt(prob)), esc(fmt(unc)),
+            esc(fmt(vol, 4)), esc(fmt(row.get("voxels"))),
+            esc(", ".join(fmt(row.get(c), 4) for c in ("centroid_x_mm", "centroid_y_mm", "centroid_z_mm"))),
+        ])
+        uri, k = tiles.get(lid, (None, -1))
+        image = (img_tag(uri, f"lesion {lid}: QSM, QSM with outline, FLAIR with outline", "tile")
+                 if uri else "<p>(no image: QSM not available)</p>")
+        figures.append(
+            f'<figure class="lesion{" rimpos" if rim else ""}" id="lesion-{lid}">{image}<figcaption>'
+            f"<b>Lesion {lid}</b> {tag} #{rank}<br>p = {esc(fmt(prob))} ± {esc(fmt(unc))}"
+            f" · {esc(fmt(vol, 4))} mm³{f' · k = {k}' if k >= 0 else ''}</figcaption></figure>"
+        )
+    panels = "QSM | QSM + outline | FLAIR + outline" if has_flair else "QSM | QSM + outline"
+    caption = (
+        f'<p class="caption">Each tile: {panels}, through the lesion centre on the axial (k) slice of the QSM '
+        f"grid (the slice index k is given), neurological convention (patient left on the left, anterior up). "
+        f"QSM in {esc(qsm_units)}, fixed window {fmt(qsm_window[0])} to {fmt(qsm_window[1])} {esc(qsm_units)}"
+        " (paramagnetic bright); FLAIR window: 1st-99.5th percentile of the brain. Red: this lesion's outline"
+        " (and centre ticks on the plain QSM); blue: other lesions. Field of view adapts to lesion size "
+        f"({FOV_MM[0]:.0f}-{FOV_MM[1]:.0f} mm).</p>"
+    )
+    table_html = table(
+        ["#", "lesion", "class", "probability", "uncertainty", "volume (mm³)", "voxels", "centroid x, y, z (mm)"],
+        rows, numeric=[True, True, False, True, True, True, True, False],
+    )
+    return (
+        '<section id="review"><h2>Review list</h2><p class="caption">Rim+ first, then by decreasing '
+        "probability; click a lesion id to jump to its tile.</p>" + table_html + "</section>"
+        '<section id="lesions"><h2>Lesion mosaic</h2>' + caption
+        + '<div class="mosaic">' + "".join(figures) + "</div></section>"
+    )
+
+
+def _is_rim(value: Any) -> bool:
+    try:
+        return bool(int(float(value)) == 1)
+    except (TypeError, ValueError):
+        return False
+
+
+def _messages_section(messages: Sequence[str]) -> str:
+    if not messages:
+        return '<section id="messages"><h2>Errors and warnings</h2><p>None were recorded for this run.</p></section>'
+    items = []
+    for msg in messages:
+        low = str(msg).lower()
+        css = "msg-error" if "error" in low.split(":")[0] or low.startswith("error") else "msg-warning"
+        items.append(f'<li class="{css}">{esc(msg)}</li>')
+    return f'<section id="messages"><h2>Errors and warnings</h2><ul>{"".join(items)}</ul></section>'
+
+
+def write_participant_report(
+    out_file: Path,
+    *,
+    subject: str,
+    session: str | None,
+    qsm: Path,
+    flair_in_qsm: Path,
+    lesions_dseg: Path,
+    lesion_table: pd.DataFrame,
+    summary: Mapping[str, Any],
+    inputs: Mapping[str, str],
+    versions: Mapping[str, str],
+    registration: Mapping[str, Any] | None = None,
+    messages: Sequence[str] = (),
+    qsm_units: str = "ppb",
+) -> Path:
+    """Write `out_file` (a self-contained HTML page) for one participant/session and return its path.
+
+    Missing or mismatched images do not abort the report; they become warnings on the page, because the
+    report is most needed exactly when part of a run went wrong.
+    """
+    if qsm_units not in QSM_WINDOW:
+        raise ValueError(f"qsm_units must be one of {sorted(QSM_WINDOW)}, got {qsm_units!r}")
+    subject = _label("sub", subject)
+    session = _label("ses", session) if session else None
+    notes: list[str] = []
+    qsm_img = _load(qsm, "QSM", notes)
+    flair_img = _load(flair_in_qsm, "FLAIR in QSM space", notes)
+    dseg_img = _load(lesions_dseg, "lesion map", notes, dtype=np.int32)
+    if qsm_img is not None:
+        flair_img = _same_grid(qsm_img, flair_img, "FLAIR in QSM space", notes)
+        dseg_img = _same_grid(qsm_img, dseg_img, "lesion map", notes)
+    qsm_data = np.asanyarray(qsm_img.dataobj) if qsm_img is not None else None
+    flair_data = np.asanyarray(flair_img.dataobj) if flair_img is not None else None
+    labels = np.asanyarray(dseg_img.dataobj) if dseg_img is not None else None
+
+    ordered = order_lesions(lesion_table)
+    n_rim = int(sum(_is_rim(v) for v in ordered.get("rim_positive", [])))
+    if "n_lesions" in summary and int(summary["n_lesions"]) != len(ordered):
+        notes.append(f"WARNING (report): summary says {summary['n_lesions']} lesions, the table has {len(ordered)}.")
+    if labels is not None:
+        in_map = set(np.unique(labels[labels > 0]).tolist())
+        missing = sorted(set(ordered["lesion_id"].astype(int)) - in_map) if not ordered.empty else []
+        if missing:
+            notes.append(f"WARNING (report): lesion ids {missing} are in the table but not in the lesion map.")
+
+    qsm_window = QSM_WINDOW[qsm_units]
+    flair_window = robust_window(flair_data) if flair_data is not None else (0.0, 1.0)
+    tiles: dict[int, tuple[str, int]] = {}
+    if qsm_data is not None and not ordered.empty:
+        plane = Plane.from_affine(qsm_img.affine, 2)
+        for _, row in ordered.iterrows():
+            lid = int(row["lesion_id"])
+            voxel = _centre_voxel(row, qsm_img.affine, labels, lid)
+            if voxel is None:
+                notes.append(f"WARNING (report): lesion {lid} has no centroid and is not in the map; no tile.")
+                continue
+            vol = float(pd.to_numeric(pd.Series([row.get("volume_mm3")]), errors="coerce").iloc[0])
+            sprite, k = _lesion_tile(lid, voxel, vol, qsm_data, flair_data, labels, plane, qsm_window,
+                                     flair_window)
+            tiles[lid] = (png_data_uri(sprite), k)
+
+    title = f"qsmrim: {subject}" + (f" {session}" if session else "")
+    body = _summary_section(subject, session, summary, len(ordered), n_rim, inputs, versions)
+    reg_html = '<section id="registration"><h2>Registration check</h2>'
+    if qsm_data is not None and flair_data is not None:
+        uri = _registration_figure(qsm_data, flair_data, qsm_img.affine, qsm_window, flair_window)
+        reg_html += (
+            img_tag(uri, "registration check: FLAIR contour over QSM and QSM/FLAIR checkerboard")
+            + '<p class="caption">Top: QSM (' + esc(qsm_units) + ", window "
+            + f"{fmt(qsm_window[0])} to {fmt(qsm_window[1])}) with the registered FLAIR's brain and ventricle "
+            "boundary (red contour at half the median brain FLAIR intensity). Bottom: 16 mm checkerboard "
+            "alternating QSM and FLAIR; edges should continue across squares. Cuts through the brain centre.</p>"
+        )
+    else:
+        reg_html += "<p>No registration figure: the QSM or the registered FLAIR is not available.</p>"
+    reg_html += kv_table(registration or {}, "No registration check values were recorded.") + "</section>"
+    body += reg_html
+    body += _lesion_sections(ordered, tiles, qsm_units, qsm_window, flair_data is not None,
+                             bool(labels is not None and np.any(labels > 0)))
+    body += _messages_section([*messages, *notes])
+    nav = [("summary", "Summary"), ("registration", "Registration")]
+    nav += [("review", "Review list")] if not ordered.empty else []
+    nav += [("lesions", "Lesions"), ("messages", "Errors and warnings")]
+    return write_atomic(Path(out_file), page(title, nav, body))
