@@ -1,0 +1,97 @@
+"""APRL(RF): the radiomics random-forest comparator of the paper's Table 2 (Lou et al. 2021, "APRL").
+
+APRL classifies a lesion from first-order radiomic features of the original (unfiltered) QSM, balances
+the training set with SMOTE and fits a random forest. We keep exactly that recipe: select the
+``original_firstorder_*`` columns of our 527-feature table, impute missing values with the training
+median (pyradiomics gives NaN for a few degenerate lesions), SMOTE, RandomForest. The networks APRL(NN)
+and RimNet are trained by ``model.train`` and are not here.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+from imblearn.over_sampling import SMOTE
+from imblearn.pipeline import Pipeline
+from sklearn.compose import ColumnTransformer
+from sklearn.ensemble import RandomForestClassifier
+from sklearn.impute import SimpleImputer
+
+from .folds import fold_assignments
+
+FIRST_ORDER_PREFIX = "original_firstorder_"
+N_TREES = 500
+SMOTE_NEIGHBOURS = 5
+
+
+def first_order_columns(feature_names: Sequence[str]) -> list[str]:
+    """The first-order features of the original image, in table order."""
+    return [name for name in feature_names if str(name).startswith(FIRST_ORDER_PREFIX)]
+
+
+def fit_aprl_rf(
+    features: np.ndarray,
+    labels: np.ndarray,
+    feature_names: Sequence[str],
+    seed: int = 0,
+    n_estimators: int = N_TREES,
+    n_jobs: int = 1,
+) -> Pipeline:
+    """Fit APRL(RF) on the full feature table; the returned pipeline selects its columns itself.
+
+    ``predict_proba`` takes a table with the same ``feature_names`` columns; column 1 is P(rim+).
+    SMOTE's neighbour count shrinks to the number of rim+ lesions minus one (SMOTE is skipped with a
+    single rim+). Deterministic for a seed.
+    """
+    x = np.asarray(features, dtype=float)
+    y = np.asarray(labels).astype(int).ravel()
+    names = [str(n) for n in feature_names]
+    if x.ndim != 2 or x.shape[0] != y.size or x.shape[1] != len(names):
+        raise ValueError(f"features {x.shape} must be (n_lesions={y.size}, n_features={len(names)})")
+    if not np.isin(y, (0, 1)).all() or y.min() == y.max():
+        raise ValueError("APRL(RF) needs both rim+ (1) and rim- (0) lesions to train")
+    wanted = first_order_columns(names)
+    if not wanted:
+        raise ValueError(f"no '{FIRST_ORDER_PREFIX}*' columns among the {len(names)} features")
+    columns = [names.index(c) for c in wanted]
+    n_pos = int(y.sum())
+    smote = (
+        SMOTE(k_neighbors=min(SMOTE_NEIGHBOURS, n_pos - 1), random_state=seed) if n_pos >= 2 else "passthrough"
+    )
+    model = Pipeline([
+        ("first_order", ColumnTransformer([("keep", "passthrough", columns)], remainder="drop")),
+        ("impute", SimpleImputer(strategy="median", keep_empty_features=True)),
+        ("smote", smote),
+        ("forest", RandomForestClassifier(n_estimators=n_estimators, random_state=seed, n_jobs=n_jobs)),
+    ])
+    model.fit(x, y)
+    model.feature_names_ = names  # the columns predict_proba expects, in order
+    return model
+
+
+def aprl_rf_out_of_fold(
+    features: np.ndarray,
+    labels: np.ndarray,
+    feature_names: Sequence[str],
+    subjects: Sequence[str],
+    lesion_ids: Sequence[int] | None = None,
+    n_folds: int = 5,
+    seed: int = 0,
+    n_estimators: int = N_TREES,
+) -> pd.DataFrame:
+    """Out-of-fold APRL(RF) probabilities on the shared subject-stratified folds.
+
+    Returns the table ``model.evaluation`` reads: subject, lesion_id, label, fold, probability.
+    """
+    x = np.asarray(features, dtype=float)
+    y = np.asarray(labels).astype(int).ravel()
+    subj = np.asarray(subjects).astype(str)
+    fold_of = fold_assignments(subj, y, n_folds=n_folds, seed=seed)
+    prob = np.full(y.size, np.nan)
+    for k in range(n_folds):
+        test = fold_of == k
+        model = fit_aprl_rf(x[~test], y[~test], feature_names, seed=seed, n_estimators=n_estimators)
+        prob[test] = model.predict_proba(x[test])[:, 1]
+    ids = np.arange(y.size) if lesion_ids is None else np.asarray(lesion_ids)
+    return pd.DataFrame({"subject": subj, "lesion_id": ids, "label": y, "fold": fold_of, "probability": prob})
