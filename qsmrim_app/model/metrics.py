@@ -27,7 +27,14 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy import stats
-from sklearn.metrics import auc, average_precision_score, confusion_matrix, precision_recall_curve, roc_auc_score, roc_curve
+from sklearn.metrics import (
+    auc,
+    average_precision_score,
+    confusion_matrix,
+    precision_recall_curve,
+    roc_auc_score,
+    roc_curve,
+)
 
 NORMALISATIONS = ("max", "mcclish", "none")
 _Z95 = float(stats.norm.ppf(0.975))
@@ -336,7 +343,9 @@ def count_agreement(pred_counts: np.ndarray, true_counts: np.ndarray) -> dict:
     return {"count_pearson_r": r, "count_pearson_ci": ci, "count_mse": mse, "n_subjects": int(a.size)}
 
 
-def subject_counts(subjects: Sequence[str], y: np.ndarray, pred: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def subject_counts(
+    subjects: Sequence[str], y: np.ndarray, pred: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Sorted subjects with their predicted and expert rim+ lesion counts."""
     subj = np.asarray(subjects).astype(str).ravel()
     names, inv = np.unique(subj, return_inverse=True)
