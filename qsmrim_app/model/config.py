@@ -32,6 +32,10 @@ class TrainConfig:
     base_seed: int = 0
     device: str = "auto"
     mixed_precision: bool = True  # only ever used on CUDA
+    augment_probability: float = 0.5  # per transform (flip, affine, blur), per sample
+    blur_sigma_units: Literal["voxel", "mm"] = "voxel"  # paper: sigmas in voxels
+    weights_fp16: bool = False  # store member state dicts as fp16 (smaller bundled model)
+    checkpoint: bool = True  # per-epoch checkpoints under out_dir/checkpoints (resumable)
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -40,7 +44,7 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, data: dict) -> "TrainConfig":
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
-        for key in ("lr_milestones", "patch_size"):
+        for key in ("lr_milestones", "patch_size"):  # JSON turns tuples into lists
             if key in known:
                 known[key] = tuple(known[key])
         return cls(**known)

@@ -1,0 +1,366 @@
+"""Training: subject-stratified K-fold cross-validation x S seeds, the members kept as the ensemble.
+
+The whole fold (patches and features) lives as tensors on the training device and is augmented there,
+so the epoch loop has no per-sample Python data loading. Each member (fold, seed) checkpoints every
+epoch (model, optimiser, scheduler, grad scaler, RNG states, history) under ``out_dir/checkpoints`` and
+an interrupted run resumes from the last finished epoch with the same result as an uninterrupted one
+(on CPU, where the run is deterministic for a given seed).
+
+Fold thresholds: each fold's F1-optimal threshold is fitted on that fold's held-out (mean over seeds)
+probabilities, as in the paper's cross-validation protocol; out-of-fold majority votes use them and so
+are optimistic. The overall operating points ('f1', 'high-sensitivity') are fitted on the mean
+out-of-fold probability of all lesions.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import roc_auc_score
+from tqdm.auto import tqdm
+
+from .augment import augment_batch
+from .config import TrainConfig
+from .data import FeatureScaler, LesionSet
+from .folds import stratified_subject_folds
+from .metrics import f1_optimal_threshold, high_sensitivity_threshold
+from .network import NETWORK_METHODS, build_network
+from .predict import MODEL_JSON, autocast_context, autocast_dtype, load_state, predict_probabilities, resolve_device
+
+EpochCallback = Callable[[int, int, int, dict], None]  # (fold, seed, epoch, record)
+FEATURELESS_METHODS = ("image-only", "rimnet")
+
+
+def member_seed(base_seed: int, fold: int, seed: int) -> int:
+    """One torch seed per ensemble member, distinct across folds and seeds."""
+    return int(base_seed) * 1_000_003 + 1_000 * int(fold) + int(seed)
+
+
+def member_name(fold: int, seed: int) -> str:
+    return f"fold{fold}_seed{seed}"
+
+
+def lr_milestones(config: TrainConfig) -> list[int]:
+    """Epochs (1-based scheduler steps) at which the LR drops: fractions of ``config.epochs``."""
+    return sorted({max(1, int(round(f * config.epochs))) for f in config.lr_milestones})
+
+
+def uses_features(method: str) -> bool:
+    return method not in FEATURELESS_METHODS
+
+
+@dataclass
+class MemberResult:
+    """One trained ensemble member and its held-out predictions."""
+
+    seed: int
+    weights: Path
+    val_probability: np.ndarray
+    history: list[dict] = field(default_factory=list)
+
+
+def _atomic_torch_save(obj: object, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _binary_auc(y: np.ndarray, p: np.ndarray) -> float:
+    return float(roc_auc_score(y, p)) if len(np.unique(y)) == 2 else float("nan")
+
+
+def _state_for_storage(net: torch.nn.Module, fp16: bool) -> dict:
+    return {k: (v.detach().half() if fp16 and v.is_floating_point() else v.detach()).cpu().clone()
+            for k, v in net.state_dict().items()}
+
+
+def train_fold(lesions: LesionSet, train_idx: np.ndarray, val_idx: np.ndarray, config: TrainConfig,
+               seed: int, scaler: FeatureScaler, weights_path: Path, checkpoint_path: Path | None = None,
+               progress: bool = True, desc: str = "", epoch_callback: Callable[[int, dict], None] | None = None
+               ) -> MemberResult:
+    """Train one network on ``train_idx`` (validated on ``val_idx``) and store its weights.
+
+    ``seed`` fixes weight initialisation, shuffling, augmentation, dropout and DeepSMOTE draws. When
+    ``checkpoint_path`` holds a checkpoint of this member, training resumes after its last epoch.
+    """
+    if lesions.labels is None:
+        raise ValueError("training needs labels")
+    device = resolve_device(config.device)
+    amp = autocast_dtype(device, config.mixed_precision)
+    feature_cols = lesions.features if uses_features(config.method) else lesions.features[:, :0]
+    n_features = feature_cols.shape[1]
+    if config.method not in FEATURELESS_METHODS and n_features == 0:
+        raise ValueError(f"method {config.method!r} needs radiomic features; the lesion set has none")
+    deterministic_before = torch.are_deterministic_algorithms_enabled()
+    if device.type == "cpu":
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        torch.manual_seed(seed)
+        gen = torch.Generator().manual_seed(seed)  # shuffling + augmentation, on CPU
+        net = build_network(config, n_features).to(device)
+        opt = torch.optim.Adam(net.parameters(), lr=config.learning_rate)
+        sched = torch.optim.lr_scheduler.MultiStepLR(opt, lr_milestones(config), gamma=config.lr_gamma)
+        grad_scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
+
+        def to_dev(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+            return torch.as_tensor(a).to(device=device, dtype=dtype)
+
+        x_train = to_dev(lesions.patches[train_idx], torch.float32)
+        f_train = to_dev(scaler.transform(feature_cols[train_idx]) if n_features else feature_cols[train_idx],
+                         torch.float32)
+        y_train = to_dev(lesions.labels[train_idx], torch.long)
+        f_val = scaler.transform(feature_cols[val_idx]) if n_features else feature_cols[val_idx]
+        y_val = lesions.labels[val_idx]
+
+        start_epoch, history = 0, []
+        if checkpoint_path is not None and checkpoint_path.is_file():
+            ckpt = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+            net.load_state_dict(ckpt["model"])
+            opt.load_state_dict(ckpt["optimizer"])
+            sched.load_state_dict(ckpt["scheduler"])
+            grad_scaler.load_state_dict(ckpt["grad_scaler"])
+            gen.set_state(ckpt["generator"])
+            torch.set_rng_state(ckpt["torch_rng"])
+            if device.type == "cuda" and ckpt.get("cuda_rng") is not None:
+                torch.cuda.set_rng_state(ckpt["cuda_rng"], device)
+            start_epoch, history = int(ckpt["epoch"]) + 1, list(ckpt["history"])
+
+        n_train = len(train_idx)
+        bar = tqdm(range(start_epoch, config.epochs), desc=desc or "train", disable=not progress,
+                   initial=start_epoch, total=config.epochs, leave=False)
+        for epoch in bar:
+            net.train()
+            perm = torch.randperm(n_train, generator=gen)
+            batches = list(perm.split(config.batch_size))
+            if len(batches) > 1 and len(batches[-1]) < 2:  # BatchNorm needs two samples
+                batches = batches[:-1]
+            total, count = 0.0, 0
+            for bidx in batches:
+                bidx = bidx.to(device)
+                x = x_train[bidx]
+                if config.augment:
+                    x = augment_batch(x, lesions.voxel_size_mm.tolist(), gen, config.augment_probability,
+                                      config.blur_sigma_units)
+                with autocast_context(device, amp):
+                    logits, y = net(x, f_train[bidx], y_train[bidx])
+                loss = F.binary_cross_entropy_with_logits(logits.float(), y.float())
+                opt.zero_grad(set_to_none=True)
+                grad_scaler.scale(loss).backward()
+                grad_scaler.step(opt)
+                grad_scaler.update()
+                total += float(loss.detach()) * len(bidx)
+                count += len(bidx)
+            sched.step()
+            p_val = predict_probabilities(net, lesions.patches[val_idx], f_val, device, 256, amp)
+            record = {"epoch": epoch, "loss": total / max(count, 1), "lr": opt.param_groups[0]["lr"],
+                      "val_loss": float(F.binary_cross_entropy(torch.as_tensor(p_val, dtype=torch.float64)
+                                                               .clamp(1e-7, 1 - 1e-7),
+                                                               torch.as_tensor(y_val, dtype=torch.float64))),
+                      "val_auc": _binary_auc(y_val, p_val)}
+            history.append(record)
+            bar.set_postfix(loss=f"{record['loss']:.4f}", val_loss=f"{record['val_loss']:.4f}",
+                            val_auc=f"{record['val_auc']:.3f}")
+            if checkpoint_path is not None and config.checkpoint:
+                checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
+                _atomic_torch_save({
+                    "epoch": epoch, "model": net.state_dict(), "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict(), "grad_scaler": grad_scaler.state_dict(),
+                    "generator": gen.get_state(), "torch_rng": torch.get_rng_state(),
+                    "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                    "history": history}, checkpoint_path)
+            if epoch_callback is not None:
+                epoch_callback(epoch, record)
+        bar.close()
+
+        weights_path.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_torch_save(_state_for_storage(net, config.weights_fp16), weights_path)
+        # Held-out predictions from the stored weights, so a resumed run and fp16 storage agree.
+        stored = load_state(weights_path, build_network(config, n_features)).to(device)
+        p_val = predict_probabilities(stored, lesions.patches[val_idx], f_val, device, 256, amp)
+        if checkpoint_path is not None and checkpoint_path.is_file():
+            checkpoint_path.unlink()
+        return MemberResult(seed, weights_path, p_val, history)
+    finally:
+        torch.use_deterministic_algorithms(deterministic_before)
+
+
+@dataclass
+class CVResult:
+    """Out-of-fold results of a K x S cross-validation (all arrays in the lesion set's order)."""
+
+    probability: np.ndarray  # (N,) mean over seeds of the held-out probability
+    member_probability: np.ndarray  # (S, N)
+    vote_fraction: np.ndarray  # (N,) fraction of seeds above the fold threshold
+    vote: np.ndarray  # (N,) int majority vote
+    fold: np.ndarray  # (N,) fold in which the lesion was held out
+    fold_thresholds: list[float]
+    thresholds: dict[str, float]
+    scalers: list[FeatureScaler]
+    members: list[dict]
+    folds: list[tuple[np.ndarray, np.ndarray]]
+
+
+def _finite_or_none(value: float) -> float | None:
+    return float(value) if np.isfinite(value) else None
+
+
+def _safe_threshold(value: float) -> float:
+    return float(value) if np.isfinite(value) else 0.5
+
+
+def cross_validate(lesions: LesionSet, config: TrainConfig, out_dir: Path, progress: bool = True,
+                   epoch_callback: EpochCallback | None = None) -> CVResult:
+    """Train every (fold, seed) member under ``out_dir/weights`` and collect out-of-fold predictions.
+
+    Members whose weights already exist are not retrained (their held-out predictions are recomputed
+    from the stored weights), and unfinished members resume from their checkpoint.
+    """
+    if lesions.labels is None:
+        raise ValueError("cross-validation needs labels")
+    out_dir = Path(out_dir)
+    folds = stratified_subject_folds(lesions.subjects, lesions.labels, config.folds, config.base_seed)
+    n = len(lesions)
+    feature_cols = lesions.features if uses_features(config.method) else lesions.features[:, :0]
+    member_prob = np.full((config.seeds, n), np.nan, dtype=np.float64)
+    fold_of = np.full(n, -1, dtype=np.int64)
+    scalers, members, fold_thresholds = [], [], []
+    for k, (train_idx, test_idx) in enumerate(folds):
+        train_idx, test_idx = np.asarray(train_idx), np.asarray(test_idx)
+        fold_of[test_idx] = k
+        scaler = FeatureScaler.fit(feature_cols[train_idx])
+        scalers.append(scaler)
+        for s in range(config.seeds):
+            name, torch_seed = member_name(k, s), member_seed(config.base_seed, k, s)
+            if config.method == "aprl-rf":
+                weights, p = _fit_rf_member(lesions, feature_cols, train_idx, test_idx, scaler, torch_seed,
+                                            out_dir / "weights" / f"{name}.joblib")
+            else:
+                weights = out_dir / "weights" / f"{name}.pt"
+                callback = None
+                if epoch_callback is not None:
+                    callback = (lambda kk, ss: lambda e, rec: epoch_callback(kk, ss, e, rec))(k, s)
+                if weights.is_file():
+                    p = _stored_member_probability(weights, config, lesions, feature_cols, test_idx, scaler)
+                else:
+                    p = train_fold(lesions, train_idx, test_idx, config, torch_seed, scaler, weights,
+                                   out_dir / "checkpoints" / f"{name}.pt", progress,
+                                   f"fold {k + 1}/{len(folds)} seed {s + 1}/{config.seeds}",
+                                   callback).val_probability
+            member_prob[s, test_idx] = p
+            members.append({"fold": k, "seed": s, "torch_seed": torch_seed,
+                            "weights": str(weights.relative_to(out_dir))})
+        y_k = lesions.labels[test_idx]
+        fold_thresholds.append(_safe_threshold(f1_optimal_threshold(y_k, member_prob[:, test_idx].mean(0))))
+    for m in members:
+        m["threshold"] = fold_thresholds[m["fold"]]
+    prob = member_prob.mean(axis=0)
+    thr = np.asarray(fold_thresholds)[fold_of]
+    vote_fraction = (member_prob >= thr[None, :]).mean(axis=0)  # p >= t is rim+ (metrics.py)
+    thresholds = {"f1": _safe_threshold(f1_optimal_threshold(lesions.labels, prob)),
+                  "high-sensitivity": _safe_threshold(high_sensitivity_threshold(lesions.labels, prob))}
+    return CVResult(prob, member_prob, vote_fraction, (vote_fraction > 0.5).astype(np.int64), fold_of,
+                    fold_thresholds, thresholds, scalers, members,
+                    [(np.asarray(a), np.asarray(b)) for a, b in folds])
+
+
+def _stored_member_probability(weights: Path, config: TrainConfig, lesions: LesionSet,
+                               feature_cols: np.ndarray, test_idx: np.ndarray, scaler: FeatureScaler
+                               ) -> np.ndarray:
+    device = resolve_device(config.device)
+    net = load_state(weights, build_network(config, feature_cols.shape[1])).to(device)
+    feats = scaler.transform(feature_cols[test_idx]) if feature_cols.shape[1] else feature_cols[test_idx]
+    return predict_probabilities(net, lesions.patches[test_idx], feats, device, 256,
+                                 autocast_dtype(device, config.mixed_precision))
+
+
+def _fit_rf_member(lesions: LesionSet, feature_cols: np.ndarray, train_idx: np.ndarray, test_idx: np.ndarray,
+                   scaler: FeatureScaler, seed: int, path: Path) -> tuple[Path, np.ndarray]:
+    """The APRL random-forest comparator on the same folds (features only, stored with joblib)."""
+    import joblib
+
+    from .comparators import fit_aprl_rf
+
+    if path.is_file():
+        model = joblib.load(path)
+    else:
+        model = fit_aprl_rf(scaler.transform(feature_cols[train_idx]), lesions.labels[train_idx],
+                            list(lesions.feature_names), seed)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        joblib.dump(model, path)
+    return path, model.predict_proba(scaler.transform(feature_cols[test_idx]))[:, 1].astype(np.float64)
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        qsmrim_version = version("qsmrim")
+    except PackageNotFoundError:
+        qsmrim_version = "unknown"
+    return {"qsmrim": qsmrim_version, "torch": torch.__version__, "numpy": np.__version__}
+
+
+def _model_id(config: TrainConfig, out_dir: Path, members: list[dict]) -> str:
+    """Content hash of the config and every member's weights: same training -> same id."""
+    h = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True, default=str).encode())
+    for m in members:
+        h.update((out_dir / m["weights"]).read_bytes())
+    return f"{config.method}-{h.hexdigest()[:12]}"
+
+
+def write_oof_predictions(path: Path, lesions: LesionSet, cv: CVResult) -> None:
+    """``oof_predictions.tsv``: one row per lesion with its held-out probability and vote."""
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", newline="") as fh:
+        w = csv.writer(fh, delimiter="\t", lineterminator="\n")
+        w.writerow(["subject", "lesion_id", "label", "fold", "probability", "vote", "vote_fraction",
+                    "uncertainty"])
+        spread = cv.member_probability.std(axis=0)
+        for i in range(len(lesions)):
+            w.writerow([lesions.subjects[i], int(lesions.lesion_ids[i]), int(lesions.labels[i]), int(cv.fold[i]),
+                        f"{cv.probability[i]:.6f}", int(cv.vote[i]), f"{cv.vote_fraction[i]:.4f}",
+                        f"{spread[i]:.6f}"])
+    os.replace(tmp, path)
+
+
+def train(lesions: LesionSet, config: TrainConfig, out_dir: Path, progress: bool = True,
+          epoch_callback: EpochCallback | None = None) -> Path:
+    """Cross-validate, then write the model directory (model.json, weights/, oof_predictions.tsv)."""
+    if config.method not in NETWORK_METHODS and config.method != "aprl-rf":
+        raise ValueError(f"unknown method {config.method!r}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cv = cross_validate(lesions, config, out_dir, progress, epoch_callback)
+    feature_names = list(lesions.feature_names) if uses_features(config.method) else []
+    meta = {
+        "format_version": 1,
+        "model_id": _model_id(config, out_dir, cv.members),
+        "method": config.method,
+        "config": config.to_dict(),
+        "feature_names": feature_names,
+        "patch_shape": list(lesions.patches.shape[1:]),
+        "voxel_size_mm": [float(v) for v in lesions.voxel_size_mm],
+        "folds": [{"fold": k, "n_train": int(len(tr)), "n_test": int(len(te)),
+                   "threshold": cv.fold_thresholds[k], "scaler": cv.scalers[k].to_dict()}
+                  for k, (tr, te) in enumerate(cv.folds)],
+        "members": cv.members,
+        "thresholds": cv.thresholds,
+        "cv": {"auc": _finite_or_none(_binary_auc(lesions.labels, cv.probability))},
+        "versions": _versions(),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "training_data": lesions.summary(),
+    }
+    tmp = out_dir / (MODEL_JSON + ".tmp")
+    tmp.write_text(json.dumps(meta, indent=1, allow_nan=False))
+    os.replace(tmp, out_dir / MODEL_JSON)
+    write_oof_predictions(out_dir / "oof_predictions.tsv", lesions, cv)
+    return out_dir

@@ -1,0 +1,162 @@
+"""Training end to end on a small synthetic lesion set whose rim+ patches carry a bright QSM ring."""
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import roc_auc_score
+
+from qsmrim_app.model.config import TrainConfig
+from qsmrim_app.model.data import LesionSet
+from qsmrim_app.model.predict import load_ensemble
+from qsmrim_app.model.train import cross_validate, lr_milestones, train
+
+SMALL_PATCH = (16, 16, 8)
+
+
+def synthetic_lesions(n_subjects: int = 8, per_subject: int = 12, shape: tuple[int, int, int] = SMALL_PATCH,
+                      seed: int = 0, rim_fraction: float = 0.35, n_features: int = 5) -> LesionSet:
+    """Ellipsoidal lesions; rim+ ones have a paramagnetic (bright) shell on QSM. Features weakly informative."""
+    rng = np.random.default_rng(seed)
+    n = n_subjects * per_subject
+    labels = (rng.random(n) < rim_fraction).astype(np.int64)
+    labels[:3] = 1  # every set has rim+ lesions
+    grid = np.stack(np.meshgrid(*[np.arange(s) - (s - 1) / 2 for s in shape], indexing="ij"))
+    patches = np.zeros((n, 2, *shape), np.float32)
+    for i in range(n):
+        radii = np.array(shape) * rng.uniform(0.25, 0.4, 3)
+        r = np.sqrt(((grid / radii[:, None, None, None]) ** 2).sum(0))
+        inside = r <= 1.0
+        qsm = rng.normal(0, 8, shape) + 5.0
+        if labels[i]:
+            qsm += 60.0 * np.exp(-((r - 0.85) / 0.15) ** 2)
+        flair = 2.0 + rng.normal(0, 0.3, shape)
+        patches[i, 0] = np.where(inside, qsm, 0)
+        patches[i, 1] = np.where(inside, flair, 0)
+    features = rng.normal(0, 1, (n, n_features)).astype(np.float32)
+    features[:, 0] += 1.0 * labels
+    features[rng.random((n, n_features)) < 0.05] = np.nan
+    subjects = np.repeat([f"sub-{k:02d}" for k in range(n_subjects)], per_subject)
+    return LesionSet(patches, features, [f"original_firstorder_F{j}" for j in range(n_features)], labels,
+                     subjects, np.tile(np.arange(1, per_subject + 1), n_subjects), np.array([0.7, 0.7, 2.0]))
+
+
+def tiny_config(**kw: object) -> TrainConfig:
+    base = dict(width_multiplier=0.125, epochs=2, folds=2, seeds=1, batch_size=16, learning_rate=1e-3,
+                device="cpu", base_seed=3)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_lr_milestones_are_fractions_of_epochs() -> None:
+    assert lr_milestones(TrainConfig()) == [20, 28, 36]
+    assert lr_milestones(TrainConfig(epochs=2)) == [1, 2]
+
+
+def test_train_writes_loadable_model_that_beats_chance(tmp_path: Path) -> None:
+    lesions = synthetic_lesions()
+    model_dir = train(lesions, tiny_config(epochs=4), tmp_path / "model", progress=False)
+    meta = json.loads((model_dir / "model.json").read_text())
+    assert meta["method"] == "qsmrimnet" and meta["feature_names"] == lesions.feature_names
+    assert len(meta["members"]) == 2 and len(meta["folds"]) == 2
+    assert set(meta["thresholds"]) == {"f1", "high-sensitivity"}
+    assert meta["training_data"]["rim_positive"] == int(lesions.labels.sum())
+    assert {"torch", "numpy", "qsmrim"} <= set(meta["versions"])
+    for m in meta["members"]:
+        assert (model_dir / m["weights"]).is_file()
+    assert not list((model_dir / "checkpoints").glob("*.pt"))  # finished members leave no checkpoint
+    rows = list(csv.DictReader((model_dir / "oof_predictions.tsv").open(), delimiter="\t"))
+    assert len(rows) == len(lesions)
+    assert {r["fold"] for r in rows} == {"0", "1"}
+    assert all(0.0 <= float(r["probability"]) <= 1.0 for r in rows)
+
+    ens = load_ensemble(model_dir, device="cpu")
+    assert ens.model_id == meta["model_id"] and ens.thresholds == meta["thresholds"]
+    held_out = synthetic_lesions(n_subjects=4, seed=11)
+    # Columns shuffled and an extra one added: the ensemble reorders by name.
+    order = [2, 0, 4, 1, 3]
+    feats = np.concatenate([held_out.features[:, order], np.ones((len(held_out), 1), np.float32)], axis=1)
+    names = [held_out.feature_names[j] for j in order] + ["extra"]
+    pred = ens.predict(held_out.patches, feats, names, batch_size=7)
+    assert pred.probability.shape == (len(held_out),)
+    assert pred.member_probabilities.shape == (2, len(held_out))
+    assert np.all((pred.votes >= 0) & (pred.votes <= 1))
+    assert np.array_equal(pred.rim_positive, pred.votes > 0.5)
+    auc = roc_auc_score(held_out.labels, pred.probability)
+    assert auc > 0.7, auc
+    same = ens.predict(held_out.patches, held_out.features, held_out.feature_names)
+    np.testing.assert_allclose(same.probability, pred.probability, rtol=1e-5, atol=1e-6)
+    thr = ens.predict(held_out.patches, held_out.features, held_out.feature_names, threshold=0.5)
+    assert np.array_equal(thr.rim_positive, thr.probability >= 0.5)
+
+    with pytest.raises(ValueError, match="original_firstorder_F0"):
+        ens.predict(held_out.patches, held_out.features[:, 1:], held_out.feature_names[1:])
+    empty = ens.predict(held_out.patches[:0], held_out.features[:0], held_out.feature_names)
+    assert len(empty) == 0 and empty.rim_positive.dtype == bool
+
+
+def test_cpu_training_is_deterministic_and_resumes_after_interrupt(tmp_path: Path) -> None:
+    lesions = synthetic_lesions(n_subjects=6, per_subject=10)
+    config = tiny_config(epochs=3, folds=2, width_multiplier=0.0625)
+    ref = cross_validate(lesions, config, tmp_path / "a", progress=False)
+    again = cross_validate(lesions, config, tmp_path / "b", progress=False)
+    np.testing.assert_array_equal(ref.probability, again.probability)
+
+    class Interrupt(Exception):
+        pass
+
+    def stop(fold: int, seed: int, epoch: int, record: dict) -> None:
+        if fold == 1 and epoch == 1:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        cross_validate(lesions, config, tmp_path / "c", progress=False, epoch_callback=stop)
+    assert (tmp_path / "c" / "checkpoints" / "fold1_seed0.pt").is_file()
+    assert (tmp_path / "c" / "weights" / "fold0_seed0.pt").is_file()
+    seen: list[tuple[int, int]] = []
+    resumed = cross_validate(lesions, config, tmp_path / "c", progress=False,
+                             epoch_callback=lambda f, s, e, r: seen.append((f, e)))
+    assert seen == [(1, 2)]  # fold 0 was finished, fold 1 resumes after epoch 1
+    np.testing.assert_array_equal(resumed.probability, ref.probability)
+    assert resumed.thresholds == ref.thresholds
+
+
+def test_fp16_weights_and_other_methods(tmp_path: Path) -> None:
+    lesions = synthetic_lesions(n_subjects=4, per_subject=8)
+    for method in ("image-only", "aprl-nn", "rimnet"):
+        cfg = tiny_config(method=method, epochs=1, weights_fp16=True)
+        out = train(lesions, cfg, tmp_path / method, progress=False)
+        state = torch.load(out / "weights" / "fold0_seed0.pt", weights_only=True)
+        assert all(v.dtype == torch.float16 for v in state.values() if v.is_floating_point())
+        ens = load_ensemble(out, device="cpu")
+        if method in ("image-only", "rimnet"):
+            assert ens.feature_names == []
+            pred = ens.predict(lesions.patches, np.zeros((len(lesions), 0)), [])
+        else:
+            pred = ens.predict(lesions.patches, lesions.features, lesions.feature_names)
+        assert np.isfinite(pred.probability).all()
+
+
+def test_aprl_rf_uses_same_folds(tmp_path: Path) -> None:
+    pytest.importorskip("qsmrim_app.model.comparators")
+    lesions = synthetic_lesions(n_subjects=6, per_subject=10)
+    out = train(lesions, tiny_config(method="aprl-rf", seeds=2), tmp_path / "rf", progress=False)
+    nn_cv = cross_validate(lesions, tiny_config(epochs=1), tmp_path / "nn", progress=False)
+    rows = list(csv.DictReader((out / "oof_predictions.tsv").open(), delimiter="\t"))
+    np.testing.assert_array_equal([int(r["fold"]) for r in rows], nn_cv.fold)
+    pred = load_ensemble(out).predict(lesions.patches, lesions.features, lesions.feature_names)
+    assert pred.member_probabilities.shape == (4, len(lesions))
+
+
+@pytest.mark.slow
+def test_full_size_patches_train(tmp_path: Path) -> None:
+    """The real 32x32x16 patch size through the whole pipeline (ResNet strides, augmentation)."""
+    lesions = synthetic_lesions(n_subjects=4, per_subject=8, shape=(32, 32, 16))
+    out = train(lesions, tiny_config(epochs=1), tmp_path / "m", progress=False)
+    pred = load_ensemble(out, "cpu").predict(lesions.patches, lesions.features, lesions.feature_names)
+    assert pred.probability.shape == (len(lesions),) and np.isfinite(pred.probability).all()
