@@ -1,0 +1,608 @@
+"""Input discovery: PyBIDS queries -> one frozen ParticipantInputs per participant/session.
+
+The raw dataset and every derivatives dataset (``<bids_dir>/derivatives/*`` and ``-d`` paths,
+our own output excluded) are indexed as separate read-only layouts, so a QSMxT output folder
+without ``dataset_description.json`` needs no synthesized description and nothing is ever
+written into the input. Problems are per unit: one InputProblem per problem, that unit skipped,
+the others go on. Only headers are read, except the QSM (NaN and unit checks), masks (emptiness)
+and a streaming gzip integrity check of the other compressed images.
+"""
+from __future__ import annotations
+
+import fnmatch
+import gzip
+import json
+import logging
+import re
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import nibabel as nib
+import numpy as np
+
+from .config import AppConfig
+from .qsm import guess_units
+
+LOGGER = logging.getLogger("qsmrim.bids")
+
+GRID_ATOL_MM = 1e-3
+NIFTI_EXTENSIONS = [".nii", ".nii.gz"]
+# Folders of a raw dataset that the BIDS validator does not check.
+_UNVALIDATED_TOP = {"derivatives", "sourcedata", "code", "stimuli", "models", "phenotype"}
+# Our legacy lesion-mask spelling is not in current BIDS but this app supports it.
+_LEGACY_ROI = re.compile(r"^/sub-[A-Za-z0-9]+/(ses-[A-Za-z0-9]+/)?anat/sub-[A-Za-z0-9]+"
+                         r"(_ses-[A-Za-z0-9]+)?(_[a-z]+-[A-Za-z0-9]+)*_label-lesion_roi\.nii(\.gz)?$")
+
+# Per input kind: candidate queries, most preferred first, and for masks their kind.
+_QSM_QUERIES: list[dict[str, Any]] = [{"suffix": "Chimap"}]
+_FLAIR_QUERIES: list[dict[str, Any]] = [{"suffix": "FLAIR"}]
+_MAGNITUDE_QUERIES: list[dict[str, Any]] = [
+    {"suffix": "T2starw", "part": "mag"},
+    {"suffix": "MEGRE", "part": "mag", "echo": 1},
+    {"suffix": "GRE"},
+    {"suffix": "T2starw"},
+]
+_MASK_QUERIES: list[tuple[dict[str, Any], str]] = [
+    ({"suffix": "dseg", "desc": "lesion"}, "instances"),
+    ({"suffix": "mask", "desc": "lesion"}, "binary"),
+    ({"suffix": "roi", "label": "lesion"}, "binary"),
+]
+_RIM_QUERIES: list[dict[str, Any]] = [{"suffix": "dseg", "desc": "rim"}]
+
+
+@dataclass(frozen=True)
+class Grid:
+    """A voxel grid from a NIfTI header: shape, affine (as nested tuples, hashable) and voxel size."""
+
+    shape: tuple[int, ...]
+    affine: tuple[tuple[float, ...], ...]
+    zooms: tuple[float, ...]
+
+    @classmethod
+    def from_image(cls, img: nib.spatialimages.SpatialImage) -> "Grid":
+        return cls(
+            shape=tuple(int(n) for n in img.shape),
+            affine=tuple(tuple(float(v) for v in row) for row in np.asarray(img.affine)),
+            zooms=tuple(float(z) for z in img.header.get_zooms()[:3]),
+        )
+
+    @property
+    def affine_array(self) -> np.ndarray:
+        return np.array(self.affine, dtype=float)
+
+    def matches(self, other: "Grid", atol: float = GRID_ATOL_MM) -> bool:
+        """Same shape and affine within ``atol`` (mm): the same voxels in the same place."""
+        return self.shape[:3] == other.shape[:3] and bool(
+            np.allclose(self.affine_array, other.affine_array, atol=atol)
+        )
+
+    def describe(self) -> str:
+        origin = ", ".join(f"{v:.2f}" for v in self.affine_array[:3, 3])
+        return (f"shape {'x'.join(map(str, self.shape))}, voxel {'x'.join(f'{z:.3g}' for z in self.zooms)} mm, "
+                f"origin ({origin})")
+
+
+@dataclass(frozen=True)
+class ParticipantInputs:
+    """Everything the participant workflow reads for one participant/session, checked."""
+
+    subject: str
+    session: str | None
+    qsm: Path
+    flair: Path
+    magnitude: Path | None
+    lesion_mask: Path
+    lesion_mask_kind: str  # 'binary' | 'instances'
+    lesion_mask_space: str  # 'FLAIR' | 'QSM'
+    rim_labels: Path | None
+    rim_labels_space: str | None  # 'FLAIR' | 'QSM' | None
+    qsm_units: str  # 'ppm' | 'ppb'
+    qsm_grid: Grid
+    flair_grid: Grid
+    notes: tuple[str, ...] = ()  # warnings worth showing in the report (unit doubts, magnitude skipped)
+
+    @property
+    def name(self) -> str:
+        """``sub-X[_ses-Y]``: the BIDS prefix of this unit's outputs and log lines."""
+        return f"sub-{self.subject}" + (f"_ses-{self.session}" if self.session else "")
+
+
+@dataclass(frozen=True)
+class InputProblem:
+    """Why one participant/session cannot be processed: one line naming the file and the fix."""
+
+    subject: str
+    session: str | None
+    file: Path | None
+    message: str
+    missing: bool = False  # True: nothing matched (selection), False: a file is unusable
+
+    def __str__(self) -> str:
+        unit = f"sub-{self.subject}" + (f" ses-{self.session}" if self.session else "")
+        where = f" {self.file}:" if self.file else ""
+        return f"{unit}:{where} {self.message}"
+
+
+class SelectionError(Exception):
+    """The selection as a whole is wrong (unknown labels) or empty; not a per-participant problem."""
+
+    def __init__(self, message: str, no_data: bool = False) -> None:
+        super().__init__(message)
+        self.no_data = no_data
+
+
+# --------------------------------------------------------------------------------------------
+# BIDS validation of the raw dataset
+# --------------------------------------------------------------------------------------------
+def _bidsignore_patterns(bids_dir: Path) -> list[str]:
+    path = bids_dir / ".bidsignore"
+    if not path.is_file():
+        return []
+    lines = (line.strip() for line in path.read_text().splitlines())
+    return [line for line in lines if line and not line.startswith("#")]
+
+
+def _ignored(rel: str, patterns: Sequence[str]) -> bool:
+    """gitignore-like matching of ``/a/b/c`` against .bidsignore patterns (as the validator does)."""
+    parts = rel.strip("/").split("/")
+    for pattern in patterns:
+        pat = pattern.rstrip("/")
+        if "/" in pat.lstrip("/"):
+            anchored = pat.lstrip("/")
+            prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+            if any(fnmatch.fnmatch(p, anchored) for p in prefixes):
+                return True
+        elif any(fnmatch.fnmatch(part, pat) for part in parts):
+            return True
+    return False
+
+
+def validate_dataset(bids_dir: Path) -> list[str]:
+    """Check the raw dataset with bids-validator's Python rules; returns one line per offence.
+
+    Derivatives, sourcedata, code and hidden files are not checked (as the BIDS validator does);
+    ``.bidsignore`` is honoured.
+    """
+    from bids_validator import BIDSValidator
+
+    errors: list[str] = []
+    description = bids_dir / "dataset_description.json"
+    if not description.is_file():
+        errors.append(f"{description}: missing; create it with at least "
+                      '{"Name": "...", "BIDSVersion": "1.9.0"}')
+    else:
+        try:
+            content = json.loads(description.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            errors.append(f"{description}: not valid JSON ({err})")
+        else:
+            absent = [key for key in ("Name", "BIDSVersion") if not isinstance(content, dict) or key not in content]
+            if absent:
+                errors.append(f"{description}: required field(s) {', '.join(absent)} missing")
+    if not any(p.is_dir() and p.name.startswith("sub-") for p in bids_dir.iterdir()):
+        errors.append(f"{bids_dir}: no sub-<label> folders")
+
+    validator = BIDSValidator()
+    patterns = _bidsignore_patterns(bids_dir)
+    for path in sorted(bids_dir.rglob("*")):
+        rel_parts = path.relative_to(bids_dir).parts
+        if rel_parts[0] in _UNVALIDATED_TOP or any(part.startswith(".") for part in rel_parts):
+            continue
+        if path.is_dir():
+            continue
+        rel = "/" + "/".join(rel_parts)
+        if _ignored(rel, patterns) or _LEGACY_ROI.match(rel):
+            continue
+        if not validator.is_bids(rel):
+            errors.append(f"{path}: not a valid BIDS file name or location")
+    return errors
+
+
+# --------------------------------------------------------------------------------------------
+# Layouts
+# --------------------------------------------------------------------------------------------
+@dataclass
+class _Dataset:
+    """One indexed dataset: its scope names (for ``"scope"`` in filters) and its PyBIDS layout."""
+
+    root: Path
+    scopes: frozenset[str]
+    layout: Any = field(repr=False)
+
+
+def _dataset_scopes(root: Path, raw: bool) -> frozenset[str]:
+    if raw:
+        return frozenset({"raw", "all"})
+    names = {"derivatives", "all", root.name}
+    description = root / "dataset_description.json"
+    if description.is_file():
+        try:
+            content = json.loads(description.read_text())
+            for generator in content.get("GeneratedBy", []) or []:
+                if isinstance(generator, dict) and generator.get("Name"):
+                    names.add(str(generator["Name"]))
+            if content.get("PipelineDescription", {}).get("Name"):
+                names.add(str(content["PipelineDescription"]["Name"]))
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            LOGGER.warning("%s: unreadable, ignored for scope names", description)
+    return frozenset(names)
+
+
+def _has_subjects(path: Path) -> bool:
+    return any(p.is_dir() and p.name.startswith("sub-") for p in path.iterdir())
+
+
+def derivative_roots(config: AppConfig) -> list[Path]:
+    """Derivatives datasets to search: ``<bids_dir>/derivatives/*`` and ``-d`` paths.
+
+    Our own output and work folders are never inputs. A ``-d`` folder without ``sub-*`` folders
+    but with pipelines inside (a whole ``derivatives/`` folder) is expanded one level.
+    """
+    excluded = [config.output_dir.resolve(), config.work_dir.resolve()]
+
+    def usable(path: Path) -> bool:
+        path = path.resolve()
+        return path.is_dir() and not any(path == ex or ex in path.parents or path in ex.parents
+                                         for ex in excluded)
+
+    roots: list[Path] = []
+    inside = config.bids_dir / "derivatives"
+    if inside.is_dir():
+        roots += [p for p in sorted(inside.iterdir()) if not p.name.startswith(".") and usable(p)]
+    for path in config.derivatives:
+        if not path.is_dir():
+            LOGGER.warning("derivatives path %s is not a folder; ignored", path)
+            continue
+        if _has_subjects(path):
+            candidates = [path]
+        else:
+            candidates = [p for p in sorted(path.iterdir()) if p.is_dir() and _has_subjects(p)]
+            if not candidates:
+                LOGGER.warning("derivatives path %s holds no sub-* folders; ignored", path)
+        roots += [p for p in candidates if usable(p)]
+    unique: dict[Path, None] = {}
+    for root in roots:
+        unique.setdefault(root.resolve(), None)
+    return list(unique)
+
+
+def _index(config: AppConfig) -> list[_Dataset]:
+    """Read-only PyBIDS layouts: raw first, then each derivatives dataset."""
+    from bids import BIDSLayout
+
+    datasets = [_Dataset(config.bids_dir, _dataset_scopes(config.bids_dir, True),
+                         BIDSLayout(config.bids_dir, validate=False, config=["bids", "derivatives"]))]
+    for root in derivative_roots(config):
+        layout = BIDSLayout(root, validate=False, config=["bids", "derivatives"])
+        datasets.append(_Dataset(root, _dataset_scopes(root, False), layout))
+        LOGGER.debug("indexed derivatives dataset %s", root)
+    return datasets
+
+
+# --------------------------------------------------------------------------------------------
+# Queries
+# --------------------------------------------------------------------------------------------
+def _to_query_values(value: Any) -> Any:
+    """fMRIPrep's filter spelling: "<Query.ANY>"/"<Query.NONE>" strings and null -> PyBIDS Query."""
+    from bids.layout import Query
+
+    if isinstance(value, list):
+        return [_to_query_values(v) for v in value]
+    if value is None or value == "<Query.NONE>":
+        return Query.NONE
+    if value == "<Query.ANY>":
+        return Query.ANY
+    return value
+
+
+def _find(datasets: Sequence[_Dataset], base: dict[str, Any], user: dict[str, Any],
+          subject: str, session: str | None) -> list[Path]:
+    """Files of one candidate query (user filter overriding our defaults), across datasets."""
+    from bids.layout import Query
+
+    query = dict(base)
+    query.update({k: _to_query_values(v) for k, v in user.items() if k != "scope"})
+    query["subject"] = subject
+    query["session"] = session if session is not None else Query.NONE
+    query.setdefault("extension", NIFTI_EXTENSIONS)
+    scope = user.get("scope")
+    scopes = set(scope if isinstance(scope, list) else [scope]) if scope else None
+    found: dict[Path, None] = {}
+    for dataset in datasets:
+        if scopes is not None and not scopes & dataset.scopes:
+            continue
+        for bids_file in dataset.layout.get(**query):
+            found.setdefault(Path(bids_file.path), None)
+    return list(found)
+
+
+def _unique(paths: list[Path], what: str, subject: str, session: str | None,
+            problems: list[InputProblem]) -> Path | None:
+    if len(paths) == 1:
+        return paths[0]
+    listing = ", ".join(str(p) for p in paths)
+    problems.append(InputProblem(subject, session, None,
+                                 f"several {what} files match ({listing}); choose one with a "
+                                 f"'{_kind_key(what)}' query in --bids-filter-file "
+                                 "(e.g. run, acquisition or scope)"))
+    return None
+
+
+def _kind_key(what: str) -> str:
+    return {"QSM": "qsm", "FLAIR": "flair", "magnitude": "magnitude", "lesion mask": "lesion_mask",
+            "rim annotation": "rim_labels"}[what]
+
+
+# --------------------------------------------------------------------------------------------
+# File checks
+# --------------------------------------------------------------------------------------------
+def _data_intact(path: Path, img: nib.Nifti1Image) -> str | None:
+    """Is the whole image on disk? Streams a .gz (CRC checked by gzip) without building arrays.
+
+    Catches corrupt and truncated files whose header still reads, for images we only need the
+    header of now (FLAIR, magnitude) but the workflow will load later.
+    """
+    header = img.header
+    offset = int(getattr(img.dataobj, "offset", header.get_data_offset()))  # the proxy knows the real one
+    expected = offset + int(np.prod(img.shape)) * header.get_data_dtype().itemsize
+    if path.name.endswith(".gz"):
+        size = 0
+        try:
+            with gzip.open(path, "rb") as stream:
+                while chunk := stream.read(1 << 22):
+                    size += len(chunk)
+        except (OSError, EOFError, zlib.error) as err:
+            return f"unreadable gzip ({err}); re-export or re-compress this file"
+    else:
+        size = path.stat().st_size
+    if size < expected:
+        return f"image data truncated ({size} of {expected} bytes); re-export this file"
+    return None
+
+
+def _header(path: Path) -> tuple[nib.Nifti1Image | None, str | None]:
+    try:
+        img = nib.load(path)
+    except Exception as err:  # nibabel raises many types for broken files
+        return None, f"cannot be read as NIfTI ({err}); re-export this file"
+    if len(img.shape) != 3:
+        return None, (f"is {len(img.shape)}D with shape {img.shape}; qsmrim needs one 3D volume "
+                      "(extract it, e.g. the first echo or volume)")
+    return img, None
+
+
+def _load_data(img: nib.Nifti1Image) -> tuple[np.ndarray | None, str | None]:
+    try:
+        return np.asanyarray(img.dataobj), None
+    except Exception as err:
+        return None, f"image data unreadable ({err}); re-export or re-compress this file"
+
+
+def _qsm_units(path: Path, cli_units: str | None) -> str:
+    """CLI override, else the sidecar's Units (ppm/ppb), else BIDS' ppm for Chimap."""
+    if cli_units:
+        return cli_units
+    sidecar = Path(re.sub(r"\.nii(\.gz)?$", ".json", str(path)))
+    if sidecar.is_file():
+        try:
+            units = str(json.loads(sidecar.read_text()).get("Units", "")).lower()
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            units = ""
+        if units in ("ppm", "ppb"):
+            return units
+    return "ppm"
+
+
+def unit_doubt(data: np.ndarray, units: str) -> str | None:
+    """A warning when the map's robust value range contradicts the declared unit, else None."""
+    guessed = guess_units(data)
+    if guessed is None or guessed == units:
+        return None
+    return (f"values look like {guessed} (robust range) but the map is taken as {units}; "
+            f"if it is in {guessed} pass --qsm-units {guessed}")
+
+
+def _space(grid: Grid, flair: Grid | None, qsm: Grid | None) -> str | None:
+    """'FLAIR' or 'QSM' by grid (FLAIR first: masks are drawn on FLAIR), None when neither."""
+    if flair is not None and grid.matches(flair):
+        return "FLAIR"
+    if qsm is not None and grid.matches(qsm):
+        return "QSM"
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# Discovery
+# --------------------------------------------------------------------------------------------
+def _units_of_work(config: AppConfig, datasets: Sequence[_Dataset]) -> list[tuple[str, str | None]]:
+    """(subject, session) pairs selected by the labels; raises SelectionError when none/unknown."""
+    raw = datasets[0].layout
+    subjects = set(raw.get_subjects())
+    for dataset in datasets[1:]:  # participants with a QSM only in a derivatives dataset count too
+        subjects |= set(dataset.layout.get_subjects(suffix="Chimap"))
+    if config.participant_labels:
+        unknown = [label for label in config.participant_labels if label not in subjects]
+        if unknown:
+            existing = ", ".join(sorted(subjects)) or "none"
+            raise SelectionError(f"participant label(s) {', '.join(unknown)} not found in "
+                                 f"{config.bids_dir}; existing participants: {existing}")
+        selected = list(config.participant_labels)
+    else:
+        selected = sorted(subjects)
+    if not selected:
+        raise SelectionError(f"{config.bids_dir} holds no participants (sub-* folders)", no_data=True)
+
+    units: list[tuple[str, str | None]] = []
+    all_sessions: set[str] = set()
+    for subject in selected:
+        sessions: set[str] = set()
+        for dataset in datasets:
+            sessions |= set(dataset.layout.get_sessions(subject=subject))
+        all_sessions |= sessions
+        if not sessions:
+            if not config.session_labels:
+                units.append((subject, None))
+            continue
+        chosen = sorted(sessions & set(config.session_labels)) if config.session_labels else sorted(sessions)
+        units += [(subject, session) for session in chosen]
+    if not units:
+        existing = ", ".join(sorted(all_sessions)) or "none"
+        raise SelectionError(f"session label(s) {', '.join(config.session_labels)} match no session of "
+                             f"the selected participants; existing sessions: {existing}", no_data=True)
+    return units
+
+
+def _discover_one(config: AppConfig, datasets: Sequence[_Dataset], subject: str,
+                  session: str | None) -> tuple[ParticipantInputs | None, list[InputProblem]]:
+    """Find and check every input of one unit; every problem found is reported, not just the first."""
+    problems: list[InputProblem] = []
+    notes: list[str] = []
+    filters = config.bids_filters
+
+    def problem(file: Path | None, message: str, missing: bool = False) -> None:
+        problems.append(InputProblem(subject, session, file, message, missing))
+
+    def first_match(queries: Iterable[dict[str, Any]], kind: str) -> list[Path]:
+        for query in queries:
+            paths = _find(datasets, query, filters.get(kind, {}), subject, session)
+            if paths:
+                return paths
+        return []
+
+    filter_hint = " (with the --bids-filter-file query)" if filters else ""
+
+    # QSM: the primary input; data loaded for NaN and unit checks.
+    qsm_paths = first_match(_QSM_QUERIES, "qsm")
+    qsm_path = _unique(qsm_paths, "QSM", subject, session, problems) if qsm_paths else None
+    qsm_grid: Grid | None = None
+    qsm_units = config.preproc.qsm_units or "ppm"
+    if not qsm_paths:
+        problem(None, f"no QSM (*_Chimap.nii[.gz]) found{filter_hint} in the dataset or its "
+                      "derivatives; add one or point -d at the QSM pipeline's output", missing=True)
+    elif qsm_path is not None:
+        img, error = _header(qsm_path)
+        if error:
+            problem(qsm_path, error)
+        else:
+            data, error = _load_data(img)
+            if error:
+                problem(qsm_path, error)
+            elif not np.isfinite(data).any() or not np.any(data[np.isfinite(data)]):
+                problem(qsm_path, "holds no finite non-zero value (all NaN or zero); "
+                                  "re-run the QSM reconstruction")
+            else:
+                qsm_grid = Grid.from_image(img)
+                qsm_units = _qsm_units(qsm_path, config.preproc.qsm_units)
+                doubt = unit_doubt(np.asarray(data, dtype=np.float32), qsm_units)
+                if doubt:
+                    LOGGER.warning("sub-%s%s: %s: %s", subject, f" ses-{session}" if session else "",
+                                   qsm_path, doubt)
+                    notes.append(f"{qsm_path.name}: {doubt}")
+
+    # FLAIR: header plus a gzip integrity check.
+    flair_grid: Grid | None = None
+    flair_paths = first_match(_FLAIR_QUERIES, "flair")
+    flair_path = _unique(flair_paths, "FLAIR", subject, session, problems) if flair_paths else None
+    if not flair_paths:
+        problem(None, f"no FLAIR (*_FLAIR.nii[.gz]) found{filter_hint}; qsmrim needs a FLAIR "
+                      "image of this participant/session", missing=True)
+    elif flair_path is not None:
+        img, error = _header(flair_path)
+        error = error or _data_intact(flair_path, img)
+        if error:
+            problem(flair_path, error)
+        else:
+            flair_grid = Grid.from_image(img)
+
+    # Optional magnitude: only one in the QSM's grid is used.
+    magnitude: Path | None = None
+    if qsm_grid is not None:
+        for path in first_match(_MAGNITUDE_QUERIES, "magnitude"):
+            img, error = _header(path)
+            error = error or _data_intact(path, img)
+            if error:
+                notes.append(f"magnitude {path.name} not used: {error}")
+            elif not Grid.from_image(img).matches(qsm_grid):
+                notes.append(f"magnitude {path.name} not used: its grid differs from the QSM's")
+            else:
+                magnitude = path
+                break
+
+    # Lesion mask: instances (dseg) preferred over binary masks.
+    lesion_mask, mask_kind, mask_space = None, "binary", None
+    for query, kind in _MASK_QUERIES:
+        paths = _find(datasets, query, filters.get("lesion_mask", {}), subject, session)
+        if paths:
+            lesion_mask = _unique(paths, "lesion mask", subject, session, problems)
+            mask_kind = kind
+            break
+    else:
+        problem(None, f"no lesion mask found{filter_hint} (derivatives *_desc-lesion_dseg, "
+                      "*_desc-lesion_mask or raw *_label-lesion_roi); add one or point -d at it",
+                missing=True)
+    if lesion_mask is not None:
+        mask_space = _check_label_image(lesion_mask, "lesion mask", flair_grid, qsm_grid, problem)
+
+    # Rim annotations: optional; when present they must be usable.
+    rim_labels, rim_space = None, None
+    rim_paths = first_match(_RIM_QUERIES, "rim_labels")
+    if rim_paths:
+        rim_labels = _unique(rim_paths, "rim annotation", subject, session, problems)
+        if rim_labels is not None:
+            rim_space = _check_label_image(rim_labels, "rim annotation", flair_grid, qsm_grid, problem)
+
+    if problems or qsm_path is None or flair_path is None or lesion_mask is None \
+            or qsm_grid is None or flair_grid is None or mask_space is None:
+        return None, problems
+    if rim_labels is not None and rim_space is None:
+        return None, problems
+    return ParticipantInputs(
+        subject=subject, session=session, qsm=qsm_path, flair=flair_path, magnitude=magnitude,
+        lesion_mask=lesion_mask, lesion_mask_kind=mask_kind, lesion_mask_space=mask_space,
+        rim_labels=rim_labels, rim_labels_space=rim_space, qsm_units=qsm_units,
+        qsm_grid=qsm_grid, flair_grid=flair_grid, notes=tuple(notes),
+    ), problems
+
+
+def _check_label_image(path: Path, what: str, flair_grid: Grid | None, qsm_grid: Grid | None,
+                       problem: Any) -> str | None:
+    """Readable, 3D, not empty and on the FLAIR or QSM grid; returns the space or None."""
+    img, error = _header(path)
+    if error:
+        problem(path, error)
+        return None
+    data, error = _load_data(img)
+    if error:
+        problem(path, error)
+        return None
+    if not np.any(np.nan_to_num(data) > 0):
+        problem(path, f"{what} is empty (no voxel > 0); check that it belongs to this participant")
+        return None
+    if flair_grid is None or qsm_grid is None:
+        return None  # the space cannot be decided; the FLAIR's or QSM's own problem is reported
+    grid = Grid.from_image(img)
+    space = _space(grid, flair_grid, qsm_grid)
+    if space is None:
+        grids = "; ".join(f"{name}: {g.describe()}" for name, g in (("FLAIR", flair_grid), ("QSM", qsm_grid))
+                          if g is not None)
+        problem(path, f"{what} grid ({grid.describe()}) matches neither the FLAIR nor the QSM grid "
+                      f"({grids}); resample it onto one of them")
+    return space
+
+
+def discover(config: AppConfig) -> tuple[list[ParticipantInputs], list[InputProblem]]:
+    """All units of work (participant x session) with their checked inputs, and the problems.
+
+    Raises SelectionError for unknown participant labels or a selection without any unit.
+    """
+    datasets = _index(config)
+    inputs: list[ParticipantInputs] = []
+    problems: list[InputProblem] = []
+    for subject, session in _units_of_work(config, datasets):
+        found, unit_problems = _discover_one(config, datasets, subject, session)
+        problems += unit_problems
+        if found is not None:
+            inputs.append(found)
+    return inputs, problems
