@@ -14,14 +14,14 @@ from qsmrim_app.lesions import (
 )
 
 
-def _cube(shape, corner, edge) -> tuple[slice, ...]:
+def _cube(corner: tuple[int, int, int], edge: int) -> tuple[slice, ...]:
     return tuple(slice(c, c + edge) for c in corner)
 
 
 def test_diagonal_neighbours_join_26_connectivity() -> None:
     mask = np.zeros((10, 10, 10), dtype=np.uint8)
-    mask[_cube(mask.shape, (1, 1, 1), 3)] = 1
-    mask[_cube(mask.shape, (4, 4, 4), 3)] = 1  # touches the first only at the corner (3,3,3)-(4,4,4)
+    mask[_cube((1, 1, 1), 3)] = 1
+    mask[_cube((4, 4, 4), 3)] = 1  # touches the first only at the corner (3,3,3)-(4,4,4)
     result = label_instances(mask, min_voxels=1)
     assert result.lesion_ids == (1,)
     assert result.dropped == 0
