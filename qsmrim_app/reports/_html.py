@@ -36,8 +36,8 @@ th{background:#f3f3f3}td.num{text-align:right;font-variant-numeric:tabular-nums}
 .mosaic{display:flex;flex-wrap:wrap;gap:8px}
 figure.lesion{margin:0;border:2px solid #bbb;border-radius:4px;padding:3px;background:#fafafa}
 figure.lesion.rimpos{border-color:#c01c28;background:#fff3f3}
-figure.lesion img{display:block;image-rendering:pixelated}
-figure.lesion figcaption{font-size:.8em;max-width:260px}
+figure.lesion img{display:block;height:auto}
+figure.lesion figcaption{font-size:.85em;max-width:370px}
 .tag{display:inline-block;padding:0 5px;border-radius:3px;font-weight:bold;font-size:.85em}
 .tag.rimpos{background:#c01c28;color:#fff}.tag.rimneg{background:#ddd;color:#333}
 .msg-error{color:#a51d2d;font-weight:bold}.msg-warning{color:#9c6500}
@@ -62,6 +62,15 @@ def fmt(value: Any, digits: int = 3) -> str:
     if isinstance(value, (list, tuple, np.ndarray)):
         return "[" + ", ".join(fmt(v, digits) for v in value) + "]"
     return str(value)
+
+
+def fixed(value: Any, decimals: int) -> str:
+    """Fixed-point text for columns that are compared by eye (probabilities, volumes); `n/a` when missing."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return "n/a"
+    return f"{number:.{decimals}f}" if math.isfinite(number) else "n/a"
 
 
 def safe_href(href: str) -> str | None:

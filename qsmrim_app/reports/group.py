@@ -13,8 +13,18 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ._html import esc, figure_data_uri, fmt, img_tag, kv_table, new_figure, page, safe_href, table, write_atomic
+from ._html import esc, figure_data_uri, fixed, fmt, img_tag, kv_table, new_figure, page, safe_href, table, write_atomic
 
+# group-table column -> (header, decimals; None for text)
+PARTICIPANT_COLUMNS: dict[str, tuple[str, int | None]] = {
+    "session": ("session", None),
+    "n_lesions": ("lesions", 0),
+    "n_rimplus": ("rim+", 0),
+    "lesion_volume_mm3": ("lesion volume (mm³)", 1),
+    "rimplus_volume_mm3": ("rim+ volume (mm³)", 1),
+    "model_id": ("model", None),
+    "threshold": ("threshold", 3),
+}
 AGREEMENT_LABELS = {
     "n": "Participants with expert counts",
     "count_pearson_r": "Pearson r (rim+ counts)",
@@ -91,17 +101,17 @@ def _participants_table(group_table: pd.DataFrame, participant_reports: Mapping[
         return "<p>No participant finished successfully.</p>"
     df = group_table.sort_values([c for c in ("participant_id", "session") if c in group_table.columns],
                                  kind="mergesort")
-    cols = [("session", False), ("n_lesions", True), ("n_rimplus", True), ("lesion_volume_mm3", True),
-            ("rimplus_volume_mm3", True), ("model_id", False), ("threshold", True)]
-    cols = [(c, n) for c, n in cols if c in df.columns]
+    cols = [c for c in PARTICIPANT_COLUMNS if c in df.columns]
     rows = []
     for _, row in df.iterrows():
         pid = row["participant_id"]
         href = _find_href(participant_reports, pid, row.get("session"))
         link = f'<a href="{esc(href)}">report</a>' if href else "no report"
-        rows.append([esc(pid)] + [esc(fmt(row[c], 5)) for c, _ in cols] + [link])
-    return table(["participant"] + [c for c, _ in cols] + ["report"], rows,
-                 numeric=[False] + [n for _, n in cols] + [False])
+        cells = [esc(fixed(row[c], PARTICIPANT_COLUMNS[c][1]) if PARTICIPANT_COLUMNS[c][1] is not None
+                     else fmt(row[c])) for c in cols]
+        rows.append([esc(pid)] + cells + [link])
+    return table(["participant"] + [PARTICIPANT_COLUMNS[c][0] for c in cols] + ["report"], rows,
+                 numeric=[False] + [PARTICIPANT_COLUMNS[c][1] is not None for c in cols] + [False])
 
 
 def _failed_section(failed: Sequence[tuple[str, str]], participant_reports: Mapping[str, str]) -> str:

@@ -20,6 +20,7 @@ from ._html import (
     Plane,
     esc,
     figure_data_uri,
+    fixed as _fixed,
     fmt,
     img_tag,
     kv_table,
@@ -35,6 +36,7 @@ from ._html import (
 QSM_WINDOW = {"ppb": (-150.0, 150.0), "ppm": (-0.15, 0.15)}
 TILE_PX = 80  # pixels per panel side: 100 lesions stay around 1-2 MB
 TILE_GAP = 2
+TILE_SCALE = 1.5  # shown larger than stored: small files, readable tiles (CSS keeps pixels crisp)
 FOV_MM = (24.0, 96.0)  # tile field of view: at least some context, at most a good part of a hemisphere
 THIS_LESION_RGB = (255, 48, 48)
 OTHER_LESION_RGB = (0, 190, 255)
@@ -68,7 +70,8 @@ def _load(path: Path | None, what: str, notes: list[str], dtype: type = np.float
     return nib.Nifti1Image(data.reshape(data.shape[:3]) if data.ndim > 3 else data, img.affine)
 
 
-def _same_grid(ref: nib.Nifti1Image, other: nib.Nifti1Image | None, what: str, notes: list[str]) -> nib.Nifti1Image | None:
+def _same_grid(ref: nib.Nifti1Image, other: nib.Nifti1Image | None, what: str,
+               notes: list[str]) -> nib.Nifti1Image | None:
     if other is None:
         return None
     if other.shape[:3] != ref.shape[:3] or not np.allclose(other.affine, ref.affine, atol=1e-3):
@@ -196,6 +199,7 @@ def _registration_figure(qsm: np.ndarray, flair: np.ndarray, affine: np.ndarray,
         ax.set_title(f"{view} (voxel index {idx} of axis {'ijk'[axis]})", fontsize=9)
         # checkerboard of the two windowed images, 16 mm squares
         qn = np.clip((np.nan_to_num(q) - qsm_window[0]) / (qsm_window[1] - qsm_window[0]), 0, 1)
+        qn[~np.isfinite(q) | (q == 0)] = 0.0  # outside the QSM mask: black like the FLAIR background
         fn = np.clip((np.nan_to_num(f) - flair_window[0]) / (flair_window[1] - flair_window[0]), 0, 1)
         rr = (np.arange(q.shape[0]) * plane.row_mm // 16).astype(int)
         cc = (np.arange(q.shape[1]) * plane.col_mm // 16).astype(int)
@@ -215,7 +219,7 @@ def _registration_figure(qsm: np.ndarray, flair: np.ndarray, affine: np.ndarray,
     axes[0, 0].set_ylabel("QSM + FLAIR contour", fontsize=9)
     axes[1, 0].set_ylabel("checkerboard QSM/FLAIR", fontsize=9)
     fig.tight_layout()
-    return figure_data_uri(fig, dpi=72)
+    return figure_data_uri(fig, dpi=90)
 
 
 def _summary_section(subject: str, session: str | None, summary: Mapping[str, Any], n_rows: int, n_rim: int,
@@ -240,7 +244,7 @@ def _summary_section(subject: str, session: str | None, summary: Mapping[str, An
     )
 
 
-def _lesion_sections(ordered: pd.DataFrame, tiles: Mapping[int, tuple[str, int]], qsm_units: str,
+def _lesion_sections(ordered: pd.DataFrame, tiles: Mapping[int, tuple[str, int, int]], qsm_units: str,
                      qsm_window: tuple[float, float], has_flair: bool, dseg_has_lesions: bool) -> str:
     if ordered.empty:
         note = (" The lesion map does contain labelled voxels, so the table and map disagree: check the run's "
@@ -255,17 +259,19 @@ def _lesion_sections(ordered: pd.DataFrame, tiles: Mapping[int, tuple[str, int]]
         prob, unc = row.get("probability"), row.get("uncertainty")
         vol = row.get("volume_mm3")
         rows.append([
-            str(rank), f'<a href="#lesion-{lid}">{lid}</a>', tag, esc(fmt(prob)), esc(fmt(unc)),
-            esc(fmt(vol, 4)), esc(fmt(row.get("voxels"))),
-            esc(", ".join(fmt(row.get(c), 4) for c in ("centroid_x_mm", "centroid_y_mm", "centroid_z_mm"))),
+            str(rank), f'<a href="#lesion-{lid}">{lid}</a>', tag, esc(_fixed(prob, 3)), esc(_fixed(unc, 3)),
+            esc(_fixed(vol, 1)), esc(fmt(row.get("voxels"))),
+            esc(", ".join(_fixed(row.get(c), 1) for c in ("centroid_x_mm", "centroid_y_mm", "centroid_z_mm"))),
         ])
-        uri, k = tiles.get(lid, (None, -1))
-        image = (img_tag(uri, f"lesion {lid}: QSM, QSM with outline, FLAIR with outline", "tile")
-                 if uri else "<p>(no image: QSM not available)</p>")
+        uri, k, width = tiles.get(lid, (None, -1, 0))
+        legend = "QSM | QSM + outline | FLAIR + outline" if has_flair else "QSM | QSM + outline"
+        size = f' title="{esc(legend)}" width="{round(TILE_SCALE * width)}"'
+        image = (img_tag(uri, f"lesion {lid}: {legend}", "tile", size) if uri
+                 else "<p>(no image: QSM not available)</p>")
         figures.append(
             f'<figure class="lesion{" rimpos" if rim else ""}" id="lesion-{lid}">{image}<figcaption>'
-            f"<b>Lesion {lid}</b> {tag} #{rank}<br>p = {esc(fmt(prob))} ± {esc(fmt(unc))}"
-            f" · {esc(fmt(vol, 4))} mm³{f' · k = {k}' if k >= 0 else ''}</figcaption></figure>"
+            f"<b>Lesion {lid}</b> {tag} #{rank}<br>p = {esc(_fixed(prob, 3))} ± {esc(_fixed(unc, 3))}"
+            f" · {esc(_fixed(vol, 1))} mm³{f' · k = {k}' if k >= 0 else ''}</figcaption></figure>"
         )
     panels = "QSM | QSM + outline | FLAIR + outline" if has_flair else "QSM | QSM + outline"
     caption = (
@@ -344,7 +350,8 @@ def write_participant_report(
 
     ordered = order_lesions(lesion_table)
     n_rim = int(sum(_is_rim(v) for v in ordered.get("rim_positive", [])))
-    if "n_lesions" in summary and int(summary["n_lesions"]) != len(ordered):
+    n_summary = pd.to_numeric(pd.Series([summary.get("n_lesions")]), errors="coerce").iloc[0]
+    if pd.notna(n_summary) and int(n_summary) != len(ordered):
         notes.append(f"WARNING (report): summary says {summary['n_lesions']} lesions, the table has {len(ordered)}.")
     if labels is not None:
         in_map = set(np.unique(labels[labels > 0]).tolist())
@@ -354,7 +361,7 @@ def write_participant_report(
 
     qsm_window = QSM_WINDOW[qsm_units]
     flair_window = robust_window(flair_data) if flair_data is not None else (0.0, 1.0)
-    tiles: dict[int, tuple[str, int]] = {}
+    tiles: dict[int, tuple[str, int, int]] = {}
     if qsm_data is not None and not ordered.empty:
         plane = Plane.from_affine(qsm_img.affine, 2)
         for _, row in ordered.iterrows():
@@ -366,7 +373,7 @@ def write_participant_report(
             vol = float(pd.to_numeric(pd.Series([row.get("volume_mm3")]), errors="coerce").iloc[0])
             sprite, k = _lesion_tile(lid, voxel, vol, qsm_data, flair_data, labels, plane, qsm_window,
                                      flair_window)
-            tiles[lid] = (png_data_uri(sprite), k)
+            tiles[lid] = (png_data_uri(sprite), k, sprite.shape[1])
 
     title = f"qsmrim: {subject}" + (f" {session}" if session else "")
     body = _summary_section(subject, session, summary, len(ordered), n_rim, inputs, versions)
