@@ -33,13 +33,13 @@ SIZES: dict[str, SizeSpec] = {
     "small": SizeSpec((96, 96, 48), (1.6, 1.6, 2.6), (144, 120, 120), 1.2, (54.0, 64.0, 46.0), (6, 15),
                       (450.0, 110.0, 8000.0), 14),
     "full": SizeSpec((256, 256, 56), (0.75, 0.75, 3.0), (256, 256, 176), 1.0, (66.0, 80.0, 56.0), (50, 80),
-                     (180.0, 40.0, 3400.0), 40),
+                     (120.0, 40.0, 3400.0), 40),
 }
 
 # Zero-inflated negative binomial for rim+ counts: most patients have none, a few have many
 # (Zhang et al. 2022: 4.25 % of lesions rim+, concentrated in a minority of patients).
 ZERO_INFLATION = 0.3
-NB_DISPERSION = 0.6
+NB_DISPERSION = 0.8
 
 
 def rng_for(seed: int, subject_index: int, stream: int) -> np.random.Generator:

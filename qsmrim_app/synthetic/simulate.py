@@ -111,7 +111,7 @@ def simulate_session(anat: Anatomy, spec: SizeSpec, rng: np.random.Generator, de
     chi = chi * (1 - veins_q) + np.float32(anat.vein_chi) * veins_q
     brain = np.isin(tissue_q, BRAIN_CODES)
     chi_true = (chi * brain).astype(np.float32)
-    qsm = simulate_qsm(chi_true, brain, qsm_affine, float(rng.uniform(0.0015, 0.003)), rng)
+    qsm = simulate_qsm(chi_true, brain, qsm_affine, float(rng.uniform(0.0006, 0.0012)), rng)
 
     mag_img = None
     if magnitude:
