@@ -118,6 +118,24 @@ def test_cv_curves_match_sklearn_per_fold_and_skip_single_class_fold() -> None:
     assert np.all(np.diff(cv.mean_tpr) >= -1e-12)
 
 
+def test_cv_curves_with_ties_follow_the_chance_segment() -> None:
+    # Random-forest-like scores: many ties. Per fold the areas must equal sklearn / partial_roc_auc.
+    rng = np.random.default_rng(8)
+    y = (rng.random(500) < 0.2).astype(int)
+    p = np.round(np.clip(0.3 * y + rng.random(500) * 0.7, 0, 1) * 20) / 20
+    fold = rng.integers(0, 5, 500)
+    cv = M.cv_curve_aucs(y, p, fold)
+    for f in range(5):
+        m = fold == f
+        assert cv.fold_roc_auc[f] == pytest.approx(roc_auc_score(y[m], p[m]))
+        assert cv.fold_pauc[f] == pytest.approx(M.partial_roc_auc(y[m], p[m]))
+    assert cv.pauc == pytest.approx(np.mean(cv.fold_pauc))
+    # a tie between one rim+ and one rim- out of 2 x 2: ROC (0,0)->(0,.5)->(.5,1)->(1,1)
+    left, right = M.roc_on_grid(np.array([1, 1, 0, 0]), np.array([0.9, 0.5, 0.5, 0.1]), np.array([0, 0.25, 0.5]))
+    assert np.allclose(left, [0, 0.75, 1]) and np.allclose(right, [0.5, 0.75, 1])
+    assert np.all(cv.mean_tpr_left <= cv.mean_tpr + 1e-12)
+
+
 def test_f1_optimal_threshold_by_hand() -> None:
     y = np.array([1, 1, 0, 1, 0])
     p = np.array([0.9, 0.8, 0.7, 0.6, 0.2])  # F1 at 0.9/0.8/0.7/0.6/0.2 = .5/.8/.667/.857/.75
@@ -236,6 +254,7 @@ def test_lesion_and_subject_metrics_constant_predictions_and_empty_fold() -> Non
     out = M.lesion_and_subject_metrics(y, const, fold, subjects)
     assert out["roc_auc_pooled"] == pytest.approx(0.5)
     assert out["pauc_fpr_0.1_pooled"] == pytest.approx(0.05)
+    assert out["roc_auc"] == pytest.approx(0.5) and out["pauc_fpr_0.1"] == pytest.approx(0.05)
     assert out["n_valid_folds"] == 4 and np.isnan(out["fold_roc_auc"][2])
     # constant scores: rim+ folds flag everything (F1 > 0 beats flagging nothing), the empty fold nothing
     assert out["tp"] == y.sum() and out["fp"] == int(((fold != 2) & (y == 0)).sum())

@@ -13,9 +13,10 @@ Conventions (why they are what they are):
   operating points, which is optimistic for PR curves (precision is not linear in recall).
 * **Cross-validated curves** (the paper's way): each fold's out-of-fold ROC / PR curve is evaluated as a
   piecewise-constant (step) function on a common grid, the folds are averaged, and the AUCs are the exact
-  areas of the mean step curves. ROC steps take, at each FPR, the best TPR reached at that FPR or lower; a
-  run of tied scores (a diagonal ROC segment) therefore counts as its lower corner. PR steps equal average
-  precision. A fold with only one class has no curve: its curve is NaN and it is left out of the mean.
+  areas of the mean curves. The one exception to "step" is a run of tied scores, whose ROC piece is the
+  straight chance segment (pure steps would score a constant predictor 0 instead of 0.5, and random-forest
+  probabilities tie a lot); so each fold's ROC AUC equals sklearn's. PR steps equal average precision.
+  A fold with only one class has no curve: its curve is NaN and it is left out of the mean.
 * **Operating points** are chosen per fold on that fold's out-of-fold predictions (F1-optimal, as the
   paper did; the high-sensitivity point has the largest sensitivity <= 0.95); binary metrics are then
   computed over the concatenated folds. A lesion is called rim+ when ``p >= threshold``.
@@ -120,14 +121,33 @@ def pr_auc(y: np.ndarray, p: np.ndarray, method: str = "step") -> float:
 
 
 # ----------------------------------------------------------------------------- fold-averaged curves
-def roc_step(y: np.ndarray, p: np.ndarray, fpr_grid: np.ndarray) -> np.ndarray:
-    """TPR on ``fpr_grid`` of a piecewise-constant ROC curve: best TPR at that FPR or lower."""
+def roc_on_grid(y: np.ndarray, p: np.ndarray, fpr_grid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Left and right limits of the ROC curve (TPR as a function of FPR) at each ``fpr_grid`` value.
+
+    Between operating points the curve is flat or vertical (a step), except along a run of tied scores,
+    where it follows the straight chance segment (so a constant predictor scores 0.5, as in sklearn).
+    At a vertical jump the left limit is the bottom and the right limit the top. NaN with one class.
+    """
     y, p = _check(y, p)
+    g = np.asarray(fpr_grid, dtype=float)
     if not _both_classes(y):
-        return np.full(np.shape(fpr_grid), np.nan)
+        return np.full(g.shape, np.nan), np.full(g.shape, np.nan)
     fpr, tpr, _ = roc_curve(y, p, drop_intermediate=False)
-    idx = np.searchsorted(fpr, fpr_grid, side="right") - 1
-    return tpr[np.clip(idx, 0, None)]
+
+    def along(idx: np.ndarray) -> np.ndarray:
+        i = np.clip(idx, 0, fpr.size - 2)
+        width = fpr[i + 1] - fpr[i]
+        frac = np.where(width > 0, (g - fpr[i]) / np.where(width > 0, width, 1.0), 1.0)
+        return tpr[i] + (tpr[i + 1] - tpr[i]) * np.clip(frac, 0.0, 1.0)
+
+    right = np.where(g >= 1.0, tpr[-1], along(np.searchsorted(fpr, g, side="right") - 1))
+    left = np.where(g <= 0.0, tpr[0], along(np.searchsorted(fpr, g, side="left") - 1))
+    return left, right
+
+
+def roc_step(y: np.ndarray, p: np.ndarray, fpr_grid: np.ndarray) -> np.ndarray:
+    """TPR on ``fpr_grid``: the right limit of :func:`roc_on_grid` (best TPR at that FPR)."""
+    return roc_on_grid(y, p, fpr_grid)[1]
 
 
 def pr_step(y: np.ndarray, p: np.ndarray, recall_grid: np.ndarray) -> np.ndarray:
@@ -152,8 +172,9 @@ class CVCurves:
     """Fold-averaged step ROC and PR curves and the exact areas of the mean curves."""
 
     fpr_grid: np.ndarray
-    mean_tpr: np.ndarray
-    fold_tpr: np.ndarray  # (n_folds, n_fpr), NaN rows for folds with one class
+    mean_tpr: np.ndarray  # right limits (top of each vertical jump)
+    mean_tpr_left: np.ndarray  # left limits (bottom of each vertical jump)
+    fold_tpr: np.ndarray  # (n_folds, n_fpr) right limits, NaN rows for folds with one class
     recall_grid: np.ndarray
     mean_precision: np.ndarray
     fold_precision: np.ndarray
@@ -168,11 +189,11 @@ class CVCurves:
     fold_pr_auc: tuple[float, ...]
 
 
-def _left_area(grid: np.ndarray, values: np.ndarray, upto: float) -> float:
-    """Area of a right-continuous step function given at every breakpoint (left Riemann sum)."""
-    keep = grid < upto
-    widths = np.diff(np.append(grid[keep], upto))
-    return float(np.sum(widths * values[keep]))
+def _roc_area(grid: np.ndarray, left: np.ndarray, right: np.ndarray, upto: float) -> float:
+    """Exact area of a curve that is linear between grid points (``upto`` must be a grid point)."""
+    keep = grid <= upto
+    g, lo, hi = grid[keep], left[keep], right[keep]
+    return float(np.sum(np.diff(g) * (hi[:-1] + lo[1:]) / 2.0))
 
 
 def _right_area(grid: np.ndarray, values: np.ndarray) -> float:
@@ -188,10 +209,11 @@ def cv_curve_aucs(
     normalise: str = "max",
     n_grid: int = 1001,
 ) -> CVCurves:
-    """Per-fold step ROC/PR curves on a common grid, averaged over the folds that have both classes.
+    """Per-fold ROC/PR curves on a common grid, averaged over the folds that have both classes.
 
     The grid is a uniform grid plus every fold's own breakpoints, so the areas are exact and the area of
-    the mean curve equals the mean of the per-fold step areas.
+    the mean curve equals the mean of the per-fold areas (per fold: sklearn's ROC AUC, the trapezoidal
+    pROC of :func:`partial_roc_auc` and average precision).
     """
     y, p = _check(y, p)
     fold_ids = np.asarray(fold_ids).ravel()
@@ -206,30 +228,34 @@ def cv_curve_aucs(
             rec_pts.append(precision_recall_curve(y[m], p[m])[1])
     fpr_grid, recall_grid = np.unique(np.concatenate(fpr_pts)), np.unique(np.concatenate(rec_pts))
 
-    fold_tpr = np.vstack([roc_step(y[fold_ids == f], p[fold_ids == f], fpr_grid) for f in folds])
+    limits = [roc_on_grid(y[fold_ids == f], p[fold_ids == f], fpr_grid) for f in folds]
+    fold_tpr_left = np.vstack([lo for lo, _ in limits])
+    fold_tpr = np.vstack([hi for _, hi in limits])
     fold_prec = np.vstack([pr_step(y[fold_ids == f], p[fold_ids == f], recall_grid) for f in folds])
     valid = tuple(f for f, row in zip(folds, fold_tpr) if not np.isnan(row).any())
 
-    def areas(tpr_row: np.ndarray, prec_row: np.ndarray) -> tuple[float, float, float]:
-        if np.isnan(tpr_row).any():
+    def areas(left: np.ndarray, right: np.ndarray, prec_row: np.ndarray) -> tuple[float, float, float]:
+        if np.isnan(right).any():
             return float("nan"), float("nan"), float("nan")
         return (
-            _left_area(fpr_grid, tpr_row, 1.0),
-            _normalise_partial(_left_area(fpr_grid, tpr_row, max_fpr), max_fpr, normalise),
+            _roc_area(fpr_grid, left, right, 1.0),
+            _normalise_partial(_roc_area(fpr_grid, left, right, max_fpr), max_fpr, normalise),
             _right_area(recall_grid, prec_row),
         )
 
-    per_fold = [areas(t, q) for t, q in zip(fold_tpr, fold_prec)]
+    per_fold = [areas(lo, hi, q) for lo, hi, q in zip(fold_tpr_left, fold_tpr, fold_prec)]
     if valid:
-        mean_tpr = np.nanmean(fold_tpr[[folds.index(f) for f in valid]], axis=0)
-        mean_prec = np.nanmean(fold_prec[[folds.index(f) for f in valid]], axis=0)
-        mean_areas = areas(mean_tpr, mean_prec)
+        rows = [folds.index(f) for f in valid]
+        mean_tpr = fold_tpr[rows].mean(axis=0)
+        mean_tpr_left = fold_tpr_left[rows].mean(axis=0)
+        mean_prec = fold_prec[rows].mean(axis=0)
+        mean_areas = areas(mean_tpr_left, mean_tpr, mean_prec)
     else:
-        mean_tpr = np.full(fpr_grid.shape, np.nan)
+        mean_tpr = mean_tpr_left = np.full(fpr_grid.shape, np.nan)
         mean_prec = np.full(recall_grid.shape, np.nan)
         mean_areas = (float("nan"),) * 3
     return CVCurves(
-        fpr_grid=fpr_grid, mean_tpr=mean_tpr, fold_tpr=fold_tpr,
+        fpr_grid=fpr_grid, mean_tpr=mean_tpr, mean_tpr_left=mean_tpr_left, fold_tpr=fold_tpr,
         recall_grid=recall_grid, mean_precision=mean_prec, fold_precision=fold_prec,
         folds=folds, valid_folds=valid, max_fpr=max_fpr,
         roc_auc=mean_areas[0], pauc=mean_areas[1], pr_auc=mean_areas[2],
