@@ -269,6 +269,7 @@ def test_break_participant(pristine, tmp_path, how):
     elif how == "nonbinary-mask":
         values = np.unique(np.asarray(nib.load(mask_path).dataobj))
         assert not set(values.tolist()) <= {0, 1} and values.max() > 0
+        assert not _anat(bids, "01", "desc-lesion_dseg", True).exists()
     with pytest.raises(ValueError):
         break_participant(bids, "02", "melt")
 

@@ -29,7 +29,7 @@ def break_participant(bids_dir: Path, label: str, how: str) -> list[Path]:
     nan-qsm: every Chimap voxel NaN. corrupt-gzip: Chimap truncated mid-stream. empty-mask: the lesion
     mask and both dsegs all zero. mismatched-mask-grid: the lesion mask and dsegs cropped and shifted so
     their grid no longer matches the FLAIR. nonbinary-mask: the lesion mask becomes a float probability
-    map (values strictly between 0 and 1 at lesion edges).
+    map (values strictly between 0 and 1 at lesion edges) and the lesion dseg beside it is removed.
     """
     bids_dir = Path(bids_dir)
     sub = label.removeprefix("sub-")
@@ -65,6 +65,10 @@ def break_participant(bids_dir: Path, label: str, how: str) -> list[Path]:
             else:
                 soft = ndimage.gaussian_filter((data > 0).astype(np.float32), 1.0)
                 _save_like(path, np.where(data > 0, np.maximum(soft, 0.5), soft * 0.9).astype(np.float32), img.affine)
+                # without the instance map beside it, the mask is what a reader has to use
+                dseg = path.with_name(path.name.replace("desc-lesion_mask", "desc-lesion_dseg"))
+                dseg.unlink(missing_ok=True)
+                dseg.with_name(dseg.name.replace(".nii.gz", ".json")).unlink(missing_ok=True)
             touched.append(path)
     else:
         raise ValueError(f"unknown breakage {how!r}; expected one of {HOWS}")
