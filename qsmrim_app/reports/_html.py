@@ -9,11 +9,8 @@ import base64
 import html
 import io
 import math
-import os
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -103,13 +100,13 @@ def table(header: Sequence[str], rows: Iterable[Sequence[str]], numeric: Sequenc
 
 
 def page(title: str, nav: Sequence[tuple[str, str]], body: str) -> str:
-    """The whole document: inline CSS, sticky section navigation, no external resources."""
+    """The whole document: inline CSS, sticky section navigation, no external resources, ASCII only."""
     links = "".join(f'<a href="#{esc(anchor)}">{esc(label)}</a>' for anchor, label in nav)
     return (
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
         f"<title>{esc(title)}</title><style>{CSS}</style></head><body>"
         f"<nav>{links}</nav><h1>{esc(title)}</h1>{body}</body></html>\n"
-    )
+    ).encode("ascii", "xmlcharrefreplace").decode("ascii")  # pure ASCII: safe whatever the writer's encoding
 
 
 def png_data_uri(rgb: np.ndarray) -> str:
@@ -132,22 +129,6 @@ def img_tag(uri: str, alt: str, css_class: str = "figure", extra: str = "") -> s
     if not uri.startswith("data:image/png;base64,"):
         raise ValueError("report images must be embedded PNG data URIs")
     return f'<img class="{esc(css_class)}" src="{uri}" alt="{esc(alt)}"{extra}>'
-
-
-def write_atomic(out_file: Path, text: str) -> Path:
-    """Write via a temporary name in the same folder + os.replace, so readers never see half a report."""
-    out_file = Path(out_file)
-    out_file.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out_file.name}.", suffix=".tmp", dir=out_file.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out_file)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return out_file
 
 
 def window_to_uint8(img: np.ndarray, vmin: float, vmax: float) -> np.ndarray:

@@ -13,7 +13,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ._html import esc, figure_data_uri, fixed, fmt, img_tag, kv_table, new_figure, page, safe_href, table, write_atomic
+from ..derivatives import write_text
+from ._html import esc, figure_data_uri, fixed, fmt, img_tag, kv_table, new_figure, page, safe_href, table
 
 # group-table column -> (header, decimals; None for text)
 PARTICIPANT_COLUMNS: dict[str, tuple[str, int | None]] = {
@@ -183,4 +184,4 @@ def write_group_report(
              + "</section>")
     nav = [("overview", "Overview"), ("distributions", "Distributions"), ("participants", "Participants"),
            ("failed", "Failed"), ("agreement", "Agreement"), ("versions", "Versions")]
-    return write_atomic(Path(out_file), page("qsmrim: group report", nav, body))
+    return write_text(Path(out_file), page("qsmrim: group report", nav, body))

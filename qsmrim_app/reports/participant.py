@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage
 
+from ..derivatives import write_text
 from ._html import (
     Plane,
     esc,
@@ -30,7 +31,6 @@ from ._html import (
     robust_window,
     table,
     window_to_uint8,
-    write_atomic,
 )
 
 QSM_WINDOW = {"ppb": (-150.0, 150.0), "ppm": (-0.15, 0.15)}
@@ -397,4 +397,4 @@ def write_participant_report(
     nav = [("summary", "Summary"), ("registration", "Registration")]
     nav += [("review", "Review list")] if not ordered.empty else []
     nav += [("lesions", "Lesions"), ("messages", "Errors and warnings")]
-    return write_atomic(Path(out_file), page(title, nav, body))
+    return write_text(Path(out_file), page(title, nav, body))
