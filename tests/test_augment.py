@@ -123,3 +123,40 @@ def test_blur_sigma_in_mm_is_converted_with_voxel_size() -> None:
     za = (a.sum((1, 2, 3)) * (torch.arange(16) - 8.0) ** 2).sum(1) / a.sum((1, 2, 3, 4))
     zb = (b.sum((1, 2, 3)) * (torch.arange(16) - 8.0) ** 2).sum(1) / b.sum((1, 2, 3, 4))
     assert float(zb.mean()) < float(za.mean())
+
+
+@pytest.mark.shared_data
+def test_real_lesion_patches_stay_in_range_and_centred(shared_data) -> None:
+    """Real lesion shapes (Lesjak et al. 2017) with real QSM texture (2016 QSM challenge, ppm -> ppb).
+
+    Trilinear resampling with zero fill and normalised positive blur kernels only form convex
+    combinations of input values and zero, so augmented values never leave [min(x, 0), max(x, 0)].
+    """
+    import nibabel as nib
+
+    from qsmrim_app.lesions import label_instances
+    from qsmrim_app.patches import extract_patches
+
+    folder = shared_data / "open_ms_data" / "patient07"
+    mask = np.asarray(nib.load(next(folder.glob("GOLD_STANDARD*.nii.gz"))).dataobj) > 0.5
+    chi = np.asarray(nib.load(shared_data / "qsm_challenge_2016" / "chi_cosmos.nii.gz").dataobj, np.float32)
+    qsm = np.zeros(mask.shape, np.float32)
+    qsm[11:171, 29:189, 11:171] = chi * 1000.0
+    inst = label_instances(mask, min_voxels=20)
+    x = torch.from_numpy(extract_patches(qsm, mask.astype(np.float32), inst.labels, inst.lesion_ids).patches)
+    assert x.shape[0] >= 10
+    out = augment_batch(x, (1.0, 1.0, 1.0), torch.Generator().manual_seed(0), p=1.0)
+    assert torch.equal(out, augment_batch(x, (1.0, 1.0, 1.0), torch.Generator().manual_seed(0), p=1.0))
+    lo = torch.minimum(x.amin((1, 2, 3, 4)), torch.zeros(1))
+    hi = torch.maximum(x.amax((1, 2, 3, 4)), torch.zeros(1))
+    assert bool((out.amin((1, 2, 3, 4)) >= lo - 1e-3).all() and (out.amax((1, 2, 3, 4)) <= hi + 1e-3).all())
+    # The lesion (FLAIR channel = mask here) keeps its centroid within a voxel: flips mirror about the
+    # patch centre, so compare against the flipped-or-not input by distance to the centre.
+    centre = torch.tensor([(s - 1) / 2 for s in PATCH], dtype=torch.float64)
+    for b in range(x.shape[0]):
+        before = float((centroid(x[b, 1]) - centre).norm())
+        after = float((centroid(out[b, 1]) - centre).norm())
+        assert abs(after - before) < 1.0
+    # Total lesion volume is kept up to the +-5 % scale (cubed) and interpolation.
+    ratio = out[:, 1].sum((1, 2, 3)) / x[:, 1].sum((1, 2, 3))
+    assert bool(((ratio > 0.8) & (ratio < 1.2)).all())

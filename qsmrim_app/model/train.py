@@ -89,7 +89,8 @@ def train_fold(lesions: LesionSet, train_idx: np.ndarray, val_idx: np.ndarray, c
                ) -> MemberResult:
     """Train one network on ``train_idx`` (validated on ``val_idx``) and store its weights.
 
-    ``seed`` fixes weight initialisation, shuffling, augmentation, dropout and DeepSMOTE draws. When
+    ``seed`` fixes weight initialisation, shuffling, augmentation, dropout and DeepSMOTE draws (it seeds
+    the global torch RNG, which dropout and DeepSMOTE use, and a private generator for the rest). When
     ``checkpoint_path`` holds a checkpoint of this member, training resumes after its last epoch.
     """
     if lesions.labels is None:
@@ -118,7 +119,9 @@ def train_fold(lesions: LesionSet, train_idx: np.ndarray, val_idx: np.ndarray, c
         f_train = to_dev(scaler.transform(feature_cols[train_idx]) if n_features else feature_cols[train_idx],
                          torch.float32)
         y_train = to_dev(lesions.labels[train_idx], torch.long)
-        f_val = scaler.transform(feature_cols[val_idx]) if n_features else feature_cols[val_idx]
+        x_val = to_dev(lesions.patches[val_idx], torch.float32)
+        f_val = to_dev(scaler.transform(feature_cols[val_idx]) if n_features else feature_cols[val_idx],
+                       torch.float32)
         y_val = lesions.labels[val_idx]
 
         start_epoch, history = 0, []
@@ -143,7 +146,7 @@ def train_fold(lesions: LesionSet, train_idx: np.ndarray, val_idx: np.ndarray, c
             batches = list(perm.split(config.batch_size))
             if len(batches) > 1 and len(batches[-1]) < 2:  # BatchNorm needs two samples
                 batches = batches[:-1]
-            total, count = 0.0, 0
+            total, count = torch.zeros((), device=device), 0  # summed on device: no sync per step
             for bidx in batches:
                 bidx = bidx.to(device)
                 x = x_train[bidx]
@@ -157,11 +160,11 @@ def train_fold(lesions: LesionSet, train_idx: np.ndarray, val_idx: np.ndarray, c
                 grad_scaler.scale(loss).backward()
                 grad_scaler.step(opt)
                 grad_scaler.update()
-                total += float(loss.detach()) * len(bidx)
+                total += loss.detach() * len(bidx)
                 count += len(bidx)
             sched.step()
-            p_val = predict_probabilities(net, lesions.patches[val_idx], f_val, device, 256, amp)
-            record = {"epoch": epoch, "loss": total / max(count, 1), "lr": opt.param_groups[0]["lr"],
+            p_val = predict_probabilities(net, x_val, f_val, device, 256, amp)
+            record = {"epoch": epoch, "loss": float(total) / max(count, 1), "lr": opt.param_groups[0]["lr"],
                       "val_loss": float(F.binary_cross_entropy(torch.as_tensor(p_val, dtype=torch.float64)
                                                                .clamp(1e-7, 1 - 1e-7),
                                                                torch.as_tensor(y_val, dtype=torch.float64))),
@@ -185,7 +188,7 @@ def train_fold(lesions: LesionSet, train_idx: np.ndarray, val_idx: np.ndarray, c
         _atomic_torch_save(_state_for_storage(net, config.weights_fp16), weights_path)
         # Held-out predictions from the stored weights, so a resumed run and fp16 storage agree.
         stored = load_state(weights_path, build_network(config, n_features)).to(device)
-        p_val = predict_probabilities(stored, lesions.patches[val_idx], f_val, device, 256, amp)
+        p_val = predict_probabilities(stored, x_val, f_val, device, 256, amp)
         if checkpoint_path is not None and checkpoint_path.is_file():
             checkpoint_path.unlink()
         return MemberResult(seed, weights_path, p_val, history)
