@@ -551,7 +551,8 @@ def _discover_one(config: AppConfig, datasets: Sequence[_Dataset], subject: str,
     if rim_paths:
         rim_labels = _unique(rim_paths, "rim annotation", subject, session, problems)
         if rim_labels is not None:
-            rim_space = _check_label_image(rim_labels, "rim annotation", flair_grid, qsm_grid, problem)
+            rim_space = _check_label_image(rim_labels, "rim annotation", flair_grid, qsm_grid, problem,
+                                           allowed={0, 1, 2})
 
     if problems or qsm_path is None or flair_path is None or lesion_mask is None \
             or qsm_grid is None or flair_grid is None or mask_space is None:
@@ -567,8 +568,9 @@ def _discover_one(config: AppConfig, datasets: Sequence[_Dataset], subject: str,
 
 
 def _check_label_image(path: Path, what: str, flair_grid: Grid | None, qsm_grid: Grid | None,
-                       problem: Any) -> str | None:
-    """Readable, 3D, not empty and on the FLAIR or QSM grid; returns the space or None."""
+                       problem: Any, allowed: set[int] | None = None) -> str | None:
+    """Readable, 3D, non-negative integer labels (within ``allowed``), not empty, on the FLAIR or
+    QSM grid; returns the space or None (the problem reported)."""
     img, error = _header(path)
     if error:
         problem(path, error)
@@ -579,6 +581,16 @@ def _check_label_image(path: Path, what: str, flair_grid: Grid | None, qsm_grid:
         return None
     if not np.any(np.nan_to_num(data) > 0):
         problem(path, f"{what} is empty (no voxel > 0); check that it belongs to this participant")
+        return None
+    values = np.unique(data)
+    if not np.all(np.isfinite(values)) or np.any(values < 0) or np.any(values != np.round(values)):
+        problem(path, f"{what} holds values other than non-negative integers (a probability map?); "
+                      "threshold it into a 0/1 mask or label map")
+        return None
+    if allowed is not None and not set(values.astype(int).tolist()) <= allowed:
+        extra = sorted(set(values.astype(int).tolist()) - allowed)
+        problem(path, f"{what} holds labels {extra}; expected only {sorted(allowed)} "
+                      "(0 background, 1 rim- lesion, 2 rim+ lesion)")
         return None
     if flair_grid is None or qsm_grid is None:
         return None  # the space cannot be decided; the FLAIR's or QSM's own problem is reported

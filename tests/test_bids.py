@@ -5,6 +5,7 @@ import gzip
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 
 import nibabel as nib
@@ -21,6 +22,29 @@ from qsmrim_app.bids import (
     validate_dataset,
 )
 from qsmrim_app.config import AppConfig, PreprocConfig
+from qsmrim_app.synthetic import HOWS, break_participant, generate_dataset
+
+_PHANTOM: dict[str, Path] = {}
+
+
+def phantom_dataset(factory: pytest.TempPathFactory) -> Path:
+    """The small 3-subject phantom (qsmrim-synth), generated once per test process; read only."""
+    if "bids" not in _PHANTOM:
+        _PHANTOM["bids"] = Path(factory.mktemp("phantom")) / "bids"
+        generate_dataset(_PHANTOM["bids"], 3, seed=0, size="small")
+    return _PHANTOM["bids"]
+
+
+@pytest.fixture
+def phantom(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The shared phantom; tests must not modify it (use ``phantom_copy``)."""
+    return phantom_dataset(tmp_path_factory)
+
+
+@pytest.fixture
+def phantom_copy(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A private copy of the phantom that a test may break."""
+    return Path(shutil.copytree(phantom_dataset(tmp_path_factory), tmp_path / "ds"))
 
 # Tiny grids that differ like real ones do: QSM 0.5x0.5x2 mm axial, FLAIR 1 mm isotropic.
 QSM_SHAPE = (16, 16, 6)
@@ -106,6 +130,49 @@ def tree_digest(root: Path) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
+def test_discovers_the_phantom(phantom: Path, tmp_path: Path) -> None:
+    before = tree_digest(phantom)
+    assert validate_dataset(phantom) == []
+    inputs, problems = discover(make_config(phantom, tmp_path))
+    assert problems == []
+    assert [i.subject for i in inputs] == ["01", "02", "03"]
+    for unit in inputs:
+        prefix = f"sub-{unit.subject}"
+        assert unit.qsm == phantom / prefix / "anat" / f"{prefix}_Chimap.nii.gz"
+        assert unit.flair == phantom / prefix / "anat" / f"{prefix}_FLAIR.nii.gz"
+        assert unit.magnitude == phantom / prefix / "anat" / f"{prefix}_part-mag_T2starw.nii.gz"
+        assert unit.lesion_mask == phantom / "derivatives/lesions" / prefix / "anat" / f"{prefix}_desc-lesion_dseg.nii.gz"
+        assert (unit.lesion_mask_kind, unit.lesion_mask_space, unit.rim_labels_space) == ("instances", "FLAIR", "FLAIR")
+        assert unit.qsm_units == "ppm" and unit.notes == ()
+        # the phantom's QSM is an oblique thick-slice grid, the FLAIR its own sagittal one
+        assert not unit.qsm_grid.matches(unit.flair_grid)
+        assert nib.load(unit.qsm).shape == unit.qsm_grid.shape
+        np.testing.assert_allclose(nib.load(unit.flair).affine, unit.flair_grid.affine_array)
+    assert tree_digest(phantom) == before
+
+
+_PHANTOM_BREAKS = {
+    "missing-flair": "no FLAIR",
+    "4d-qsm": "4D with shape",
+    "nan-qsm": "no finite non-zero",
+    "corrupt-gzip": "unreadable",
+    "empty-mask": "is empty",
+    "mismatched-mask-grid": "matches neither the FLAIR nor the QSM grid",
+    "nonbinary-mask": "probability map",
+}
+
+
+@pytest.mark.parametrize("how", HOWS)
+def test_one_broken_phantom_participant(phantom_copy: Path, tmp_path: Path, how: str) -> None:
+    touched = break_participant(phantom_copy, "02", how)
+    inputs, problems = discover(make_config(phantom_copy, tmp_path))
+    assert [i.subject for i in inputs] == ["01", "03"]
+    assert problems and all(p.subject == "02" for p in problems)
+    assert all(_PHANTOM_BREAKS[how] in p.message for p in problems), [str(p) for p in problems]
+    for problem in problems:
+        assert problem.file is None if how == "missing-flair" else problem.file in touched
+
+
 def test_discovers_raw_layout_with_lesion_derivatives(tmp_path: Path) -> None:
     bids_dir = make_dataset(tmp_path / "ds")
     inputs, problems = discover(make_config(bids_dir, tmp_path))
@@ -434,3 +501,14 @@ def test_input_problem_str() -> None:
     problem = InputProblem("01", "2", Path("/d/x.nii.gz"), "is broken")
     assert str(problem) == "sub-01 ses-2: /d/x.nii.gz: is broken"
     assert str(InputProblem("01", None, None, "no FLAIR")) == "sub-01: no FLAIR"
+
+
+def test_rim_annotation_labels_checked(tmp_path: Path) -> None:
+    bids_dir = make_dataset(tmp_path / "ds", subjects=("01", "02"))
+    rim = bids_dir / "derivatives/lesions/sub-02/anat/sub-02_desc-rim_dseg.nii.gz"
+    labels = np.zeros(FLAIR_SHAPE, np.uint8)
+    labels[1:3, 1:3, 1:3] = 3
+    _save(rim, labels, FLAIR_AFFINE)
+    inputs, problems = discover(make_config(bids_dir, tmp_path))
+    assert [i.subject for i in inputs] == ["01"]
+    assert len(problems) == 1 and problems[0].file == rim and "labels [3]" in problems[0].message

@@ -12,7 +12,8 @@ import pytest
 
 from qsmrim_app.cli.parser import build_parser
 from qsmrim_app.cli.run import main
-from test_bids import _break, make_dataset, tree_digest
+from qsmrim_app.synthetic import break_participant
+from test_bids import make_dataset, phantom_copy, tree_digest  # noqa: F401 (phantom_copy: fixture)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -195,17 +196,26 @@ def test_filter_selecting_nothing_exits_18(tmp_path: Path, dataset: Path, dispat
     assert dispatched["participant"] is None
 
 
-def test_broken_participant_exits_1_others_dispatched(tmp_path: Path, dataset: Path, dispatched: dict,
+def test_broken_participant_exits_1_others_dispatched(tmp_path: Path, phantom_copy: Path, dispatched: dict,
                                                       capsys: pytest.CaptureFixture) -> None:
-    culprit = _break(dataset, "nan-qsm")
-    before = tree_digest(dataset)
-    assert main([str(dataset), str(tmp_path / "out"), "participant"]) == 1
+    (culprit,) = break_participant(phantom_copy, "02", "nan-qsm")
+    before = tree_digest(phantom_copy)
+    assert main([str(phantom_copy), str(tmp_path / "out"), "participant"]) == 1
     _, inputs, problems = dispatched["participant"]
     assert [i.subject for i in inputs] == ["01", "03"]
     assert [p.subject for p in problems] == ["02"]
     err = capsys.readouterr().err
     assert f"sub-02: {culprit}: holds no finite non-zero value" in err
-    assert tree_digest(dataset) == before
+    assert tree_digest(phantom_copy) == before
+
+
+def test_output_in_derivatives_run_leaves_raw_untouched(phantom_copy: Path, dispatched: dict) -> None:
+    before = tree_digest(phantom_copy)
+    output = phantom_copy / "derivatives" / "qsmrim"
+    assert main([str(phantom_copy), str(output), "participant", "--participant-label", "sub-03"]) == 0
+    _, inputs, _ = dispatched["participant"]
+    assert [i.subject for i in inputs] == ["03"]
+    assert tree_digest(phantom_copy) == before
 
 
 def test_workflow_failure_code_passed_on(tmp_path: Path, dataset: Path, dispatched: dict) -> None:
