@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import csv
 import json
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -188,7 +187,6 @@ def test_aprl_rf_uses_same_folds(tmp_path: Path) -> None:
     assert pred.member_probabilities.shape == (4, len(lesions))
 
 
-@pytest.mark.slow
 def test_full_size_patches_train(tmp_path: Path) -> None:
     """The real 32x32x16 patch size through the whole pipeline (ResNet strides, augmentation)."""
     lesions = synthetic_lesions(n_subjects=4, per_subject=8, shape=(32, 32, 16))
