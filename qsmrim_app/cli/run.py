@@ -49,6 +49,18 @@ def setup_logging(verbosity: int) -> None:
         logging.getLogger(name).setLevel(third_party)
 
 
+def configure_nipype(verbosity: int) -> None:
+    """nipype resets its loggers from its own config on import: set the levels there too."""
+    from nipype import config as nipype_config
+    from nipype import logging as nipype_logging
+
+    level = {0: "WARNING", 1: "INFO"}.get(verbosity, "DEBUG")
+    for key in ("workflow_level", "interface_level", "utils_level"):
+        nipype_config.set("logging", key, level)
+    nipype_config.set("execution", "check_version", "false")  # no network call home
+    nipype_logging.update_logging(nipype_config)
+
+
 def _is_within(path: Path, parent: Path) -> bool:
     """True when ``path`` is ``parent`` or below it (both already resolved)."""
     return path == parent or parent in path.parents
@@ -181,6 +193,7 @@ def run_participant_level(config: AppConfig) -> int:
                          "and --bids-filter-file", EXIT_NO_DATA)
     LOGGER.info("%d participant/session unit(s) to process, %d skipped for input problems",
                 len(inputs), len(problems))
+    configure_nipype(config.verbosity)
     from ..workflows.participant import run_participants
 
     code = run_participants(config, inputs, problems)
@@ -189,6 +202,7 @@ def run_participant_level(config: AppConfig) -> int:
 
 def run_group_level(config: AppConfig) -> int:
     """The group level reads the participant outputs; nothing to discover in bids_dir."""
+    configure_nipype(config.verbosity)
     from ..workflows.group import run_group
 
     return int(run_group(config))
