@@ -323,6 +323,32 @@ def test_register_large_header_offset_falls_back_to_centre_of_mass(
     assert errors.max() < 1.0
 
 
+@pytest.mark.shared_data
+def test_register_partial_coverage_slab_keeps_header_start(
+    flair_2mm: sitk.Image, lesion_points: np.ndarray
+) -> None:
+    """A QSM slab covering the upper brain only: its mask centroid is far from the FLAIR's although the
+    headers agree, so the centre-of-mass start is tried and must lose to the header start."""
+    centre = brain_centre(flair_2mm)
+    truth = known_rigid(centre, (3.0, 4.0, -5.0), (4.0, 3.0, -5.0))
+    spacing = np.array([1.8, 1.8, 4.0])
+    direction = np.eye(3)
+    size = [int(200 / spacing[0]), int(200 / spacing[1]), 15]  # 60 mm in z
+    slab_centre = centre + np.array([0.0, 0.0, 40.0])
+    origin = slab_centre - direction @ (np.array(size) * spacing / 2)
+    grid = sitk.Resample(flair_2mm, size, truth, sitk.sitkLinear, tuple(origin), tuple(spacing),
+                         tuple(direction.ravel()), 0.0, sitk.sitkFloat32)
+    fixed = qsm_like(grid)
+    result = register_flair_to_qsm(fixed, flair_2mm)
+    assert result.com_distance_mm > 20
+    assert result.initialisation == "header"
+    inside = [p for p in lesion_points
+              if all(0 <= c < n for c, n in zip(fixed.TransformPhysicalPointToContinuousIndex(
+                  truth.GetInverse().TransformPoint(tuple(p))), fixed.GetSize()))]
+    assert len(inside) >= 5
+    assert centroid_errors_vox(fixed, result.transform, truth, np.array(inside)).max() < 1.0
+
+
 @pytest.mark.slow
 @pytest.mark.shared_data
 def test_register_full_resolution_real_flair(
