@@ -19,7 +19,7 @@ install: $(STAMP)
 # Generate a small example BIDS dataset, run the participant level, then the group level.
 demo: $(STAMP)
 	rm -rf example
-	$(BIN)/qsmrim-synth example/bids --subjects 3 --seed 1
+	$(BIN)/qsmrim-synth example/bids --subjects 3 --seed 1 --rimplus-fraction 0.3
 	$(BIN)/qsmrim example/bids example/derivatives/qsmrim participant --nprocs 2 -w example/work
 	$(BIN)/qsmrim example/bids example/derivatives/qsmrim group
 	@echo "Results: example/derivatives/qsmrim (reports: example/derivatives/qsmrim/sub-*.html, group_rimcounts.tsv)"

@@ -60,6 +60,7 @@ class AppConfig:
     skip_bids_validation: bool = False
     verbosity: int = 0
     train: bool = False
+    classify: bool = True  # False: participant level stops after preprocessing (--no-classify)
     # What ``--train`` trains (``--method all`` expands to every comparator); training.method is the first.
     train_methods: tuple[str, ...] = ("qsmrimnet",)
     preproc: PreprocConfig = field(default_factory=PreprocConfig)

@@ -248,6 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--operating-point", "--operating_point", dest="operating_point",
                        choices=["f1", "high-sensitivity"], default="f1",
                        help="which of the model's stored thresholds to use")
+    model.add_argument("--no-classify", "--no_classify", dest="no_classify", action="store_true",
+                       help="stop after preprocessing (registration, lesions, patches, radiomics, "
+                            "annotations): prepares a cohort for 'group --train' without any model")
 
     pre = parser.add_argument_group("Preprocessing")
     pre.add_argument("--min-lesion-voxels", "--min_lesion_voxels", dest="min_lesion_voxels",

@@ -55,10 +55,22 @@ def configure_nipype(verbosity: int) -> None:
     from nipype import logging as nipype_logging
 
     level = {0: "WARNING", 1: "INFO"}.get(verbosity, "DEBUG")
-    for key in ("workflow_level", "interface_level", "utils_level"):
+    for key in ("interface_level", "utils_level"):
         nipype_config.set("logging", key, level)
+    # The workflow logger stays at INFO so progress is visible; at default verbosity a filter
+    # lets through only one line per finished node (plus warnings and errors).
+    nipype_config.set("logging", "workflow_level", "INFO" if verbosity < 2 else "DEBUG")
     nipype_config.set("execution", "check_version", "false")  # no network call home
     nipype_logging.update_logging(nipype_config)
+    workflow_logger = logging.getLogger("nipype.workflow")
+    workflow_logger.filters[:] = []
+    if verbosity < 1:
+        workflow_logger.addFilter(_finished_nodes_only)
+
+
+def _finished_nodes_only(record: logging.LogRecord) -> bool:
+    """Default progress: '[Node] Finished "x", elapsed time Ns.' and anything above INFO."""
+    return record.levelno > logging.INFO or record.getMessage().startswith("[Node] Finished")
 
 
 def _is_within(path: Path, parent: Path) -> bool:
@@ -153,6 +165,7 @@ def build_config(args: Namespace, argv: Sequence[str]) -> AppConfig:
         skip_bids_validation=args.skip_bids_validation,
         verbosity=args.verbose,
         train=args.train,
+        classify=not args.no_classify,
         train_methods=tuple(methods),
         preproc=preproc,
         inference=inference,

@@ -7,7 +7,7 @@ import SimpleITK as sitk
 from nipype.interfaces.base import (BaseInterfaceInputSpec, File, SimpleInterface, TraitedSpec,
                                     traits)
 
-from ..registration import (read_transform, register_flair_to_qsm, resample_to_reference,
+from ..registration import (qsm_registration_target, read_transform, register_flair_to_qsm, resample_to_reference,
                             write_transform)
 from ._base import out_path
 
@@ -17,6 +17,9 @@ class _RegisterInputSpec(BaseInterfaceInputSpec):
     moving_file = File(exists=True, mandatory=True, desc="N4-corrected FLAIR")
     fixed_mask_file = File(exists=True, desc="brain mask in the QSM grid")
     max_metric = traits.Float(desc="final Mattes MI above this is a failed registration")
+    fixed_is_qsm = traits.Bool(False, usedefault=True,
+                               desc="no magnitude: register to a positive, smoothed stand-in of the QSM")
+    num_threads = traits.Int(1, usedefault=True)
 
 
 class _RegisterOutputSpec(TraitedSpec):
@@ -34,9 +37,11 @@ class RegisterFLAIRToQSM(SimpleInterface):
     def _run_interface(self, runtime):
         fixed = sitk.ReadImage(self.inputs.fixed_file, sitk.sitkFloat32)
         moving = sitk.ReadImage(self.inputs.moving_file, sitk.sitkFloat32)
-        kwargs = {}
+        kwargs = {"threads": self.inputs.num_threads}
         if self.inputs.fixed_mask_file:
             kwargs["fixed_mask"] = sitk.ReadImage(self.inputs.fixed_mask_file, sitk.sitkUInt8)
+        if self.inputs.fixed_is_qsm:
+            fixed = qsm_registration_target(fixed, kwargs.get("fixed_mask"))
         if self.inputs.max_metric:
             kwargs["max_metric"] = self.inputs.max_metric
         result = register_flair_to_qsm(fixed, moving, **kwargs)

@@ -58,8 +58,9 @@ def init_participant_wf(config: AppConfig, inputs, classify: bool = True) -> Wor
                      convergence=pre.n4_convergence)
     flair_n4 = pe.Node(N4BiasCorrection(in_file=str(inputs.flair), **n4_kwargs), name="flair_n4",
                        n_procs=config.omp_nthreads)
-    register = pe.Node(RegisterFLAIRToQSM(max_metric=pre.registration_max_metric), name="flair_to_qsm_xfm",
-                       n_procs=config.omp_nthreads)
+    register = pe.Node(RegisterFLAIRToQSM(max_metric=pre.registration_max_metric, num_threads=config.omp_nthreads,
+                                          fixed_is_qsm=not inputs.magnitude),
+                       name="flair_to_qsm_xfm", n_procs=config.omp_nthreads)
     wf.connect([(flair_n4, register, [("out_file", "moving_file")]),
                 (qsm_ppb, register, [("mask_file", "fixed_mask_file")])])
     if inputs.magnitude:
@@ -197,10 +198,11 @@ def run_participants(config: AppConfig, inputs: Sequence, problems: Sequence = (
     from tqdm import tqdm
 
     drv.init_output_dir(config.output_dir, config.bids_dir)
-    classify = model_available(config)
-    if not classify:
-        LOGGER.warning("no model found at %s: running preprocessing only (no rim+ classification); "
-                       "train one with `group --train` or pass --model", config.inference.model_dir)
+    classify = config.classify
+    if classify and not model_available(config):
+        LOGGER.error("no model (model.json) in %s: pass --model with a directory written by "
+                     "`group --train`, or --no-classify to run the preprocessing only", config.inference.model_dir)
+        return 1
     outcomes: list[ParticipantOutcome] = []
     for unit_inputs in tqdm(inputs, desc="participants", unit="unit", disable=None):
         unit = drv.Unit(unit_inputs.subject, unit_inputs.session)

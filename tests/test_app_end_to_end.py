@@ -1,0 +1,238 @@
+"""The app as a user runs it: generate a dataset, participant level, train, classify, group level.
+
+One generated dataset and one tiny trained model are shared by the tests of this module (session
+fixtures), so the expensive steps run once. Everything goes through the real command line.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+
+from qsmrim_app import derivatives as drv
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parent.parent
+TINY_TRAINING = ["--epochs", "2", "--folds", "2", "--seeds", "1", "--width-multiplier", "0.125",
+                 "--batch-size", "32"]
+
+
+def run_app(*args: str, check_code: int | None = 0, env: dict | None = None) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, str(REPO / "run.py"), *map(str, args)], capture_output=True,
+                          text=True, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, timeout=900)
+    if check_code is not None:
+        assert proc.returncode == check_code, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return proc
+
+
+def tree_digest(root: Path) -> str:
+    digest = hashlib.sha1()
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        digest.update(path.relative_to(root).as_posix().encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+@pytest.fixture(scope="session")
+def dataset(tmp_path_factory) -> Path:
+    from qsmrim_app.synthetic import generate_dataset
+
+    root = tmp_path_factory.mktemp("e2e")
+    generate_dataset(root / "bids", n_subjects=4, seed=11, rimplus_fraction=0.35)
+    return root / "bids"
+
+
+@pytest.fixture(scope="session")
+def preprocessed(dataset, tmp_path_factory) -> Path:
+    """Participant level without a model: preprocessing and annotations only."""
+    out = tmp_path_factory.mktemp("pre") / "out"
+    before = tree_digest(dataset)
+    run_app(dataset, out, "participant", "--nprocs", "2", "-w", out.parent / "work", "--no-classify")
+    assert tree_digest(dataset) == before, "the input dataset was written to"
+    return out
+
+
+@pytest.fixture(scope="session")
+def trained_model(dataset, preprocessed) -> Path:
+    run_app(dataset, preprocessed, "group", "--train", *TINY_TRAINING)
+    models = sorted((preprocessed / "models").glob("*/model.json"))
+    assert len(models) == 1
+    return models[0].parent
+
+
+@pytest.fixture(scope="session")
+def classified(dataset, trained_model, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("cls") / "out"
+    run_app(dataset, out, "participant", "--nprocs", "2", "-w", out.parent / "work", "--model", trained_model)
+    run_app(dataset, out, "group")
+    return out
+
+
+def test_preprocessing_outputs_every_participant(dataset, preprocessed):
+    for label in ("01", "02", "03", "04"):
+        unit = drv.Unit(label)
+        for role in ("flair_preproc", "xfm_flair_to_qsm", "lesions_dseg", "radiomics", "patches", "annotations"):
+            path = drv.output_path(preprocessed, unit, role)
+            assert path.is_file(), path
+            assert drv.sidecar_path(path).is_file()
+        table = drv.read_tsv(drv.output_path(preprocessed, unit, "radiomics"))
+        assert table.shape[1] == 6 + 527
+        qsm = nib.load(next((dataset / f"sub-{label}" / "anat").glob("*_Chimap.nii.gz")))
+        dseg = nib.load(drv.output_path(preprocessed, unit, "lesions_dseg"))
+        assert dseg.shape == qsm.shape and np.allclose(dseg.affine, qsm.affine, atol=1e-4)
+        ids = set(np.unique(np.asarray(dseg.dataobj))) - {0}
+        assert ids == set(table["lesion_id"])
+
+
+def test_registration_recovers_the_known_transform(dataset, preprocessed):
+    """Lesion centroids found in the QSM grid agree with the generator's truth within a voxel."""
+    truth = pd.read_csv(Path(str(dataset) + "_truth") / "lesions.tsv", sep="\t")
+    for label in ("01", "02", "03", "04"):
+        found = drv.read_tsv(drv.output_path(preprocessed, drv.Unit(label), "radiomics"))
+        true = truth[truth["participant_id"] == f"sub-{label}"]
+        true_xyz = true[["qsm_centroid_x_mm", "qsm_centroid_y_mm", "qsm_centroid_z_mm"]].to_numpy()
+        found_xyz = found[["centroid_x_mm", "centroid_y_mm", "centroid_z_mm"]].to_numpy()
+        voxel = np.asarray(nib.load(drv.output_path(preprocessed, drv.Unit(label), "lesions_dseg")).header.get_zooms())
+        error = np.linalg.norm(true_xyz[:, None] - found_xyz[None], axis=2).min(axis=1)
+        assert len(found) == len(true)
+        assert np.median(error) < voxel.max() and error.max() < 1.5 * voxel.max(), error
+
+
+def test_training_writes_a_loadable_model_that_beats_chance(trained_model):
+    import json
+
+    from qsmrim_app.model.predict import load_ensemble
+
+    ensemble = load_ensemble(trained_model, device="cpu")
+    assert set(ensemble.thresholds) >= {"f1", "high-sensitivity"}
+    metrics = json.loads((trained_model / "metrics.json").read_text())
+    values = metrics["qsmrimnet"] if "qsmrimnet" in metrics else metrics
+    for key in ("roc_auc", "pauc_fpr_0.1", "pr_auc", "f1", "sensitivity", "specificity", "ppv", "tp", "fp",
+                "fn", "tn", "count_pearson_r", "count_pearson_ci", "count_mse"):
+        assert key in values, key
+    assert values["roc_auc"] > 0.6
+
+
+def test_participant_outputs_are_bids_and_consistent(classified):
+    from bids import BIDSLayout
+
+    layout = BIDSLayout(classified, validate=False, is_derivative=True)
+    assert sorted(layout.get_subjects()) == ["01", "02", "03", "04"]
+    assert len(layout.get(suffix="mask", desc="rimplus", extension=".nii.gz")) == 4
+    assert len(layout.get(suffix="probseg", label="rimplus", extension=".nii.gz")) == 4
+    for label in ("01", "02", "03", "04"):
+        unit = drv.Unit(label)
+        table = drv.read_tsv(drv.output_path(classified, unit, "rim_lesions"))
+        dseg = np.asarray(nib.load(drv.output_path(classified, unit, "lesions_dseg")).dataobj)
+        mask = np.asarray(nib.load(drv.output_path(classified, unit, "rimplus_mask")).dataobj) > 0
+        prob = np.asarray(nib.load(drv.output_path(classified, unit, "rimplus_probseg")).dataobj)
+        positive = table.loc[table["probability"] >= table["threshold"], "lesion_id"]
+        assert np.array_equal(mask, np.isin(dseg, positive.to_numpy()))
+        assert table["probability"].between(0, 1).all()
+        for _, row in table.iterrows():
+            assert np.allclose(prob[dseg == row["lesion_id"]], row["probability"], atol=1e-6)
+        summary = drv.read_tsv(drv.output_path(classified, unit, "summary"))
+        assert int(summary["n_rimplus"].iloc[0]) == int(table["rim_positive"].sum())
+        html = drv.report_path(classified, unit).read_text()
+        for lesion_id in table["lesion_id"]:
+            assert f'id="lesion-{lesion_id}"' in html
+
+
+def test_group_counts_match_and_rerun_changes_nothing(dataset, classified):
+    group = drv.read_tsv(classified / "group_rimcounts.tsv")
+    assert group["participant_id"].tolist() == ["sub-01", "sub-02", "sub-03", "sub-04"]
+    for _, row in group.iterrows():
+        summary = drv.read_tsv(drv.output_path(classified, drv.Unit(row["participant_id"][4:]), "summary"))
+        assert row["n_rimplus"] == summary["n_rimplus"].iloc[0]
+        assert row["n_lesions"] == summary["n_lesions"].iloc[0]
+    first = (classified / "group_rimcounts.tsv").read_bytes()
+    run_app(dataset, classified, "group")
+    assert (classified / "group_rimcounts.tsv").read_bytes() == first
+    assert "group_report.html" in os.listdir(classified)
+
+
+def test_broken_participant_is_skipped_and_others_complete(tmp_path, trained_model):
+    from qsmrim_app.synthetic import break_participant, generate_dataset
+
+    bids = tmp_path / "bids"
+    generate_dataset(bids, n_subjects=2, seed=4)
+    break_participant(bids, "02", "nonbinary-mask")
+    proc = run_app(bids, tmp_path / "out", "participant", "-w", tmp_path / "work", "--model", trained_model,
+                   check_code=1)
+    assert "sub-02" in proc.stderr and "desc-lesion_mask" in proc.stderr
+    assert drv.output_path(tmp_path / "out", drv.Unit("01"), "rim_lesions").is_file()
+    assert not (tmp_path / "out" / "sub-02").exists(), "a failed participant left outputs behind"
+    assert not list((tmp_path / "out").rglob("*.tmp*"))
+
+
+def test_interrupted_run_resumes_without_recomputing(tmp_path, trained_model):
+    from qsmrim_app.synthetic import generate_dataset
+
+    bids, work, out = tmp_path / "bids", tmp_path / "work", tmp_path / "out"
+    generate_dataset(bids, n_subjects=1, seed=8)
+    args = [sys.executable, str(REPO / "run.py"), bids, out, "participant", "-w", work, "--model", trained_model]
+    proc = subprocess.Popen(list(map(str, args)), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    n4_result = work / "sub_01_wf" / "flair_n4" / "result_flair_n4.pklz"
+    deadline = time.time() + 300
+    while not n4_result.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert n4_result.exists(), "the first node never finished"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    stamp = n4_result.stat().st_mtime_ns
+    run_app(bids, out, "participant", "-w", work, "--model", trained_model)
+    assert n4_result.stat().st_mtime_ns == stamp, "a finished node was recomputed"
+    assert drv.output_path(out, drv.Unit("01"), "summary").is_file()
+
+
+def test_parallel_participant_jobs_share_one_output_dir(tmp_path, trained_model):
+    """HPC array style: one process per participant, same output folder, at the same time."""
+    from qsmrim_app.synthetic import generate_dataset
+
+    bids, out = tmp_path / "bids", tmp_path / "out"
+    generate_dataset(bids, n_subjects=4, seed=21)
+    procs = [subprocess.Popen([sys.executable, str(REPO / "run.py"), str(bids), str(out), "participant",
+                               "--participant-label", label, "-w", str(tmp_path / f"work{label}"),
+                               "--model", str(trained_model)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+             for label in ("01", "02", "03", "04")]
+    errors = [p.communicate(timeout=900)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0, 0], errors
+    import json
+
+    assert json.loads((out / "dataset_description.json").read_text())["DatasetType"] == "derivative"
+    for label in ("01", "02", "03", "04"):
+        unit = drv.Unit(label)
+        for role in ("rim_lesions", "rimplus_mask", "summary", "lesions_dseg"):
+            assert drv.output_path(out, unit, role).is_file()
+    run_app(bids, out, "group")
+    assert len(drv.read_tsv(out / "group_rimcounts.tsv")) == 4
+    assert not list(out.rglob("*.tmp*"))
+
+
+def test_without_magnitude_registers_to_the_qsm(tmp_path):
+    """No magnitude image: the FLAIR is registered to the QSM itself (a stand-in image of it)."""
+    from qsmrim_app.synthetic import generate_dataset
+
+    bids, out = tmp_path / "bids", tmp_path / "out"
+    generate_dataset(bids, n_subjects=1, seed=31, magnitude=False)
+    run_app(bids, out, "participant", "-w", tmp_path / "work", "--no-classify")
+    truth = pd.read_csv(tmp_path / "bids_truth" / "lesions.tsv", sep="\t")
+    found = drv.read_tsv(drv.output_path(out, drv.Unit("01"), "radiomics"))
+    true_xyz = truth[["qsm_centroid_x_mm", "qsm_centroid_y_mm", "qsm_centroid_z_mm"]].to_numpy()
+    found_xyz = found[["centroid_x_mm", "centroid_y_mm", "centroid_z_mm"]].to_numpy()
+    voxel = max(nib.load(drv.output_path(out, drv.Unit("01"), "lesions_dseg")).header.get_zooms())
+    error = np.linalg.norm(true_xyz[:, None] - found_xyz[None], axis=2).min(axis=1)
+    assert len(found) == len(truth) and np.median(error) < voxel, error
