@@ -281,6 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--width-multiplier", "--width_multiplier", dest="width_multiplier",
                        type=_positive_float, default=1.0,
                        help="scales the network's channel widths (1.0: the paper's ResNet-18)")
+    train.add_argument("--weights-fp16", "--weights_fp16", dest="weights_fp16", action="store_true",
+                       help="store the trained weights as float16 (half the size; for shipping a model)")
 
     other = parser.add_argument_group("Other")
     other.add_argument("-v", "--verbose", dest="verbose", action="count", default=0,

@@ -144,7 +144,7 @@ def build_config(args: Namespace, argv: Sequence[str]) -> AppConfig:
                                     operating_point=args.operating_point)
     training = TrainConfig(
         method=methods[0], epochs=args.epochs, batch_size=args.batch_size, folds=args.folds,
-        seeds=args.seeds, width_multiplier=args.width_multiplier,
+        seeds=args.seeds, width_multiplier=args.width_multiplier, weights_fp16=args.weights_fp16,
         patch_size=tuple(args.patch_size), device=args.device,
     )
     return AppConfig(
