@@ -82,7 +82,8 @@ LABEL org.opencontainers.image.title="qsmrim" \
 COPY --from=builder /opt/venv /opt/venv
 COPY --from=builder /opt/qsmrim /opt/qsmrim
 
-# Threads: 1 unless the app's --omp-nthreads says otherwise (it sets them per process at run time); nipype
+# Threads: 1 unless the app's --omp-nthreads says otherwise (it sets them per process at run time; one ITK
+# thread also keeps the registration bit-for-bit repeatable); nipype
 # must not phone home (the container also runs with --network none); matplotlib and every other cache go to
 # /tmp because the image may run --read-only with only a tmpfs /tmp writable, as any UID:GID.
 # QSMRIM_CONTAINER names this image in the derivatives' dataset_description.json (GeneratedBy.Container).
@@ -93,6 +94,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     OMP_NUM_THREADS=1 \
     MKL_NUM_THREADS=1 \
     OPENBLAS_NUM_THREADS=1 \
+    ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS=1 \
     NIPYPE_NO_ET=1 \
     HOME=/tmp \
     MPLCONFIGDIR=/tmp/matplotlib \
