@@ -99,22 +99,24 @@ export OMP_NUM_THREADS=1 ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS=1 NIPYPE_NO_ET=1
 "$venv_bin/qsmrim-synth" "$tmp/bids" --subjects 2 --seed 7 >/dev/null
 chmod -R a+rX "$tmp"
 # Runs are compared number for number, so the FLAIR->QSM registration runs on one thread (--omp-nthreads 1):
-# with several, its metric sums add in varying order and runs differ slightly. Classification needs the
-# bundled model; until one ships, the participant runs stop after preprocessing (--no-classify) and say so.
-# QSMRIM_CI_APP_ARGS overrides both choices.
-if [[ -z "${QSMRIM_CI_APP_ARGS+set}" ]]; then
-    if "$python" -c 'import sys; from qsmrim_app.config import BUNDLED_MODEL_DIR as d; sys.exit(not (d / "model.json").is_file())'; then
-        QSMRIM_CI_APP_ARGS="--omp-nthreads 1"
-    else
-        QSMRIM_CI_APP_ARGS="--omp-nthreads 1 --no-classify"
-        echo "NOTE: no bundled model in qsmrim_app/data/model: participant runs use --no-classify"
-    fi
+# with several, its metric sums add in varying order and runs differ slightly. Classification needs a model:
+# the bundled one, QSMRIM_CI_MODEL, or else a tiny one trained here (seconds) with the app itself; the
+# container gets it read-only at /model.
+app_args=(--omp-nthreads 1)
+model="${QSMRIM_CI_MODEL:-}"
+if [[ -z "$model" ]] && ! "$python" -c 'import sys; from qsmrim_app.config import BUNDLED_MODEL_DIR as d; sys.exit(not (d / "model.json").is_file())'; then
+    stamp "no bundled model: training a tiny one (scripts/ci_tiny_model.sh)"
+    model="$(PATH="$venv_bin:$PATH" scripts/ci_tiny_model.sh "$tmp/bids" "$tmp/tiny")"
+    chmod -R a+rX "$tmp/tiny"
 fi
-read -r -a app_args <<<"$QSMRIM_CI_APP_ARGS"
+venv_model=() ctr_model=() model_mount=()
+if [[ -n "$model" ]]; then
+    venv_model=(--model "$model") ctr_model=(--model /model) model_mount=(-v "$model:/model:ro")
+fi
 
 stamp "venv: participant + group"
 tv=$SECONDS
-"$venv_bin/qsmrim" "$tmp/bids" "$tmp/out-venv" participant "${app_args[@]}" --nprocs 2 -w "$tmp/work-venv" >"$tmp/venv.log" 2>&1 \
+"$venv_bin/qsmrim" "$tmp/bids" "$tmp/out-venv" participant "${app_args[@]}" "${venv_model[@]}" --nprocs 2 -w "$tmp/work-venv" >"$tmp/venv.log" 2>&1 \
     || { tail -n 40 "$tmp/venv.log"; exit 1; }
 "$venv_bin/qsmrim" "$tmp/bids" "$tmp/out-venv" group >>"$tmp/venv.log" 2>&1 || { tail -n 40 "$tmp/venv.log"; exit 1; }
 stamp "venv run took $((SECONDS - tv)) s"
@@ -123,8 +125,8 @@ container_run() {  # $1 = UID:GID, $2 = output name
     local ids="$1" name="$2"
     mkdir -p "$tmp/$name" "$tmp/work-$name"
     chown "$ids" "$tmp/$name" "$tmp/work-$name"
-    local mounts=(-v "$tmp/bids:/data:ro" -v "$tmp/$name:/out" -v "$tmp/work-$name:/work")
-    "${run[@]}" --user "$ids" "${mounts[@]}" "$image" /data /out participant "${app_args[@]}" --nprocs 2 -w /work \
+    local mounts=(-v "$tmp/bids:/data:ro" -v "$tmp/$name:/out" -v "$tmp/work-$name:/work" "${model_mount[@]}")
+    "${run[@]}" --user "$ids" "${mounts[@]}" "$image" /data /out participant "${app_args[@]}" "${ctr_model[@]}" --nprocs 2 -w /work \
         >"$tmp/$name.log" 2>&1 || { tail -n 40 "$tmp/$name.log"; return 1; }
     "${run[@]}" --user "$ids" "${mounts[@]}" "$image" /data /out group -w /work \
         >>"$tmp/$name.log" 2>&1 || { tail -n 40 "$tmp/$name.log"; return 1; }
@@ -137,7 +139,9 @@ stamp "container run took $((SECONDS - tc)) s"
 stamp "container as an arbitrary user 4242:4242: participant + group"
 container_run 4242:4242 out-ctr-anyuid
 "$python" scripts/compare_derivatives.py "$tmp/out-venv" "$tmp/out-ctr-anyuid" --min-files 6
-# The derivatives name the image they were made with.
-grep -rq "docker://${image%:*}:$version" "$tmp/out-ctr/dataset_description.json" \
-    || echo "NOTE: dataset_description.json does not name the container (QSMRIM_CONTAINER not used yet)"
+# The derivatives name the image they were made with (QSMRIM_CONTAINER -> GeneratedBy[0].Container).
+tag="$("$python" -c 'import json, sys; print(json.load(open(sys.argv[1]))["GeneratedBy"][0].get("Container", {}).get("Tag", ""))' \
+    "$tmp/out-ctr/dataset_description.json")"
+[[ "$tag" == "$image" ]] || { echo "FAIL: GeneratedBy.Container.Tag is '$tag', expected '$image'"; exit 1; }
+stamp "dataset_description.json: GeneratedBy.Container.Tag = $tag"
 stamp "PASS: container build, checks and outputs identical to the venv run"

@@ -135,20 +135,17 @@ stamp "cluster up: slurmctld :$ctld_port, slurmd :$slurmd_port, node localhost C
 # ---- 3. data and the reference run ----------------------------------------------------------------------
 export OMP_NUM_THREADS=1 ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS=1 NIPYPE_NO_ET=1 PATH="$venv_bin:$PATH"
 D="$S/data"
+qsmrim-synth "$D/bids" --subjects 2 --seed 7 >/dev/null
 # Runs are compared number for number, so the FLAIR->QSM registration runs on one thread (--omp-nthreads 1):
-# with several, its metric sums add in varying order and runs differ slightly. Classification needs the
-# bundled model; until one ships, the participant runs stop after preprocessing (--no-classify) and say so.
-# QSMRIM_CI_APP_ARGS overrides both choices.
-if [[ -z "${QSMRIM_CI_APP_ARGS+set}" ]]; then
-    if "$python" -c 'import sys; from qsmrim_app.config import BUNDLED_MODEL_DIR as d; sys.exit(not (d / "model.json").is_file())'; then
-        QSMRIM_CI_APP_ARGS="--omp-nthreads 1"
-    else
-        QSMRIM_CI_APP_ARGS="--omp-nthreads 1 --no-classify"
-        echo "NOTE: no bundled model in qsmrim_app/data/model: participant runs use --no-classify"
-    fi
+# with several, its metric sums add in varying order and runs differ slightly. Classification needs a model:
+# the bundled one, QSMRIM_CI_MODEL, or else a tiny one trained here (seconds) with the app itself.
+app_args=(--omp-nthreads 1)
+model="${QSMRIM_CI_MODEL:-}"
+if [[ -z "$model" ]] && ! "$python" -c 'import sys; from qsmrim_app.config import BUNDLED_MODEL_DIR as d; sys.exit(not (d / "model.json").is_file())'; then
+    stamp "no bundled model: training a tiny one (scripts/ci_tiny_model.sh)"
+    model="$(scripts/ci_tiny_model.sh "$D/bids" "$D/tiny")"
 fi
-read -r -a app_args <<<"$QSMRIM_CI_APP_ARGS"
-qsmrim-synth "$D/bids" --subjects 2 --seed 11 >/dev/null
+[[ -z "$model" ]] || app_args+=(--model "$model")
 stamp "reference: MultiProc participant run"
 qsmrim "$D/bids" "$D/out-ref" participant "${app_args[@]}" --nprocs 2 -w "$D/work-ref" >"$S/log/ref.log" 2>&1 \
     || { tail -n 30 "$S/log/ref.log"; fail "reference run failed"; }

@@ -25,9 +25,10 @@ import pandas as pd
 
 # Files that legitimately differ between two runs of the same inputs (logs, reports, crash files).
 DEFAULT_IGNORE: tuple[str, ...] = ("logs/*", "*/logs/*", "*.html", "*.log", "*.pklz", "crash-*", "*.svg", "*.png")
-# JSON keys whose values describe the run rather than the result.
+# JSON keys whose values describe the run rather than the result (where the inputs were mounted, when, by
+# which image).
 RUN_SPECIFIC_KEYS: frozenset[str] = frozenset(
-    {"Container", "CodeURL", "DatasetDOI", "Date", "date", "CommandLine", "command_line", "Environment",
+    {"Container", "DatasetLinks", "URL", "CodeURL", "DatasetDOI", "Date", "date", "CommandLine", "command_line", "Environment",
      "WorkDir", "work_dir", "Host", "host", "Hostname", "Runtime", "runtime_s", "ElapsedSeconds",
      "elapsed_s", "Timestamp", "timestamp", "StartTime", "EndTime", "PID"}
 )

@@ -212,7 +212,8 @@ def _write_tree(root: Path, rng: np.random.Generator, *, bump: float = 0.0, cont
         "lesion_id\tvoxels\tprob_rimpos\tlabel\n1\t12\t0.25\trim-\n2\t40\tn/a\trim+\n")
     np.savez(anat / "sub-01_desc-patches.npz", patches=data[None], lesion_id=np.array([1], np.int32))
     (root / "dataset_description.json").write_text(json.dumps(
-        {"Name": "qsmrim", "GeneratedBy": [{"Name": "qsmrim", "Container": {"Tag": container}}]}))
+        {"Name": "qsmrim", "GeneratedBy": [{"Name": "qsmrim", "Container": {"Tag": container}}],
+         "DatasetLinks": {"raw": f"file:///{len(container)}"}, "SourceDatasets": [{"URL": container}]}))
     (root / "logs").mkdir()
     (root / "logs" / f"run-{len(container)}.log").write_text(container)
 
