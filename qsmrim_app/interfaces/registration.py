@@ -7,9 +7,9 @@ import SimpleITK as sitk
 from nipype.interfaces.base import (BaseInterfaceInputSpec, File, SimpleInterface, TraitedSpec,
                                     traits)
 
-from ..registration import (qsm_registration_target, read_transform, register_flair_to_qsm, resample_to_reference,
+from ..registration import (RegistrationError, qsm_registration_target, read_transform, register_flair_to_qsm, resample_to_reference,
                             write_transform)
-from ._base import out_path
+from ._base import InputDataError, out_path
 
 
 class _RegisterInputSpec(BaseInterfaceInputSpec):
@@ -20,6 +20,8 @@ class _RegisterInputSpec(BaseInterfaceInputSpec):
     fixed_is_qsm = traits.Bool(False, usedefault=True,
                                desc="no magnitude: register to a positive, smoothed stand-in of the QSM")
     num_threads = traits.Int(1, usedefault=True)
+    source_fixed = traits.Str(desc="the input file behind fixed_file, named in errors")
+    source_moving = traits.Str(desc="the input file behind moving_file, named in errors")
 
 
 class _RegisterOutputSpec(TraitedSpec):
@@ -44,7 +46,13 @@ class RegisterFLAIRToQSM(SimpleInterface):
             fixed = qsm_registration_target(fixed, kwargs.get("fixed_mask"))
         if self.inputs.max_metric:
             kwargs["max_metric"] = self.inputs.max_metric
-        result = register_flair_to_qsm(fixed, moving, **kwargs)
+        try:
+            result = register_flair_to_qsm(fixed, moving, **kwargs)
+        except RegistrationError as exc:
+            raise InputDataError(
+                f"registration of FLAIR {self.inputs.source_moving or self.inputs.moving_file} to "
+                f"{self.inputs.source_fixed or self.inputs.fixed_file} failed: {exc}; check that both images "
+                "show the same head (same session) and that their headers are sane") from exc
         self._results["transform_file"] = out_path("flair_to_qsm_xfm.txt")
         write_transform(result.transform, self._results["transform_file"])
         report = {"MetricBefore": float(result.metric_before), "MetricAfter": float(result.metric_after),

@@ -59,7 +59,8 @@ def init_participant_wf(config: AppConfig, inputs, classify: bool = True) -> Wor
     flair_n4 = pe.Node(N4BiasCorrection(in_file=str(inputs.flair), **n4_kwargs), name="flair_n4",
                        n_procs=config.omp_nthreads)
     register = pe.Node(RegisterFLAIRToQSM(max_metric=pre.registration_max_metric, num_threads=config.omp_nthreads,
-                                          fixed_is_qsm=not inputs.magnitude),
+                                          fixed_is_qsm=not inputs.magnitude, source_moving=str(inputs.flair),
+                                          source_fixed=str(inputs.magnitude or inputs.qsm)),
                        name="flair_to_qsm_xfm", n_procs=config.omp_nthreads)
     wf.connect([(flair_n4, register, [("out_file", "moving_file")]),
                 (qsm_ppb, register, [("mask_file", "fixed_mask_file")])])
