@@ -543,7 +543,8 @@ def _discover_one(config: AppConfig, datasets: Sequence[_Dataset], subject: str,
                       "*_desc-lesion_mask or raw *_label-lesion_roi); add one or point -d at it",
                 missing=True)
     if lesion_mask is not None:
-        mask_space = _check_label_image(lesion_mask, "lesion mask", flair_grid, qsm_grid, problem)
+        mask_space = _check_label_image(lesion_mask, "lesion mask", flair_grid, qsm_grid, problem,
+                                        allow_empty=True)
 
     # Rim annotations: optional; when present they must be usable.
     rim_labels, rim_space = None, None
@@ -552,7 +553,7 @@ def _discover_one(config: AppConfig, datasets: Sequence[_Dataset], subject: str,
         rim_labels = _unique(rim_paths, "rim annotation", subject, session, problems)
         if rim_labels is not None:
             rim_space = _check_label_image(rim_labels, "rim annotation", flair_grid, qsm_grid, problem,
-                                           allowed={0, 1, 2})
+                                           allowed={0, 1, 2}, allow_empty=True)
 
     if problems or qsm_path is None or flair_path is None or lesion_mask is None \
             or qsm_grid is None or flair_grid is None or mask_space is None:
@@ -568,7 +569,7 @@ def _discover_one(config: AppConfig, datasets: Sequence[_Dataset], subject: str,
 
 
 def _check_label_image(path: Path, what: str, flair_grid: Grid | None, qsm_grid: Grid | None,
-                       problem: Any, allowed: set[int] | None = None) -> str | None:
+                       problem: Any, allowed: set[int] | None = None, allow_empty: bool = False) -> str | None:
     """Readable, 3D, non-negative integer labels (within ``allowed``), not empty, on the FLAIR or
     QSM grid; returns the space or None (the problem reported)."""
     img, error = _header(path)
@@ -580,8 +581,11 @@ def _check_label_image(path: Path, what: str, flair_grid: Grid | None, qsm_grid:
         problem(path, error)
         return None
     if not np.any(np.nan_to_num(data) > 0):
-        problem(path, f"{what} is empty (no voxel > 0); check that it belongs to this participant")
-        return None
+        if not allow_empty:
+            problem(path, f"{what} is empty (no voxel > 0); check that it belongs to this participant")
+            return None
+        # A participant without lesions is a valid result (zero lesions, zero rim+), not an error.
+        LOGGER.warning("%s %s is empty: no lesions to classify for this participant", what, path)
     values = np.unique(data)
     if not np.all(np.isfinite(values)) or np.any(values < 0) or np.any(values != np.round(values)):
         problem(path, f"{what} holds values other than non-negative integers (a probability map?); "

@@ -236,3 +236,19 @@ def test_without_magnitude_registers_to_the_qsm(tmp_path):
     voxel = max(nib.load(drv.output_path(out, drv.Unit("01"), "lesions_dseg")).header.get_zooms())
     error = np.linalg.norm(true_xyz[:, None] - found_xyz[None], axis=2).min(axis=1)
     assert len(found) == len(truth) and np.median(error) < voxel, error
+
+
+def test_participant_without_lesions_gets_zero_counts(tmp_path, trained_model):
+    from qsmrim_app.synthetic import break_participant, generate_dataset
+
+    bids, out = tmp_path / "bids", tmp_path / "out"
+    generate_dataset(bids, n_subjects=1, seed=5)
+    break_participant(bids, "01", "empty-mask")
+    run_app(bids, out, "participant", "-w", tmp_path / "work", "--model", trained_model)
+    unit = drv.Unit("01")
+    assert len(drv.read_tsv(drv.output_path(out, unit, "radiomics"))) == 0
+    assert drv.read_tsv(drv.output_path(out, unit, "rim_lesions")).empty
+    summary = drv.read_tsv(drv.output_path(out, unit, "summary"))
+    assert summary["n_lesions"].iloc[0] == 0 and summary["n_rimplus"].iloc[0] == 0
+    assert not np.asarray(nib.load(drv.output_path(out, unit, "rimplus_mask")).dataobj).any()
+    assert "No lesions" in drv.report_path(out, unit).read_text() or "no lesions" in drv.report_path(out, unit).read_text()

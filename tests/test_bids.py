@@ -156,13 +156,12 @@ _PHANTOM_BREAKS = {
     "4d-qsm": "4D with shape",
     "nan-qsm": "no finite non-zero",
     "corrupt-gzip": "unreadable",
-    "empty-mask": "is empty",
     "mismatched-mask-grid": "matches neither the FLAIR nor the QSM grid",
     "nonbinary-mask": "probability map",
 }
 
 
-@pytest.mark.parametrize("how", HOWS)
+@pytest.mark.parametrize("how", [h for h in HOWS if h != "empty-mask"])
 def test_one_broken_phantom_participant(phantom_copy: Path, tmp_path: Path, how: str) -> None:
     touched = break_participant(phantom_copy, "02", how)
     inputs, problems = discover(make_config(phantom_copy, tmp_path))
@@ -313,7 +312,6 @@ def _break(bids_dir: Path, how: str) -> Path:
     ("nan-qsm", "no finite non-zero"),
     ("corrupt-gzip", "gzip"),
     ("truncated-nii", "truncated"),
-    ("empty-mask", "empty"),
     ("mismatched-mask-grid", "matches neither"),
     ("no-mask", "no lesion mask"),
 ])
@@ -512,3 +510,10 @@ def test_rim_annotation_labels_checked(tmp_path: Path) -> None:
     inputs, problems = discover(make_config(bids_dir, tmp_path))
     assert [i.subject for i in inputs] == ["01"]
     assert len(problems) == 1 and problems[0].file == rim and "labels [3]" in problems[0].message
+
+
+def test_empty_lesion_mask_is_a_participant_without_lesions(phantom_copy: Path, tmp_path: Path) -> None:
+    """No lesions is a valid result (zero rim+), not an input error: the participant is processed."""
+    break_participant(phantom_copy, "02", "empty-mask")
+    inputs, problems = discover(make_config(phantom_copy, tmp_path))
+    assert [i.subject for i in inputs] == ["01", "02", "03"] and not problems
