@@ -20,7 +20,8 @@ EXIT_USAGE = 64
 
 #: The input kinds a ``--bids-filter-file`` may hold a PyBIDS query for.
 FILTER_KINDS: tuple[str, ...] = ("qsm", "flair", "magnitude", "lesion_mask", "rim_labels")
-TRAIN_METHODS: tuple[str, ...] = ("qsmrimnet", "aprl-rf", "aprl-nn", "rimnet")
+# The paper's comparators (Table 2) and its ablation (Table 3: image only, + radiomics, + DeepSMOTE).
+TRAIN_METHODS: tuple[str, ...] = ("qsmrimnet", "aprl-rf", "aprl-nn", "rimnet", "image-only", "image-radiomics")
 
 _LABEL_RE = re.compile(r"^[A-Za-z0-9]+$")
 # Entities PyBIDS knows (its 'bids' and 'derivatives' configurations) plus the query keywords.
@@ -270,7 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="at the group level, train a model (cross-validated) from the participants' "
                             "rim annotations (desc-rim_dseg) and write it to <output_dir>/model")
     train.add_argument("--method", choices=[*TRAIN_METHODS, "all"], default="qsmrimnet",
-                       help="what --train trains: QSMRim-Net, a comparator, or all of them")
+                       help="what --train trains: QSMRim-Net, a comparator (aprl-rf, aprl-nn, rimnet), "
+                            "an ablation (image-only, image-radiomics = no DeepSMOTE), or all of them "
+                            "through the same folds, into one table")
     train.add_argument("--epochs", type=_positive_int, default=40, help="training epochs")
     train.add_argument("--folds", type=_positive_int, default=5,
                        help="subject-stratified cross-validation folds (1: train on everything)")
