@@ -173,7 +173,7 @@ def test_config_from_options(tmp_path: Path, dataset: Path, dispatched: dict) ->
     assert config.nprocs == 3 and config.omp_nthreads == 3
     assert config.plugin == "MultiProc" and config.plugin_args == {"n_procs": 3, "memory_gb": 6.0}
     assert config.device == "cpu" and config.training.device == "cpu" and config.verbosity == 2
-    assert config.train_methods == ("qsmrimnet", "aprl-rf", "aprl-nn", "rimnet")
+    assert config.train_methods == ("qsmrimnet", "aprl-rf", "aprl-nn", "rimnet", "image-only", "image-radiomics")
     assert config.command_line == tuple(argv)
     assert os.environ.get("NIPYPE_NO_ET") == "1"
 
