@@ -171,18 +171,23 @@ left="$(jobs_left)"
 stamp "SLURMGraph: $((SECONDS - ts)) s, $(ls "$D"/work-graph/*/batch/batchscript_*.sh 2>/dev/null | wc -l) jobs"
 compare "$D/out-graph"
 
-# A failing job must make the app fail: a participant whose QSM is unreadable.
-stamp "SLURMGraph with a broken participant must fail"
-cp -r "$D/bids" "$D/bids-broken"
-qsm="$(find "$D/bids-broken/sub-"* -name '*Chimap.nii*' | head -n1)"
-[[ -n "$qsm" ]] || fail "no Chimap in the generated dataset"
-printf 'not a nifti' >"$qsm.tmp" && gzip -c "$qsm.tmp" >"$qsm" && rm -f "$qsm.tmp"
-if qsmrim "$D/bids-broken" "$D/out-broken" participant "${app_args[@]}" --skip-bids-validation --use-plugin "$D/slurmgraph.yml" \
-    -w "$D/work-broken" >"$S/log/graph-broken.log" 2>&1; then
-    fail "SLURMGraph run with a broken input exited 0"
+# A job the scheduler kills (here over its memory: OverMemoryKill, --mem=1M) writes no nipype crash file and
+# its dependants are cancelled (kill_invalid_depend): the app must still notice, fail, and leave no jobs.
+cat >"$D/slurmgraph-oom.yml" <<EOF
+plugin: SLURMGraph
+plugin_args:
+  sbatch_args: --cpus-per-task=1 --mem=1M
+EOF
+stamp "SLURMGraph whose jobs the scheduler kills must fail"
+rc=0
+qsmrim "$D/bids" "$D/out-oom" participant "${app_args[@]}" --use-plugin "$D/slurmgraph-oom.yml" \
+    -w "$D/work-oom" >"$S/log/graph-oom.log" 2>&1 || rc=$?
+if [[ $rc -eq 0 ]]; then
+    tail -n 20 "$S/log/graph-oom.log"
+    fail "SLURMGraph run whose jobs were killed (out of memory) exited 0"
 fi
 [[ "$(jobs_left)" -eq 0 ]] || { squeue; scancel --user "$user"; fail "jobs left behind after a failed SLURMGraph run"; }
-stamp "broken participant: exit code != 0, no jobs left"
+stamp "killed jobs: exit code $rc, no jobs left; the app said: $(grep -m1 -E 'ERROR|rror:' "$S/log/graph-oom.log" | cut -c1-200)"
 fi
 
 if [[ "$parts" == *" slurm "* ]]; then
