@@ -73,8 +73,16 @@ if [[ -n "$host_cert" && -f "$host_cert" ]]; then
 fi
 stamp "building $image"
 tb=$SECONDS
-nice "${podman[@]}" build --network host "${limits[@]}" "${volumes[@]}" "${build_args[@]}" \
-    -f Dockerfile -t "$image" . >/tmp/qsmrim-ci-build.log 2>&1 || { tail -n 40 /tmp/qsmrim-ci-build.log; exit 1; }
+build() {
+    nice "${podman[@]}" build --network host "${limits[@]}" "${volumes[@]}" "${build_args[@]}" -f Dockerfile "$@" . \
+        >>/tmp/qsmrim-ci-build.log 2>&1 || { tail -n 40 /tmp/qsmrim-ci-build.log; exit 1; }
+}
+: >/tmp/qsmrim-ci-build.log
+# The builder stage gets a tag of its own: its layers (the pip install, minutes) are then not dangling and
+# survive the prune below, so the next run reuses them unless requirements.txt or the Dockerfile changed.
+build --target builder -t "${image%:*}-builder:cache"
+build -t "$image"
+podman image prune -f >/dev/null    # layers of earlier builds that nothing uses any more
 stamp "built $image in $((SECONDS - tb)) s, size $(podman image inspect --format '{{.Size}}' "$image") bytes"
 
 # ---- 4. image checks ------------------------------------------------------------------------------------
