@@ -134,7 +134,19 @@ def write_text(path: Path, text: str) -> Path:
 
 
 def write_json(path: Path, data: Mapping) -> Path:
-    return write_text(path, json.dumps(data, indent=2, sort_keys=False, default=_json_default) + "\n")
+    """Strict JSON: NaN/Inf (an undefined correlation, say) are written as null."""
+    return write_text(path, json.dumps(_finite(data), indent=2, sort_keys=False, default=_json_default,
+                                       allow_nan=False) + "\n")
+
+
+def _finite(value):
+    if isinstance(value, Mapping):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    if isinstance(value, (float, np.floating)) and not np.isfinite(value):
+        return None
+    return value
 
 
 def write_tsv(path: Path, table: pd.DataFrame) -> Path:

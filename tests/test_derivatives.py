@@ -83,3 +83,8 @@ def test_generated_by_records_container(monkeypatch):
 def test_bids_uri(tmp_path):
     assert drv.bids_uri(tmp_path / "sub-01" / "anat" / "x.nii.gz", tmp_path) == "bids:raw:sub-01/anat/x.nii.gz"
     assert drv.bids_uri("/elsewhere/x.nii.gz", tmp_path) == "/elsewhere/x.nii.gz"
+
+
+def test_json_is_strict(tmp_path):
+    drv.write_json(tmp_path / "a.json", {"r": float("nan"), "ci": [np.float64("nan"), 0.5], "n": 3})
+    assert json.loads((tmp_path / "a.json").read_text()) == {"r": None, "ci": [None, 0.5], "n": 3}
