@@ -45,42 +45,31 @@ RUN set -eux; \
     if [ -n "$PIP_FIND_LINKS" ]; then export PIP_FIND_LINKS; else unset PIP_FIND_LINKS; fi; \
     if [ -n "$PIP_CERT" ]; then export PIP_CERT; else unset PIP_CERT; fi; \
     python -m pip install --upgrade pip setuptools wheel; \
-    python -m pip install -r /tmp/build/requirements.txt
+    python -m pip install -r /tmp/build/requirements.txt; \
+    chmod -R a+rX,go-w /opt/venv
 
-# The app itself, without touching the pinned dependencies.
+# The app itself as a wheel, installed in the runtime stage on top of the unchanged venv: editing the app
+# then rebuilds a small layer instead of copying the whole venv again.
 COPY setup.cfg pyproject.toml README.md version run.py /tmp/build/src/
 COPY qsmrim_app /tmp/build/src/qsmrim_app
-# Bytecode is compiled here (pip does it) and permissions opened for any UID: at run time the image may be
-# read-only and run as a user that owns nothing (doing this in the runtime stage would copy the venv twice).
 RUN set -eux; \
-    python -m pip install --no-deps --no-build-isolation /tmp/build/src; \
+    python -m pip wheel --no-deps --no-build-isolation -w /opt/dist /tmp/build/src; \
     mkdir -p /opt/qsmrim; \
     cp /tmp/build/src/version /tmp/build/src/run.py /opt/qsmrim/; \
-    chmod -R a+rX,go-w /opt/venv /opt/qsmrim; \
+    chmod -R a+rX,go-w /opt/qsmrim /opt/dist; \
     chmod a+x /opt/qsmrim/run.py; \
-    rm -rf /tmp/build; \
-    python -c 'import qsmrim_app'
+    rm -rf /tmp/build
 
 # ---------------------------------------------------------------------------------------------------------
 # Stage 2: runtime. No compilers, no package lists, a non-root user.
 FROM ${BASE_IMAGE} AS runtime
 
-ARG VERSION=unknown
-ARG VCS_REF=unknown
-ARG BUILD_DATE=""
-ARG IMAGE_NAME=qsmrim/qsmrim
-ARG SOURCE_URL=https://github.com/qsmrim/qsmrim
-
-LABEL org.opencontainers.image.title="qsmrim" \
-      org.opencontainers.image.description="BIDS App: chronic active (rim+) MS lesions on QSM (QSMRim-Net)" \
-      org.opencontainers.image.version="${VERSION}" \
-      org.opencontainers.image.revision="${VCS_REF}" \
-      org.opencontainers.image.created="${BUILD_DATE}" \
-      org.opencontainers.image.source="${SOURCE_URL}" \
-      org.opencontainers.image.licenses="Apache-2.0"
-
+# The dependencies (the big layer) first: it stays cached while requirements.txt is unchanged. Layers that
+# change with every build (revision, date labels) come last for the same reason.
 COPY --from=builder /opt/venv /opt/venv
-COPY --from=builder /opt/qsmrim /opt/qsmrim
+
+ARG VERSION=unknown
+ARG IMAGE_NAME=qsmrim/qsmrim
 
 # Threads: 1 unless the app's --omp-nthreads says otherwise (it sets them per process at run time; one ITK
 # thread also keeps the registration bit-for-bit repeatable); nipype
@@ -104,12 +93,28 @@ ENV PATH=/opt/venv/bin:$PATH \
     QSMRIM_VERSION=${VERSION} \
     QSMRIM_CONTAINER=docker://${IMAGE_NAME}:${VERSION}
 
-# A named non-root user for the default; any other --user UID:GID works too (nothing needs a passwd entry,
-# every writable path is under /tmp). The build ends by running the entrypoint once.
+# The app (pure-Python wheel, no index, no compiler), then a named non-root user for the default; any other
+# --user UID:GID works too (nothing needs a passwd entry, every writable path is under /tmp). The build ends
+# by running the entrypoint once.
+COPY --from=builder /opt/qsmrim /opt/qsmrim
+COPY --from=builder /opt/dist /opt/dist
 RUN set -eux; \
+    /opt/venv/bin/python3 -m pip install --no-deps --no-index --no-cache-dir /opt/dist/*.whl; \
+    rm -rf /opt/dist; \
     groupadd --gid 1000 qsmrim; \
     useradd --uid 1000 --gid 1000 --no-create-home --home-dir /tmp --shell /usr/sbin/nologin qsmrim; \
     /opt/venv/bin/python3 /opt/qsmrim/run.py --version
+
+ARG VCS_REF=unknown
+ARG BUILD_DATE=""
+ARG SOURCE_URL=https://github.com/qsmrim/qsmrim
+LABEL org.opencontainers.image.title="qsmrim" \
+      org.opencontainers.image.description="BIDS App: chronic active (rim+) MS lesions on QSM (QSMRim-Net)" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.revision="${VCS_REF}" \
+      org.opencontainers.image.created="${BUILD_DATE}" \
+      org.opencontainers.image.source="${SOURCE_URL}" \
+      org.opencontainers.image.licenses="Apache-2.0"
 
 USER qsmrim
 WORKDIR /tmp

@@ -113,7 +113,11 @@ def test_app_installed_without_touching_pinned_dependencies(dockerfile) -> None:
     _, stages = dockerfile
     runs = " ".join(rest for key, rest in stages[0] if key == "RUN")
     assert re.search(r"pip install -r \S*requirements\.txt", runs)
-    assert re.search(r"pip install --no-deps", runs)
+    final_runs = " ".join(rest for key, rest in stages[-1] if key == "RUN")
+    assert re.search(r"pip install --no-deps --no-index", final_runs), "the app goes in as a wheel, offline"
+    copies = [rest for key, rest in stages[-1] if key in ("COPY", "LABEL")]
+    assert copies[0].endswith("/opt/venv /opt/venv"), "the venv must be the first (cached) layer"
+    assert [k for k, _ in stages[-1]][-4:].count("LABEL") == 1, "per-build labels belong at the end"
 
 
 def test_final_stage_labels(dockerfile) -> None:
