@@ -254,3 +254,9 @@ def test_parser_defaults() -> None:
     assert args.operating_point == "f1" and args.device == "auto" and args.method == "qsmrimnet"
     assert args.threshold is None and args.qsm_units is None and args.verbose == 0
     assert args.participant_label == [] and args.bids_filters is None
+
+
+def test_one_fold_is_a_usage_error(tmp_path):
+    from qsmrim_app.cli.run import main
+
+    assert main([str(tmp_path), str(tmp_path / "out"), "group", "--train", "--folds", "1"]) == 64

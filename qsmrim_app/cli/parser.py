@@ -64,6 +64,13 @@ def _label(value: str) -> str:
     return value
 
 
+def _at_least_two(text: str) -> int:
+    value = _positive_int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError("cross-validation needs at least 2 folds")
+    return value
+
+
 def _positive_int(value: str) -> int:
     try:
         number = int(value)
@@ -275,8 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "an ablation (image-only, image-radiomics = no DeepSMOTE), or all of them "
                             "through the same folds, into one table")
     train.add_argument("--epochs", type=_positive_int, default=40, help="training epochs")
-    train.add_argument("--folds", type=_positive_int, default=5,
-                       help="subject-stratified cross-validation folds (1: train on everything)")
+    train.add_argument("--folds", type=_at_least_two, default=5,
+                       help="subject-stratified cross-validation folds (>= 2); the ensemble keeps every "
+                            "fold's networks")
     train.add_argument("--seeds", type=_positive_int, default=3,
                        help="networks trained per fold with different seeds (majority vote)")
     train.add_argument("--batch-size", "--batch_size", dest="batch_size", type=_positive_int, default=64,

@@ -234,6 +234,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(args.verbose)
     try:
         config = build_config(args, argv)
+        _limit_threads(config.omp_nthreads)
         _validate_dataset(config)
         LOGGER.info("qsmrim %s: %s level on %s -> %s (work: %s)", _version(), config.analysis_level,
                     config.bids_dir, config.output_dir, config.work_dir)
@@ -246,6 +247,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         LOGGER.error("interrupted")
         return EXIT_INTERRUPTED
+
+
+def _limit_threads(n: int) -> None:
+    """--omp-nthreads bounds every threaded library (set before they are imported; workers inherit it)."""
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
+                 "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"):
+        os.environ[name] = str(n)
 
 
 def _version() -> str:

@@ -18,6 +18,8 @@ class _SinkInputSpec(BaseInterfaceInputSpec):
     sources = traits.List(traits.Str, desc="BIDS URIs or paths the output was derived from")
     metadata = traits.Dict(desc="extra sidecar fields (e.g. column descriptions of a TSV)")
     metadata_file = File(exists=True, desc="JSON whose fields are added to the sidecar")
+    write_sidecar = traits.Bool(True, usedefault=True,
+                                desc="False where another output owns the sidecar of the same name")
 
 
 class _SinkOutputSpec(TraitedSpec):
@@ -37,7 +39,10 @@ class DerivativesDataSink(SimpleInterface):
         if self.inputs.metadata_file:
             with open(self.inputs.metadata_file) as handle:
                 metadata.update(json.load(handle))
-        drv.write_with_sidecar(target, lambda path: drv.copy_file(self.inputs.in_file, path),
-                               sources=list(self.inputs.sources or []), metadata=metadata)
+        if not self.inputs.write_sidecar:
+            drv.copy_file(self.inputs.in_file, target)
+        else:
+            drv.write_with_sidecar(target, lambda path: drv.copy_file(self.inputs.in_file, path),
+                                   sources=list(self.inputs.sources or []), metadata=metadata)
         self._results["out_file"] = str(target)
         return runtime

@@ -15,6 +15,7 @@ class _N4InputSpec(BaseInterfaceInputSpec):
     shrink_factor = traits.Int(4, usedefault=True)
     iterations = traits.List(traits.Int, value=[50, 50, 30], usedefault=True)
     convergence = traits.Float(1e-4, usedefault=True)
+    num_threads = traits.Int(1, usedefault=True, desc="ITK threads (--omp-nthreads)")
 
 
 class _N4OutputSpec(TraitedSpec):
@@ -28,6 +29,7 @@ class N4BiasCorrection(SimpleInterface):
 
     def _run_interface(self, runtime):
         load_3d(self.inputs.in_file, "image for N4")  # one clear message for 4D/corrupt inputs
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(self.inputs.num_threads)
         image = sitk.ReadImage(self.inputs.in_file, sitk.sitkFloat32)
         mask = sitk.ReadImage(self.inputs.mask_file, sitk.sitkUInt8) if self.inputs.mask_file else None
         corrected, bias = n4_correct(image, mask, shrink_factor=self.inputs.shrink_factor,

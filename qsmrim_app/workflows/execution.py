@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 import subprocess
 import time
@@ -65,15 +66,25 @@ def _root_cause(crash_dir: Path) -> str | None:
 
 
 def _wait_for_slurm_jobs(wf: Workflow, config: AppConfig, poll_s: float = 2.0) -> None:
-    """SLURMGraph submits the whole graph and returns: wait until the user's jobs of it are gone."""
-    batch_dir = Path(wf.base_dir) / wf.name / "batch"
-    job_names = {p.stem for p in batch_dir.glob("*.sh")} if batch_dir.exists() else set()
-    while True:
+    """SLURMGraph submits the whole graph and returns: wait until none of its jobs is queued or running.
+
+    Its jobs are named in ``batch/submit_jobs.sh`` (``<name>=$(sbatch ...)``), so we poll squeue for those.
+    """
+    submit = Path(wf.base_dir) / wf.name / "batch" / "submit_jobs.sh"
+    if not submit.is_file():
+        raise WorkflowError(f"SLURMGraph wrote no {submit}; nothing was submitted")
+    job_names = set(re.findall(r"^(\w+)=\$\(sbatch ", submit.read_text(), re.M))
+    while job_names:
         out = subprocess.run(["squeue", "--noheader", "--format=%j", "--me"], capture_output=True, text=True)
         if out.returncode != 0:
             raise WorkflowError(f"squeue failed while waiting for SLURMGraph jobs: {out.stderr.strip()}")
-        pending = [name for name in out.stdout.split() if not job_names or name in job_names
-                   or name.startswith("batchscript_")]
-        if not pending:
+        if not job_names & set(out.stdout.split()):
             return
         time.sleep(poll_s)
+
+
+def scheduler_errors(wf: Workflow, limit: int = 3) -> str:
+    """The non-empty stderr files of a scheduler's batch jobs (a job killed for memory leaves no crash file)."""
+    batch = Path(wf.base_dir) / wf.name / "batch"
+    found = [p for p in sorted(batch.glob("*.e*")) if p.is_file() and p.stat().st_size] if batch.exists() else []
+    return "; ".join(f"{p.name}: {p.read_text(errors='replace').strip().splitlines()[-1]}" for p in found[:limit])

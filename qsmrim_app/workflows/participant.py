@@ -27,7 +27,7 @@ from ..interfaces.qsm import PrepareQSM
 from ..interfaces.radiomics import RadiomicFeatures
 from ..interfaces.registration import ApplyTransform, RegisterFLAIRToQSM
 from ..interfaces.reports import ParticipantReport
-from .execution import run_workflow
+from .execution import WorkflowError, run_workflow, scheduler_errors
 
 LOGGER = logging.getLogger("qsmrim")
 
@@ -55,13 +55,15 @@ def init_participant_wf(config: AppConfig, inputs, classify: bool = True) -> Wor
 
     qsm_ppb = pe.Node(PrepareQSM(in_file=str(inputs.qsm), units=inputs.qsm_units), name="qsm_ppb")
     n4_kwargs = dict(shrink_factor=pre.n4_shrink_factor, iterations=list(pre.n4_iterations),
-                     convergence=pre.n4_convergence)
+                     convergence=pre.n4_convergence, num_threads=config.omp_nthreads)
     flair_n4 = pe.Node(N4BiasCorrection(in_file=str(inputs.flair), **n4_kwargs), name="flair_n4",
                        n_procs=config.omp_nthreads)
-    register = pe.Node(RegisterFLAIRToQSM(max_metric=pre.registration_max_metric, num_threads=config.omp_nthreads,
+    # One thread: ITK's multi-threaded metric sums in a different order each run, so results were
+    # not repeatable (lesion voxel counts differed by 1-3 between identical runs with 2 threads).
+    register = pe.Node(RegisterFLAIRToQSM(max_metric=pre.registration_max_metric, num_threads=1,
                                           fixed_is_qsm=not inputs.magnitude, source_moving=str(inputs.flair),
                                           source_fixed=str(inputs.magnitude or inputs.qsm)),
-                       name="flair_to_qsm_xfm", n_procs=config.omp_nthreads)
+                       name="flair_to_qsm_xfm")
     wf.connect([(flair_n4, register, [("out_file", "moving_file")]),
                 (qsm_ppb, register, [("mask_file", "fixed_mask_file")])])
     if inputs.magnitude:
@@ -131,7 +133,7 @@ def init_participant_wf(config: AppConfig, inputs, classify: bool = True) -> Wor
         "xfm": ("xfm_flair_to_qsm", [flair_src, qsm_src], {"Type": "ITK", "Direction":
                 "maps QSM-space physical points to FLAIR-space points (ITK resampling convention)"}),
         "dseg": ("lesions_dseg", [mask_src, qsm_src], {"SpatialReference": qsm_src}),
-        "dseg_tsv": ("lesions_dseg_tsv", [mask_src], {}),
+        "dseg_tsv": ("lesions_dseg_tsv", [mask_src], None),  # its sidecar is the image's (same name)
         "radiomics": ("radiomics", [qsm_src, mask_src], {}),
         "patches": ("patches", [qsm_src, flair_src, mask_src],
                     {"Description": "Per-lesion 2-channel patches (QSM ppb, normalised FLAIR), zero outside the lesion",
@@ -151,7 +153,8 @@ def init_participant_wf(config: AppConfig, inputs, classify: bool = True) -> Wor
         role, srcs, meta = sources[field]
         sink = pe.Node(DerivativesDataSink(base_directory=out_dir, subject=unit.subject,
                                            session=unit.session or "", role=role, sources=srcs,
-                                           metadata=meta), name=f"ds_{role}", run_without_submitting=True)
+                                           metadata=meta or {}, write_sidecar=meta is not None),
+                       name=f"ds_{role}", run_without_submitting=True)
         wf.connect(done, field, sink, "in_file")
         sinks[field] = sink
     wf.connect(done, "radiomics_dict", sinks["radiomics"], "metadata_file")
@@ -210,7 +213,12 @@ def run_participants(config: AppConfig, inputs: Sequence, problems: Sequence = (
         drv.write_run_log(config.output_dir, "participant", config.command_line, _config_record(config),
                           label=unit.prefix)
         try:
-            run_workflow(init_participant_wf(config, unit_inputs, classify=classify), config, unit.prefix)
+            wf = init_participant_wf(config, unit_inputs, classify=classify)
+            run_workflow(wf, config, unit.prefix)
+            final = drv.output_path(config.output_dir, unit, "summary" if classify else "radiomics")
+            if not final.is_file():  # e.g. a scheduler killed a job: no crash file, dependants cancelled
+                raise WorkflowError(f"the workflow ended without writing {final.name}"
+                                    + (f" ({scheduler_errors(wf)})" if scheduler_errors(wf) else ""))
             outcomes.append(ParticipantOutcome(unit, True))
             LOGGER.info("%s: done", unit.prefix)
         except Exception as exc:  # one participant's failure must not stop the others
