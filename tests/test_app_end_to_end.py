@@ -252,3 +252,22 @@ def test_participant_without_lesions_gets_zero_counts(tmp_path, trained_model):
     assert summary["n_lesions"].iloc[0] == 0 and summary["n_rimplus"].iloc[0] == 0
     assert not np.asarray(nib.load(drv.output_path(out, unit, "rimplus_mask")).dataobj).any()
     assert "No lesions" in drv.report_path(out, unit).read_text() or "no lesions" in drv.report_path(out, unit).read_text()
+
+
+def test_one_command_trains_every_method_into_one_table(dataset, preprocessed, tmp_path):
+    """`--method all`: QSMRim-Net, the comparators and the ablation through the same folds, one table."""
+    import json
+
+    out = tmp_path / "out"
+    shutil.copytree(preprocessed, out, ignore=shutil.ignore_patterns("models"))
+    run_app(dataset, out, "group", "--train", "--method", "all", *TINY_TRAINING)
+    (model_dir,) = [p.parent for p in (out / "models").glob("*/model.json")]
+    metrics = json.loads((model_dir / "metrics.json").read_text())
+    methods = {"qsmrimnet", "aprl-rf", "aprl-nn", "rimnet", "image-only", "image-radiomics"}
+    assert methods <= set(metrics)
+    table = pd.read_csv(model_dir / "table2.tsv", sep="\t")
+    assert set(table.iloc[:, 0]) >= methods
+    for method in methods - {"qsmrimnet"}:
+        assert (model_dir / "comparators" / method / "oof_predictions.tsv").is_file()
+    html = (model_dir / "report.html").read_text()
+    assert "<svg" in html or "data:image/png" in html
