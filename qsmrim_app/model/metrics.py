@@ -274,18 +274,26 @@ def _operating_points(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndar
     return thr, np.rint(tpr * n_pos), np.rint(fpr * (y.size - n_pos))
 
 
-def f1_optimal_threshold(y: np.ndarray, p: np.ndarray) -> float:
-    """Threshold (``p >= t`` is rim+) maximising F1; among ties the highest (fewest flags).
-
-    Without positives it flags nothing; without negatives it flags everything.
-    """
-    y, p = _check(y, p)
+def _one_class_threshold(y: np.ndarray, p: np.ndarray) -> float | None:
+    """Without positives flag nothing, without negatives flag everything; None when both classes exist."""
     if not y.size:
         raise ValueError("no lesions")
     if not y.sum():
         return _above_max(p)
     if y.sum() == y.size:
         return float(p.min())
+    return None
+
+
+def f1_optimal_threshold(y: np.ndarray, p: np.ndarray) -> float:
+    """Threshold (``p >= t`` is rim+) maximising F1; among ties the highest (fewest flags).
+
+    Without positives it flags nothing; without negatives it flags everything.
+    """
+    y, p = _check(y, p)
+    degenerate = _one_class_threshold(y, p)
+    if degenerate is not None:
+        return degenerate
     thr, tp, fp = _operating_points(y, p)
     f1 = 2 * tp / (2 * tp + fp + (y.sum() - tp))
     return float(thr[int(np.argmax(f1))])  # thresholds decrease, argmax takes the first = highest
@@ -298,12 +306,9 @@ def high_sensitivity_threshold(y: np.ndarray, p: np.ndarray, max_sensitivity: fl
     nothing; without negatives it flags everything.
     """
     y, p = _check(y, p)
-    if not y.size:
-        raise ValueError("no lesions")
-    if not y.sum():
-        return _above_max(p)
-    if y.sum() == y.size:
-        return float(p.min())
+    degenerate = _one_class_threshold(y, p)
+    if degenerate is not None:
+        return degenerate
     thr, tp, _ = _operating_points(y, p)
     sens = tp / y.sum()
     ok = np.flatnonzero(sens <= max_sensitivity + 1e-12)  # never empty: the first point has sens 0
