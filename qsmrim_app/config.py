@@ -19,7 +19,9 @@ class PreprocConfig:
     n4_iterations: tuple[int, ...] = (50, 50, 30)
     n4_convergence: float = 1e-4
     min_lesion_voxels: int = 10
-    patch_size: tuple[int, int, int] = (32, 32, 16)
+    # Lesion patches in mm along the world axes (patches.py); the model's own grid by default.
+    patch_extent_mm: tuple[float, float, float] = (24.0, 24.0, 24.0)
+    patch_spacing_mm: tuple[float, float, float] = (0.75, 0.75, 1.5)
     qsm_units: str | None = None  # None: trust BIDS (Chimap is ppm)
     radiomics_params: Path = RADIOMICS_PARAMS
     # A registration whose final Mattes MI is above this (MI is negative, lower is better)

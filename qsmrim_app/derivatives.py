@@ -346,12 +346,30 @@ ANNOTATION_DICTIONARY = {
 }
 
 
+def _radial_dictionary() -> dict:
+    from .radial import FLOOR_COLUMN, feature_descriptions
+
+    out = {name: {"Description": desc} for name, desc in feature_descriptions().items()}
+    out[FLOOR_COLUMN] = {"Description": "Training-free rim score: mean QSM of the lesion's 1-voxel inner shell "
+                                        "minus that of its core (0 without a core)", "Units": "ppb"}
+    return out
+
+
+RADIAL_DICTIONARY = _radial_dictionary()
+
+
 def radiomics_dictionary(columns: Sequence[str]) -> dict:
     """Sidecar for the feature table: geometry columns plus one entry per pyradiomics feature."""
     entries = {}
     for column in columns:
         if column in GEOMETRY_DICTIONARY:
             entries[column] = GEOMETRY_DICTIONARY[column]
+            continue
+        if column in RADIAL_DICTIONARY:
+            entries[column] = RADIAL_DICTIONARY[column]
+            continue
+        if not column.startswith(("original_", "wavelet")):
+            entries[column] = {"Description": column}
             continue
         image_type, _, rest = column.partition("_")
         feature_class, _, feature = rest.partition("_")

@@ -45,8 +45,12 @@ def classify_lesions(patches_file: Path, features_file: Path, model_dir: Path, *
         raise RuntimeError(f"{patches_file} and {features_file} list different lesions")
     ensemble = load_ensemble(Path(model_dir), device=device)
     cutoff, point = choose_threshold(ensemble.thresholds, threshold, operating_point)
-    feature_names = [c for c in features.columns if c not in GEOMETRY_COLUMNS]
-    prediction = ensemble.predict(patchset.patches, features[feature_names].to_numpy(np.float32), feature_names)
+    from .model.inputs import is_feature_column
+
+    ensemble.inputs.check_patches(patchset.grid.extent_mm, patchset.grid.spacing_mm)
+    feature_names = [c for c in features.columns if is_feature_column(c)]
+    prediction = ensemble.predict(patchset.patches, features[feature_names].to_numpy(np.float32), feature_names,
+                                  reference=patchset.reference)
     table = features[GEOMETRY_COLUMNS].copy()
     table["probability"] = np.asarray(prediction.probability, dtype=float)
     table["uncertainty"] = np.asarray(prediction.uncertainty, dtype=float)

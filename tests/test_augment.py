@@ -143,10 +143,15 @@ def test_real_lesion_patches_stay_in_range_and_centred(shared_data) -> None:
     qsm = np.zeros(mask.shape, np.float32)
     qsm[11:171, 29:189, 11:171] = chi * 1000.0
     inst = label_instances(mask, min_voxels=20)
-    x = torch.from_numpy(extract_patches(qsm, mask.astype(np.float32), inst.labels, inst.lesion_ids).patches)
+    from qsmrim_app.model.inputs import InputSpec
+
+    ps = extract_patches(qsm, mask.astype(np.float32), inst.labels, inst.lesion_ids, np.eye(4))
+    # The paper's view: this lesion only, so the FLAIR channel (the mask here) is the lesion itself.
+    x = torch.from_numpy(InputSpec("paper").network_inputs(ps.patches, np.tile([[0.0, 1.0]], (len(ps.lesion_ids), 1))))
     assert x.shape[0] >= 10
-    out = augment_batch(x, (1.0, 1.0, 1.0), torch.Generator().manual_seed(0), p=1.0)
-    assert torch.equal(out, augment_batch(x, (1.0, 1.0, 1.0), torch.Generator().manual_seed(0), p=1.0))
+    spacing = ps.grid.spacing_mm
+    out = augment_batch(x, spacing, torch.Generator().manual_seed(0), p=1.0)
+    assert torch.equal(out, augment_batch(x, spacing, torch.Generator().manual_seed(0), p=1.0))
     lo = torch.minimum(x.amin((1, 2, 3, 4)), torch.zeros(1))
     hi = torch.maximum(x.amax((1, 2, 3, 4)), torch.zeros(1))
     assert bool((out.amin((1, 2, 3, 4)) >= lo - 1e-3).all() and (out.amax((1, 2, 3, 4)) <= hi + 1e-3).all())

@@ -85,7 +85,7 @@ def test_every_parser_option_is_described_with_its_constraints(descriptor: dict[
     entries = {e["id"]: e for e in descriptor["inputs"]}
     assert entries["nprocs"]["integer"] is True and entries["nprocs"]["minimum"] == 1
     assert entries["threshold"]["minimum"] == 0 and entries["threshold"]["maximum"] == 1
-    assert entries["patch_size"]["min-list-entries"] == entries["patch_size"]["max-list-entries"] == 3
+    assert entries["patch_extent_mm"]["min-list-entries"] == entries["patch_extent_mm"]["max-list-entries"] == 3
     assert entries["analysis_level"]["value-choices"] == ["participant", "group"]
 
 
@@ -109,14 +109,14 @@ def test_substituted_command_line_parses_to_the_invocation(descriptor: dict[str,
     bids = tmp_path / "bids"
     bids.mkdir()
     invocation = {"bids_dir": str(bids), "output_dir": str(tmp_path / "out"), "analysis_level": "participant",
-                  "participant_label": ["01", "02"], "nprocs": 3, "threshold": 0.25, "patch_size": [16, 16, 8],
+                  "participant_label": ["01", "02"], "nprocs": 3, "threshold": 0.25, "patch_extent_mm": [20, 20, 20],
                   "device": "cpu", "skip_bids_validation": True, "verbose": True}
     argv = _substitute(descriptor, invocation)
     assert argv[0] == "qsmrim"
     ns = build_parser().parse_args(argv[1:])
     assert Path(ns.bids_dir) == bids and ns.analysis_level == "participant"
     assert ns.participant_label == ["01", "02"] and ns.nprocs == 3 and ns.threshold == 0.25
-    assert list(ns.patch_size) == [16, 16, 8] and ns.device == "cpu"
+    assert list(ns.patch_extent_mm) == [20, 20, 20] and ns.device == "cpu"
     assert ns.skip_bids_validation is True and ns.verbose == 1
 
 

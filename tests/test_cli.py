@@ -95,7 +95,8 @@ def test_help_exits_0(capsys: pytest.CaptureFixture) -> None:
     (["--threshold", "1.5"], "must be a probability"),
     (["--participant-label", "sub-0_1"], "is not a BIDS label"),
     (["--min-lesion-voxels", "0"], "must be >= 1"),
-    (["--patch-size", "32", "32"], "expected 3 argument"),
+    (["--patch-extent-mm", "32", "32"], "expected 3 argument"),
+    (["--patch-size", "32", "32", "16"], "use --patch-extent-mm and --patch-spacing-mm"),
     (["--device", "tpu"], "invalid choice"),
     (["--model", "/no/such/model"], "does not exist"),
 ])
@@ -173,7 +174,8 @@ def test_config_from_options(tmp_path: Path, dataset: Path, dispatched: dict) ->
     assert config.nprocs == 3 and config.omp_nthreads == 3
     assert config.plugin == "MultiProc" and config.plugin_args == {"n_procs": 3, "memory_gb": 6.0}
     assert config.device == "cpu" and config.training.device == "cpu" and config.verbosity == 2
-    assert config.train_methods == ("qsmrimnet", "aprl-rf", "aprl-nn", "rimnet", "image-only", "image-radiomics")
+    assert config.train_methods == ("qsmrimnet", "aprl-rf", "aprl-nn", "rimnet", "image-only", "image-radiomics",
+                                    "rf", "logreg", "shell-core")
     assert config.command_line == tuple(argv)
     assert os.environ.get("NIPYPE_NO_ET") == "1"
 
@@ -248,9 +250,32 @@ def test_group_level(tmp_path: Path, dataset: Path, dispatched: dict, capsys: py
     assert main([str(dataset), str(output), "group"]) == 1
 
 
+def test_protocol_settings_reach_the_trainer(tmp_path: Path, dataset: Path, dispatched: dict) -> None:
+    """--protocol picks a recipe; explicit --epochs/--folds/--seeds/--width-multiplier override it."""
+    output = tmp_path / "out"
+    output.mkdir()
+    assert main([str(dataset), str(output), "group", "--train"]) == 0
+    paper = dispatched["group"].training
+    assert (paper.protocol, paper.epochs, paper.folds, paper.seeds, paper.width_multiplier) == ("paper", 40, 5, 3, 1.0)
+    assert paper.learning_rate == 1e-4 and paper.batch_size == 64 and paper.max_steps is None
+    assert paper.lr_milestones == (0.5, 0.7, 0.9) and paper.input_level == "referenced"
+    assert main([str(dataset), str(output), "group", "--train", "--protocol", "fast"]) == 0
+    fast = dispatched["group"].training
+    assert fast.protocol == "fast" and fast.max_steps == 300 and fast.seeds == 1 and fast.width_multiplier == 0.125
+    assert fast.inner_val_fraction > 0 and fast.positive_fraction and fast.lr_schedule == "onecycle"
+    assert main([str(dataset), str(output), "group", "--train", "--protocol", "fast", "--seeds", "2",
+                 "--width-multiplier", "0.25", "--folds", "3", "--inputs", "paper"]) == 0
+    mixed = dispatched["group"].training
+    assert (mixed.seeds, mixed.width_multiplier, mixed.folds, mixed.max_steps) == (2, 0.25, 3, 300)
+    assert mixed.input_level == "paper"
+    assert main([str(dataset), str(output), "group", "--train", "--patch-extent-mm", "20", "20", "20",
+                 "--patch-spacing-mm", "0.75", "0.75", "1.5"]) == 64  # 20 / 0.75 is not a whole number
+
+
 def test_parser_defaults() -> None:
     args = build_parser().parse_args(["/b", "/o", "participant"])
-    assert args.min_lesion_voxels == 10 and args.patch_size == [32, 32, 16]
+    assert args.min_lesion_voxels == 10 and args.patch_extent_mm is None and args.patch_spacing_mm is None
+    assert args.protocol == "paper" and args.inputs == "referenced" and args.epochs is None
     assert args.operating_point == "f1" and args.device == "auto" and args.method == "qsmrimnet"
     assert args.threshold is None and args.qsm_units is None and args.verbose == 0
     assert args.participant_label == [] and args.bids_filters is None

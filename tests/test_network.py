@@ -9,6 +9,7 @@ from qsmrim_app.model.network import (BasicBlock3D, Fusion, QSMRimNet, Radiomics
                                       build_network)
 
 PATCH = (32, 32, 16)
+IN = 3  # the default inputs ('referenced'): QSM, FLAIR, outline
 
 
 def n_params(m: torch.nn.Module) -> int:
@@ -49,7 +50,7 @@ def test_width_multiplier_scales_every_latent(w: float) -> None:
     assert isinstance(net, QSMRimNet)
     assert net.image.out_features == int(512 * w) and net.radiomics.out_features == int(512 * w)
     with torch.no_grad():
-        logits, labels = net(torch.randn(3, 2, *PATCH), torch.randn(3, 11))
+        logits, labels = net(torch.randn(3, IN, *PATCH), torch.randn(3, 11))
     assert logits.shape == (3,) and labels is None
     full = n_params(build_network(TrainConfig(), 11))
     assert n_params(net) < full * w  # channels squared: much smaller
@@ -77,7 +78,7 @@ def test_fusion_modes() -> None:
 def test_training_mode_adds_deepsmote_samples_and_eval_does_not() -> None:
     torch.manual_seed(0)
     net = build_network(TrainConfig(width_multiplier=0.125), 7)
-    x, f = torch.randn(12, 2, *PATCH), torch.randn(12, 7)
+    x, f = torch.randn(12, IN, *PATCH), torch.randn(12, 7)
     y = torch.tensor([1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0])
     net.train()
     logits, labels = net(x, f, y)
@@ -97,24 +98,24 @@ def test_ablation_switches(method: str, image: bool, radiomics: bool, smote: boo
     assert (net.fusion is not None) == (image and radiomics)
     net.eval()
     with torch.no_grad():
-        assert net(torch.randn(2, 2, *PATCH), torch.randn(2, 9))[0].shape == (2,)
+        assert net(torch.randn(2, IN, *PATCH), torch.randn(2, 9))[0].shape == (2,)
 
 
 def test_image_branch_ignores_features_and_radiomics_branch_ignores_patches() -> None:
     torch.manual_seed(0)
     img = build_network(TrainConfig(method="image-only", width_multiplier=0.125), 4).eval()
     rad = build_network(TrainConfig(method="aprl-nn", width_multiplier=0.125), 4).eval()
-    x, f = torch.randn(3, 2, *PATCH), torch.randn(3, 4)
+    x, f = torch.randn(3, IN, *PATCH), torch.randn(3, 4)
     with torch.no_grad():
         assert torch.equal(img(x, f)[0], img(x, torch.randn(3, 4))[0])
-        assert torch.equal(rad(x, f)[0], rad(torch.randn(3, 2, *PATCH), f)[0])
+        assert torch.equal(rad(x, f)[0], rad(torch.randn(3, IN, *PATCH), f)[0])
         assert not torch.equal(rad(x, f)[0], rad(x, f + 1)[0])
 
 
 def test_rimnet_like_two_branches() -> None:
     net = RimNetLike(width_multiplier=0.25).eval()
     assert len(net.first) == 2  # one VGG branch per modality
-    x = torch.randn(2, 2, *PATCH)
+    x = torch.randn(2, IN, *PATCH)
     with torch.no_grad():
         logits, labels = net(x)
         # each modality matters
@@ -136,7 +137,7 @@ def test_gradients_reach_both_branches() -> None:
     torch.manual_seed(1)
     net = build_network(TrainConfig(width_multiplier=0.125), 6).train()
     y = torch.tensor([1, 1, 1, 0, 0, 0, 0, 0])
-    logits, labels = net(torch.randn(8, 2, *PATCH), torch.randn(8, 6), y)
+    logits, labels = net(torch.randn(8, IN, *PATCH), torch.randn(8, 6), y)
     torch.nn.functional.binary_cross_entropy_with_logits(logits, labels.float()).backward()
     assert net.image.stem[0].weight.grad.abs().sum() > 0
     assert net.radiomics.net[0][0].weight.grad.abs().sum() > 0
@@ -157,7 +158,8 @@ def test_real_qsm_patches_give_finite_distinct_outputs(shared_data) -> None:
     qsm = np.zeros(mask.shape, np.float32)
     qsm[11:171, 29:189, 11:171] = chi * 1000.0
     inst = label_instances(mask, min_voxels=20)
-    x = torch.from_numpy(extract_patches(qsm, mask.astype(np.float32), inst.labels, inst.lesion_ids[:16]).patches)
+    ps = extract_patches(qsm, mask.astype(np.float32), inst.labels, inst.lesion_ids[:16], np.eye(4))
+    x = torch.from_numpy(TrainConfig().input_spec().network_inputs(ps.patches, np.tile([[0.0, 1.0]], (16, 1))))
     torch.manual_seed(0)
     net = build_network(TrainConfig(method="image-only", width_multiplier=0.25), 0)
     net.train()

@@ -14,6 +14,7 @@ from qsmrim_app.model.config import TrainConfig
 from qsmrim_app.model.data import FeatureScaler, LesionSet, concat
 from qsmrim_app.model.predict import load_ensemble
 from qsmrim_app.model.train import cross_validate, lr_milestones, train
+from qsmrim_app.patches import signed_distance_mm
 
 SMALL_PATCH = (16, 16, 8)
 
@@ -26,7 +27,7 @@ def synthetic_lesions(n_subjects: int = 8, per_subject: int = 12, shape: tuple[i
     labels = (rng.random(n) < rim_fraction).astype(np.int64)
     labels[:3] = 1  # every set has rim+ lesions
     grid = np.stack(np.meshgrid(*[np.arange(s) - (s - 1) / 2 for s in shape], indexing="ij"))
-    patches = np.zeros((n, 2, *shape), np.float32)
+    patches = np.zeros((n, 4, *shape), np.float32)  # raw patches: QSM, FLAIR, signed distance, others
     for i in range(n):
         radii = np.array(shape) * rng.uniform(0.25, 0.4, 3)
         r = np.sqrt(((grid / radii[:, None, None, None]) ** 2).sum(0))
@@ -35,8 +36,9 @@ def synthetic_lesions(n_subjects: int = 8, per_subject: int = 12, shape: tuple[i
         if labels[i]:
             qsm += 60.0 * np.exp(-((r - 0.85) / 0.15) ** 2)
         flair = 2.0 + rng.normal(0, 0.3, shape)
-        patches[i, 0] = np.where(inside, qsm, 0)
-        patches[i, 1] = np.where(inside, flair, 0)
+        patches[i, 0] = qsm
+        patches[i, 1] = np.where(inside, flair, 0.5)
+        patches[i, 2] = signed_distance_mm(inside, (0.7, 0.7, 2.0))
     features = rng.normal(0, 1, (n, n_features)).astype(np.float32)
     features[:, 0] += 1.0 * labels
     features[rng.random((n, n_features)) < 0.05] = np.nan
@@ -206,6 +208,9 @@ def real_lesion_set(shared_data: Path, rim_ppb: float = 40.0) -> LesionSet:
 
     from qsmrim_app.lesions import label_instances
     from qsmrim_app.patches import extract_patches, normalise_flair
+    from qsmrim_app.radial import feature_names as radial_names
+    from qsmrim_app.radial import radial_table
+    from qsmrim_app.reference import local_references
 
     chi = np.asarray(nib.load(shared_data / "qsm_challenge_2016" / "chi_cosmos.nii.gz").dataobj, np.float32)
     sets = []
@@ -223,15 +228,19 @@ def real_lesion_set(shared_data: Path, rim_ppb: float = 40.0) -> LesionSet:
         shell &= ~ndimage.binary_erosion(shell, np.ones((3, 3, 3), bool))
         rim_ids = ids[labels == 1]
         qsm = qsm + rim_ppb * (shell & np.isin(inst.labels, rim_ids))
-        ps = extract_patches(qsm, normalise_flair(flair, lesion_mask=mask), inst.labels, ids)
+        ps = extract_patches(qsm, normalise_flair(flair, lesion_mask=mask), inst.labels, ids, np.eye(4))
         p = ps.patches
-        inside = p[:, 1] != 0
-        feats = np.stack([p[:, 0].sum((1, 2, 3)) / np.maximum(inside.sum((1, 2, 3)), 1),
+        inside = p[:, 2] < 0
+        feats = np.stack([(p[:, 0] * inside).sum((1, 2, 3)) / np.maximum(inside.sum((1, 2, 3)), 1),
                           np.log(inside.sum((1, 2, 3)) + 1)], axis=1)
         # Pseudo-subjects: each patient's lesions in 4 groups so folds can split them.
         subjects = np.array([f"{patient}-{i % 4}" for i in range(ids.size)])
-        sets.append(LesionSet(p, feats, ["original_firstorder_Mean", "original_shape_VoxelVolume"], labels,
-                              subjects, ids, np.ones(3, np.float32)))
+        reference, _ = local_references(qsm, inst.labels, mask | (qsm != 0), ids, (1.0, 1.0, 1.0))
+        # The app's own radial-profile features (what the default inputs feed the radiomic branch).
+        radial = radial_table(p, reference, ps.grid.spacing_mm)
+        sets.append(LesionSet(p, np.concatenate([feats, radial], axis=1),
+                              ["original_firstorder_Mean", "original_shape_VoxelVolume", *radial_names()], labels,
+                              subjects, ids, ps.voxel_size_mm, reference=reference))
     return concat(sets)
 
 
@@ -239,7 +248,7 @@ def real_lesion_set(shared_data: Path, rim_ppb: float = 40.0) -> LesionSet:
 @pytest.mark.shared_data
 def test_trains_on_real_lesion_shapes_and_qsm_texture(shared_data: Path, tmp_path: Path) -> None:
     lesions = real_lesion_set(shared_data)
-    assert len(lesions) > 30 and lesions.patches.shape[1:] == (2, 32, 32, 16)
+    assert len(lesions) > 30 and lesions.patches.shape[1:] == (4, 32, 32, 16)
     cv = cross_validate(lesions, tiny_config(epochs=3, folds=2), tmp_path / "real", progress=False)
     assert np.isfinite(cv.probability).all()
     assert roc_auc_score(lesions.labels, cv.probability) > 0.7

@@ -21,7 +21,8 @@ EXIT_USAGE = 64
 #: The input kinds a ``--bids-filter-file`` may hold a PyBIDS query for.
 FILTER_KINDS: tuple[str, ...] = ("qsm", "flair", "magnitude", "lesion_mask", "rim_labels")
 # The paper's comparators (Table 2) and its ablation (Table 3: image only, + radiomics, + DeepSMOTE).
-TRAIN_METHODS: tuple[str, ...] = ("qsmrimnet", "aprl-rf", "aprl-nn", "rimnet", "image-only", "image-radiomics")
+TRAIN_METHODS: tuple[str, ...] = ("qsmrimnet", "aprl-rf", "aprl-nn", "rimnet", "image-only", "image-radiomics",
+                                  "rf", "logreg", "shell-core")
 
 _LABEL_RE = re.compile(r"^[A-Za-z0-9]+$")
 # Entities PyBIDS knows (its 'bids' and 'derivatives' configurations) plus the query keywords.
@@ -51,6 +52,17 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         if action.default is None or action.default is False or action.default == []:
             return action.help
         return super()._get_help_string(action)
+
+
+class _Removed(argparse.Action):
+    """An option of an earlier version: refused with what replaced it, not 'unrecognized argument'."""
+
+    def __init__(self, option_strings, dest, replacement: str = "", **kwargs) -> None:
+        self.replacement = replacement
+        super().__init__(option_strings, dest, nargs="*", help=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None) -> NoReturn:
+        parser.error(f"{option_string} was removed: {self.replacement}")
 
 
 def _label(value: str) -> str:
@@ -256,9 +268,17 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--min-lesion-voxels", "--min_lesion_voxels", dest="min_lesion_voxels",
                      type=_positive_int, default=10, metavar="N",
                      help="lesions (connected components in the QSM grid) smaller than this are ignored")
-    pre.add_argument("--patch-size", "--patch_size", dest="patch_size", nargs=3, type=_positive_int,
-                     default=[32, 32, 16], metavar=("X", "Y", "Z"),
-                     help="lesion patch size in QSM voxels (i, j, k); must match the model's")
+    pre.add_argument("--patch-extent-mm", "--patch_extent_mm", dest="patch_extent_mm", nargs=3,
+                     type=_positive_float, default=None, metavar=("X", "Y", "Z"),
+                     help="size of each lesion's patch in mm along the world axes; default: the model's "
+                          "(the bundled model: 24 24 24)")
+    pre.add_argument("--patch-spacing-mm", "--patch_spacing_mm", dest="patch_spacing_mm", nargs=3,
+                     type=_positive_float, default=None, metavar=("X", "Y", "Z"),
+                     help="sampling of the patch in mm (QSM and FLAIR linear, masks nearest); default: the "
+                          "model's (the bundled model: 0.75 0.75 1.5)")
+    pre.add_argument("--patch-size", "--patch_size", action=_Removed, dest="removed_patch_size",
+                     replacement="patches are now defined in mm (QSM voxel sizes differ between scanners); "
+                                 "use --patch-extent-mm and --patch-spacing-mm")
     pre.add_argument("--n4-shrink-factor", "--n4_shrink_factor", dest="n4_shrink_factor",
                      type=_positive_int, default=4, help="FLAIR bias correction (N4) shrink factor")
     pre.add_argument("--n4-iterations", "--n4_iterations", dest="n4_iterations", nargs="+",
@@ -268,22 +288,35 @@ def build_parser() -> argparse.ArgumentParser:
     train = parser.add_argument_group("Group level: training")
     train.add_argument("--train", action="store_true",
                        help="at the group level, train a model (cross-validated) from the participants' "
-                            "rim annotations (desc-rim_dseg) and write it to <output_dir>/model")
+                            "rim annotations (desc-rim_dseg) and write it to <output_dir>/models/<model-id>/")
     train.add_argument("--method", choices=[*TRAIN_METHODS, "all"], default="qsmrimnet",
                        help="what --train trains: QSMRim-Net, a comparator (aprl-rf, aprl-nn, rimnet), "
-                            "an ablation (image-only, image-radiomics = no DeepSMOTE), or all of them "
-                            "through the same folds, into one table")
-    train.add_argument("--epochs", type=_positive_int, default=40, help="training epochs")
-    train.add_argument("--folds", type=_at_least_two, default=5,
-                       help="subject-stratified cross-validation folds (>= 2); the ensemble keeps every "
-                            "fold's networks")
-    train.add_argument("--seeds", type=_positive_int, default=3,
-                       help="networks trained per fold with different seeds (majority vote)")
+                            "an ablation (image-only, image-radiomics = no DeepSMOTE), a floor (rf, logreg "
+                            "on the 527 features; shell-core, the training-free rim-minus-core score), or "
+                            "all of them through the same folds, into one table")
+    train.add_argument("--protocol", choices=["paper", "fast"], default="paper",
+                       help="training recipe: 'paper' (Adam 1e-4, batch 64, 40 epochs, LR steps at 50/70/90%%, "
+                            "5 folds x 3 seeds, width 1.0; hours on a CPU) or 'fast' (ours, for a 2-core CPU: "
+                            "width 0.125, 300 steps of one-cycle AdamW 1e-3, rim+-enriched batches, early "
+                            "stopping on an inner split, 5 folds x 1 seed); --epochs/--folds/--seeds/"
+                            "--width-multiplier override either")
+    train.add_argument("--inputs", choices=["paper", "margin", "radial", "referenced"], default="referenced",
+                       help="what the networks see (cumulative): 'paper' lesion-only patch + 527 features; "
+                            "'margin' + surrounding tissue and an outline channel; 'radial' + radial-profile "
+                            "features; 'referenced' + QSM relative to the lesion's local reference tissue")
+    train.add_argument("--epochs", type=_positive_int, default=None,
+                       help="training epochs (paper protocol: 40)")
+    train.add_argument("--folds", type=_at_least_two, default=None,
+                       help="subject-stratified cross-validation folds (>= 2; both protocols: 5); the "
+                            "ensemble keeps every fold's networks")
+    train.add_argument("--seeds", type=_positive_int, default=None,
+                       help="networks trained per fold with different seeds (paper: 3, fast: 1)")
     train.add_argument("--batch-size", "--batch_size", dest="batch_size", type=_positive_int, default=64,
                        help="mini-batch size")
     train.add_argument("--width-multiplier", "--width_multiplier", dest="width_multiplier",
-                       type=_positive_float, default=1.0,
-                       help="scales the network's channel widths (1.0: the paper's ResNet-18)")
+                       type=_positive_float, default=None,
+                       help="scales the network's channel widths (1.0: the paper's ResNet-18, the paper "
+                            "protocol's default; fast: 0.125)")
     train.add_argument("--weights-fp16", "--weights_fp16", dest="weights_fp16", action="store_true",
                        help="store the trained weights as float16 (half the size; for shipping a model)")
 

@@ -6,6 +6,8 @@ still complete), 16 BIDS validation failed, 18 the selection matched no data, 64
 """
 from __future__ import annotations
 
+import json
+
 import logging
 import os
 import sys
@@ -14,7 +16,8 @@ from pathlib import Path
 from typing import Sequence
 
 from ..config import AppConfig, InferenceConfig, PreprocConfig
-from ..model.config import TrainConfig
+from ..model.config import protocol_config
+from ..patches import DEFAULT_EXTENT_MM, DEFAULT_SPACING_MM, PatchGrid
 from .parser import EXIT_USAGE, TRAIN_METHODS, build_parser
 
 EXIT_OK = 0
@@ -113,6 +116,20 @@ def _resolve_paths(args: Namespace) -> tuple[Path, Path, Path]:
     return bids_dir, output_dir, work_dir
 
 
+def _patch_grid(args: Namespace, model_dir: Path) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The patch extent and spacing (mm): as given, else the model's (model.json), else the defaults."""
+    stored: dict = {}
+    meta_path = Path(model_dir) / "model.json"
+    if meta_path.is_file():
+        try:
+            stored = json.loads(meta_path.read_text()).get("inputs") or {}
+        except (OSError, ValueError):
+            stored = {}
+    extent = args.patch_extent_mm or stored.get("extent_mm") or DEFAULT_EXTENT_MM
+    spacing = args.patch_spacing_mm or stored.get("spacing_mm") or DEFAULT_SPACING_MM
+    return tuple(float(v) for v in extent), tuple(float(v) for v in spacing)
+
+
 def build_config(args: Namespace, argv: Sequence[str]) -> AppConfig:
     """The one AppConfig from parsed arguments (paths validated, defaults resolved)."""
     bids_dir, output_dir, work_dir = _resolve_paths(args)
@@ -127,26 +144,28 @@ def build_config(args: Namespace, argv: Sequence[str]) -> AppConfig:
             plugin_args.setdefault("memory_gb", args.mem_gb)
     omp_nthreads = args.omp_nthreads or min(8, args.nprocs)
     methods = TRAIN_METHODS if args.method == "all" else (args.method,)
-    if tuple(args.patch_size) != PreprocConfig().patch_size and args.model is None:
-        LOGGER.warning("--patch-size %s differs from the bundled model's %s; the bundled model "
-                       "will refuse it unless you give a matching --model", tuple(args.patch_size),
-                       PreprocConfig().patch_size)
+    model_dir = args.model.resolve() if args.model is not None else InferenceConfig().model_dir
+    extent, spacing = _patch_grid(args, model_dir)
     preproc = PreprocConfig(
         n4_shrink_factor=args.n4_shrink_factor,
         n4_iterations=tuple(args.n4_iterations),
         min_lesion_voxels=args.min_lesion_voxels,
-        patch_size=tuple(args.patch_size),
+        patch_extent_mm=extent,
+        patch_spacing_mm=spacing,
         qsm_units=args.qsm_units,
     )
     inference = InferenceConfig(threshold=args.threshold, operating_point=args.operating_point)
     if args.model is not None:
         inference = InferenceConfig(model_dir=args.model.resolve(), threshold=args.threshold,
                                     operating_point=args.operating_point)
-    training = TrainConfig(
-        method=methods[0], epochs=args.epochs, batch_size=args.batch_size, folds=args.folds,
-        seeds=args.seeds, width_multiplier=args.width_multiplier, weights_fp16=args.weights_fp16,
-        patch_size=tuple(args.patch_size), device=args.device,
-    )
+    try:
+        training = protocol_config(
+            args.protocol, method=methods[0], epochs=args.epochs, batch_size=args.batch_size, folds=args.folds,
+            seeds=args.seeds, width_multiplier=args.width_multiplier, weights_fp16=args.weights_fp16 or None,
+            input_level=args.inputs, patch_extent_mm=extent, patch_spacing_mm=spacing, device=args.device)
+        PatchGrid(extent, spacing)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
     return AppConfig(
         bids_dir=bids_dir,
         output_dir=output_dir,

@@ -19,6 +19,7 @@ class _RadiomicsInputSpec(BaseInterfaceInputSpec):
     geometry_file = File(exists=True, mandatory=True, desc="lesion geometry table (first columns)")
     params_file = File(exists=True, mandatory=True, desc="pyradiomics YAML parameters")
     nprocs = traits.Int(1, usedefault=True)
+    extra_features_file = File(exists=True, desc="lesion_id + more feature columns (radial profile) to append")
 
 
 class _RadiomicsOutputSpec(TraitedSpec):
@@ -39,6 +40,9 @@ class RadiomicFeatures(SimpleInterface):
                                            geometry["lesion_id"].tolist(), load_params(self.inputs.params_file),
                                            nprocs=self.inputs.nprocs)
         table = geometry.merge(features, on="lesion_id", how="left", validate="one_to_one")
+        if self.inputs.extra_features_file:
+            extra = pd.read_csv(self.inputs.extra_features_file, sep="\t", na_values=["n/a"], keep_default_na=False)
+            table = table.merge(extra, on="lesion_id", how="left", validate="one_to_one")
         self._results["features_file"] = out_path("lesion_radiomics.tsv")
         table.to_csv(self._results["features_file"], sep="\t", index=False, na_rep="n/a", float_format="%.10g")
         self._results["dictionary_file"] = out_path("lesion_radiomics.json")

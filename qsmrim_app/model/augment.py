@@ -127,3 +127,21 @@ def augment_batch(x: torch.Tensor, voxel_size_mm: Sequence[float] = (1.0, 1.0, 1
         x = x.clone()
         x[idx.to(x.device)] = gaussian_blur(x[idx.to(x.device)], sig)
     return x
+
+
+CONTRAST_SCALE_RANGE = (0.75, 1.33)  # reconstructions differ in scale by tens of percent (TKD vs MEDI)
+MAX_NOISE_SD = 0.3  # in reference SDs: noisier and smoother maps than the training cohort's
+
+
+def contrast_jitter(x: torch.Tensor, generator: torch.Generator | None = None, channel: int = 0) -> torch.Tensor:
+    """Scale the (referenced) QSM channel by a random factor and add noise where it is not masked out."""
+    b = x.shape[0]
+    if b == 0:
+        return x
+    scale = _uniform(b, *CONTRAST_SCALE_RANGE, generator).to(x.device, x.dtype)
+    sd = _uniform(b, 0.0, MAX_NOISE_SD, generator).to(x.device, x.dtype)
+    noise = torch.randn(x[:, channel].shape, generator=generator).to(x.device, x.dtype)
+    x = x.clone()
+    q = x[:, channel]
+    x[:, channel] = torch.where(q != 0, q * scale.view(-1, 1, 1, 1) + noise * sd.view(-1, 1, 1, 1), q)
+    return x

@@ -95,3 +95,44 @@ def aprl_rf_out_of_fold(
         prob[test] = model.predict_proba(x[test])[:, 1]
     ids = np.arange(y.size) if lesion_ids is None else np.asarray(lesion_ids)
     return pd.DataFrame({"subject": subj, "lesion_id": ids, "label": y, "fold": fold_of, "probability": prob})
+
+
+class ShellCoreScore:
+    """The training-free floor as an estimator: P(rim+) is a logistic of the (z-scored) rim-minus-core score.
+
+    Nothing is learnt; the ensemble's per-fold scaler z-scores the score on the training fold, so the
+    out-of-fold threshold logic is the same as for every other method.
+    """
+
+    def fit(self, x: np.ndarray, y: np.ndarray | None = None) -> "ShellCoreScore":
+        return self
+
+    def predict_proba(self, x: np.ndarray) -> np.ndarray:
+        z = np.nan_to_num(np.asarray(x, dtype=float)[:, 0])
+        p = 1.0 / (1.0 + np.exp(-z))
+        return np.stack([1 - p, p], axis=1)
+
+
+def fit_comparator(method: str, features: np.ndarray, labels: np.ndarray, feature_names: Sequence[str],
+                   seed: int = 0):
+    """Fit one non-network member: ``aprl-rf``, ``rf`` / ``logreg`` (the 527 features, class-balanced:
+    the floors every model must beat) or ``shell-core`` (training-free)."""
+    from sklearn.linear_model import LogisticRegressionCV
+
+    x = np.asarray(features, dtype=float)
+    y = np.asarray(labels).astype(int).ravel()
+    if method == "aprl-rf":
+        return fit_aprl_rf(x, y, feature_names, seed)
+    if method == "shell-core":
+        return ShellCoreScore().fit(x, y)
+    x = np.nan_to_num(x)
+    if method == "rf":
+        model = RandomForestClassifier(n_estimators=N_TREES, class_weight="balanced_subsample", min_samples_leaf=2,
+                                       random_state=seed, n_jobs=1)
+    elif method == "logreg":
+        folds = max(2, min(3, int(y.sum()), int((1 - y).sum())))
+        model = LogisticRegressionCV(Cs=6, cv=folds, scoring="roc_auc", class_weight="balanced", max_iter=3000,
+                                     random_state=seed)
+    else:
+        raise ValueError(f"{method!r} is not a comparator (aprl-rf, rf, logreg, shell-core)")
+    return model.fit(x, y)

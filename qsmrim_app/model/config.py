@@ -4,8 +4,13 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
-Method = Literal["qsmrimnet", "aprl-rf", "aprl-nn", "rimnet", "image-only", "image-radiomics"]
-ALL_METHODS: tuple[str, ...] = ("qsmrimnet", "aprl-rf", "aprl-nn", "rimnet", "image-only", "image-radiomics")
+Method = Literal["qsmrimnet", "aprl-rf", "aprl-nn", "rimnet", "image-only", "image-radiomics",
+                 "rf", "logreg", "shell-core"]
+# ``--method all``: the networks, the paper's comparators and the floors (rf, logreg: the 527 features;
+# shell-core: the training-free rim-minus-core score).
+ALL_METHODS: tuple[str, ...] = ("qsmrimnet", "aprl-rf", "aprl-nn", "rimnet", "image-only", "image-radiomics",
+                                "rf", "logreg", "shell-core")
+PROTOCOLS: tuple[str, ...] = ("paper", "fast")
 
 
 @dataclass(frozen=True)
@@ -27,7 +32,11 @@ class TrainConfig:
     radiomics_dropout: float = 0.3
     classifier_dropout: float = 0.5
     augment: bool = True
-    patch_size: tuple[int, int, int] = (32, 32, 16)
+    # What the network sees (model/inputs.py): the input level and the physical patch grid.
+    input_level: str = "referenced"
+    patch_extent_mm: tuple[float, float, float] = (24.0, 24.0, 24.0)
+    patch_spacing_mm: tuple[float, float, float] = (0.75, 0.75, 1.5)
+    margin_mm: float = 3.0
     n_radiomic_features: int = 527
     base_seed: int = 0
     device: str = "auto"
@@ -36,7 +45,27 @@ class TrainConfig:
     blur_sigma_units: Literal["voxel", "mm"] = "voxel"  # paper: sigmas in voxels
     weights_fp16: bool = False  # store member state dicts as fp16 (smaller bundled model)
     checkpoint: bool = True  # per-epoch checkpoints under out_dir/checkpoints (resumable)
+    # The recipe. 'paper': epochs with step decay. 'fast' (see protocol_config): a fixed number of
+    # optimisation steps, one-cycle LR, rim+-enriched batches and early stopping on an inner split.
+    protocol: str = "paper"
+    max_steps: int | None = None  # None: epochs x batches per epoch
+    optimizer: Literal["adam", "adamw"] = "adam"
+    weight_decay: float = 0.0
+    lr_schedule: Literal["step", "onecycle"] = "step"
+    positive_fraction: float | None = None  # rim+ share of every batch (sampled with replacement)
+    inner_val_fraction: float = 0.0  # training subjects held out for early stopping (0: none)
+    eval_every: int = 0  # steps between inner-validation checks (0: once per epoch)
+    contrast_augment: bool | None = None  # QSM scale/noise augmentation; None: on for referenced inputs
     extra: dict = field(default_factory=dict)
+
+    def input_spec(self):
+        from .inputs import InputSpec
+
+        return InputSpec(self.input_level, self.patch_extent_mm, self.patch_spacing_mm, self.margin_mm)
+
+    @property
+    def uses_contrast_augment(self) -> bool:
+        return self.input_spec().referenced if self.contrast_augment is None else bool(self.contrast_augment)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -44,7 +73,26 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, data: dict) -> "TrainConfig":
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
-        for key in ("lr_milestones", "patch_size"):  # JSON turns tuples into lists
+        for key in ("lr_milestones", "patch_extent_mm", "patch_spacing_mm"):  # JSON turns tuples into lists
             if key in known:
                 known[key] = tuple(known[key])
         return cls(**known)
+
+
+# Our CPU recipe, measured on 2 cores (README, benchmarks/bench_protocol.py): a narrow network, a fixed
+# step budget independent of the cohort size, one-cycle LR at 1e-3 with AdamW, a quarter of every batch
+# rim+ (DeepSMOTE still interpolates them), and the member kept at its best inner-validation AUC.
+FAST_PROTOCOL: dict = dict(protocol="fast", width_multiplier=0.125, folds=5, seeds=1, batch_size=64,
+                           learning_rate=1e-3, optimizer="adamw", weight_decay=1e-4, lr_schedule="onecycle",
+                           max_steps=300, positive_fraction=0.25, inner_val_fraction=0.2, eval_every=25,
+                           epochs=40)
+PAPER_PROTOCOL: dict = dict(protocol="paper")
+
+
+def protocol_config(protocol: str, **overrides) -> TrainConfig:
+    """The TrainConfig of a protocol, with explicit values (not None) taking precedence."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {protocol!r} (one of {', '.join(PROTOCOLS)})")
+    base = dict(FAST_PROTOCOL if protocol == "fast" else PAPER_PROTOCOL)
+    base.update({k: v for k, v in overrides.items() if v is not None})
+    return TrainConfig(**base)

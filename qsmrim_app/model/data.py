@@ -10,28 +10,37 @@ from typing import Sequence
 
 import numpy as np
 
-PATCH_CHANNELS = 2  # channel 0 QSM (ppb), channel 1 FLAIR (normalised)
+# Raw patch channels (patches.RAW_CHANNELS): QSM ppb, FLAIR, signed distance (mm), other lesions.
+# model/inputs.py turns them into the network's channels.
+PATCH_CHANNELS = 4
 
 
 @dataclass
 class LesionSet:
-    """All lesions of a study: patches, radiomic features and (for training) rim labels.
+    """All lesions of a study: raw patches, their references, feature table and (for training) rim labels.
 
     ``labels`` is None for unlabelled data (inference). ``features`` may hold NaN (a feature pyradiomics
-    could not compute); :class:`FeatureScaler` imputes them.
+    could not compute); :class:`FeatureScaler` imputes them. ``features`` holds every feature column of
+    the tables (pyradiomics, radial, the floor score); each method selects its own by name.
+    ``voxel_size_mm`` is the patches' physical sampling and ``extent_mm`` their size.
     """
 
-    patches: np.ndarray  # (N, 2, X, Y, Z) float32
+    patches: np.ndarray  # (N, 4, X, Y, Z) float32
     features: np.ndarray  # (N, F) float32
     feature_names: list[str]
     labels: np.ndarray | None  # (N,) int64 0/1
     subjects: np.ndarray  # (N,) str
     lesion_ids: np.ndarray  # (N,) int
-    voxel_size_mm: np.ndarray = field(default_factory=lambda: np.ones(3, np.float32))  # (3,)
+    voxel_size_mm: np.ndarray = field(default_factory=lambda: np.asarray([0.75, 0.75, 1.5], np.float32))
+    reference: np.ndarray | None = None  # (N, 2) local reference (median, scale) in ppb
+    extent_mm: np.ndarray | None = None  # (3,)
 
     def __post_init__(self) -> None:
         self.patches = np.asarray(self.patches, dtype=np.float32)
         n = self.patches.shape[0]
+        if self.reference is None:
+            self.reference = np.tile(np.asarray([[0.0, 1.0]], np.float32), (n, 1))
+        self.reference = np.asarray(self.reference, dtype=np.float32).reshape(n, 2)
         self.features = np.asarray(self.features, dtype=np.float32).reshape(n, -1)
         self.feature_names = [str(x) for x in self.feature_names]
         if self.labels is not None:
@@ -40,7 +49,10 @@ class LesionSet:
         self.lesion_ids = np.asarray(self.lesion_ids, dtype=np.int64).reshape(-1)
         self.voxel_size_mm = np.asarray(self.voxel_size_mm, dtype=np.float32).reshape(3)
         if self.patches.ndim != 5 or self.patches.shape[1] != PATCH_CHANNELS:
-            raise ValueError(f"patches must be (N, 2, X, Y, Z), got {self.patches.shape}")
+            raise ValueError(f"patches must be (N, {PATCH_CHANNELS}, X, Y, Z) raw patches, got {self.patches.shape}")
+        if self.extent_mm is None:
+            self.extent_mm = self.voxel_size_mm * np.asarray(self.patches.shape[2:], np.float32)
+        self.extent_mm = np.asarray(self.extent_mm, dtype=np.float32).reshape(3)
         if self.features.shape[1] != len(self.feature_names):
             raise ValueError(
                 f"{self.features.shape[1]} feature columns but {len(self.feature_names)} feature names")
@@ -66,13 +78,15 @@ class LesionSet:
         return LesionSet(
             patches=self.patches[idx], features=self.features[idx], feature_names=list(self.feature_names),
             labels=None if self.labels is None else self.labels[idx], subjects=self.subjects[idx],
-            lesion_ids=self.lesion_ids[idx], voxel_size_mm=self.voxel_size_mm.copy())
+            lesion_ids=self.lesion_ids[idx], voxel_size_mm=self.voxel_size_mm.copy(),
+            reference=self.reference[idx], extent_mm=self.extent_mm.copy())
 
     def summary(self) -> dict:
         """Counts stored in model.json so a model says what it was trained on."""
         out = {"lesions": len(self), "subjects": int(np.unique(self.subjects).size),
                "features": self.n_features, "patch_shape": list(self.patches.shape[1:]),
-               "voxel_size_mm": [float(v) for v in self.voxel_size_mm]}
+               "patch_spacing_mm": [float(v) for v in self.voxel_size_mm],
+               "patch_extent_mm": [float(v) for v in self.extent_mm]}
         if self.labels is not None:
             out["rim_positive"] = int(self.labels.sum())
             out["rim_negative"] = int(len(self) - self.labels.sum())
@@ -87,8 +101,10 @@ def concat(sets: Sequence[LesionSet]) -> LesionSet:
     for s in sets[1:]:
         if s.feature_names != names:
             raise ValueError("feature names differ between lesion sets")
-        if not np.allclose(s.voxel_size_mm, sets[0].voxel_size_mm, rtol=1e-3):
-            raise ValueError("voxel sizes differ between lesion sets; resample before concatenating")
+        if not (np.allclose(s.voxel_size_mm, sets[0].voxel_size_mm, rtol=1e-3)
+                and np.allclose(s.extent_mm, sets[0].extent_mm, rtol=1e-3)):
+            raise ValueError("patch grids (mm) differ between lesion sets; rerun the participant level with one "
+                             "--patch-extent-mm/--patch-spacing-mm")
     labelled = [s.labels is not None for s in sets]
     if any(labelled) and not all(labelled):
         raise ValueError("cannot mix labelled and unlabelled lesion sets")
@@ -99,7 +115,8 @@ def concat(sets: Sequence[LesionSet]) -> LesionSet:
         labels=np.concatenate([s.labels for s in sets]) if all(labelled) else None,
         subjects=np.concatenate([s.subjects for s in sets]),
         lesion_ids=np.concatenate([s.lesion_ids for s in sets]),
-        voxel_size_mm=sets[0].voxel_size_mm.copy())
+        voxel_size_mm=sets[0].voxel_size_mm.copy(),
+        reference=np.concatenate([s.reference for s in sets]), extent_mm=sets[0].extent_mm.copy())
 
 
 @dataclass

@@ -21,9 +21,12 @@ from torch import nn
 
 from .config import TrainConfig
 from .data import FeatureScaler
-from .network import build_network
+from .network import NETWORK_METHODS, build_network
 
 MODEL_JSON = "model.json"
+# 2: patches in mm with their surrounding tissue (model/inputs.py). 1 (qsmrim 0.1): 32x32x16 voxel
+# windows of the lesion only; such models cannot read today's patches and are refused by name.
+MODEL_FORMAT = 2
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -133,9 +136,17 @@ class Ensemble:
             raise ValueError(f"{len(missing)} feature(s) the model needs are missing: {shown}")
         return features[:, [where[name] for name in self.feature_names]]
 
+    @property
+    def inputs(self):
+        from .inputs import InputSpec
+
+        return InputSpec.from_dict(self.meta["inputs"])
+
     def predict(self, patches: np.ndarray, features: np.ndarray, feature_names: Sequence[str],
-                batch_size: int = 256, threshold: float | None = None) -> EnsemblePrediction:
-        """Ensemble prediction for N lesions; see the module docstring for what each output means."""
+                batch_size: int = 256, threshold: float | None = None, reference: np.ndarray | None = None
+                ) -> EnsemblePrediction:
+        """Ensemble prediction for N lesions from raw patches (N, 4, X, Y, Z) and their (N, 2) local
+        references; see the module docstring for what each output means."""
         patches = np.asarray(patches, dtype=np.float32)
         feats = self._ordered_features(features, feature_names)
         n = patches.shape[0]
@@ -145,9 +156,13 @@ class Ensemble:
             empty = np.zeros(0, np.float32)
             return EnsemblePrediction(empty, empty.copy(), np.zeros(0, bool), empty.copy(),
                                       np.zeros((len(self.members), 0), np.float32))
-        expected = tuple(self.meta["patch_shape"])
+        spec = self.inputs
+        expected = (4, *spec.shape)
         if patches.shape[1:] != expected:
             raise ValueError(f"patches must be (N, {', '.join(map(str, expected))}), got {patches.shape}")
+        if reference is None:
+            reference = np.tile(np.asarray([[0.0, 1.0]], np.float32), (n, 1))
+        patches = spec.network_inputs(patches, reference) if self.method in NETWORK_METHODS else patches
         probs = np.stack([self._member_probability(m, patches, feats, batch_size) for m in self.members])
         thr = np.array([m.threshold for m in self.members], dtype=np.float32)[:, None]
         votes = (probs >= thr).mean(axis=0).astype(np.float32)
@@ -170,18 +185,25 @@ def load_ensemble(model_dir: Path, device: str = "auto") -> Ensemble:
     if not meta_path.is_file():
         raise FileNotFoundError(f"no {MODEL_JSON} in {model_dir}")
     meta = json.loads(meta_path.read_text())
+    if int(meta.get("format_version", 1)) != MODEL_FORMAT:
+        raise ValueError(
+            f"{meta_path} is a model of format {meta.get('format_version', 1)} (qsmrim 0.1: 32x32x16 voxel "
+            f"windows of the lesion only); this qsmrim reads format {MODEL_FORMAT} (patches in mm with their "
+            "surrounding tissue). Retrain it with `qsmrim BIDS OUT group --train` on this version's "
+            "participant outputs, or use the bundled model")
     config = TrainConfig.from_dict(meta["config"])
     dev = resolve_device(device)
     scalers = {int(f["fold"]): FeatureScaler.from_dict(f["scaler"]) for f in meta["folds"]}
     members = []
     for entry in meta["members"]:
         path = model_dir / entry["weights"]
-        if config.method == "aprl-rf":
-            import joblib  # only the random-forest comparator is pickled
+        if config.method not in NETWORK_METHODS:
+            import joblib  # only the scikit-learn comparators and floors are pickled
 
             model: Any = joblib.load(path)
         else:
-            model = load_state(path, build_network(config, len(meta["feature_names"]))).to(dev).eval()
+            model = load_state(path, build_network(config, len(meta["feature_names"]),
+                                                   len(meta["inputs"]["channels"]))).to(dev).eval()
         members.append(Member(int(entry["fold"]), int(entry["seed"]), model, scalers[int(entry["fold"])],
                               float(entry["threshold"])))
     if not members:

@@ -17,7 +17,7 @@ import csv
 import hashlib
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
@@ -28,16 +28,19 @@ import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 from tqdm.auto import tqdm
 
-from .augment import augment_batch
+from .augment import augment_batch, contrast_jitter
 from .config import TrainConfig
 from .data import FeatureScaler, LesionSet
 from .folds import stratified_subject_folds
+from .inputs import FLOOR_COLUMN, is_pyradiomics_feature
 from .metrics import f1_optimal_threshold, high_sensitivity_threshold
 from .network import NETWORK_METHODS, build_network
-from .predict import MODEL_JSON, autocast_context, autocast_dtype, load_state, predict_probabilities, resolve_device
+from .predict import MODEL_FORMAT, MODEL_JSON, autocast_context, autocast_dtype, load_state, predict_probabilities, resolve_device
 
 EpochCallback = Callable[[int, int, int, dict], None]  # (fold, seed, epoch, record)
 FEATURELESS_METHODS = ("image-only", "rimnet")
+SKLEARN_METHODS = ("aprl-rf", "rf", "logreg")
+FLOOR_METHODS = ("shell-core",)
 
 
 def member_seed(base_seed: int, fold: int, seed: int) -> int:
@@ -56,6 +59,40 @@ def lr_milestones(config: TrainConfig) -> list[int]:
 
 def uses_features(method: str) -> bool:
     return method not in FEATURELESS_METHODS
+
+
+def method_feature_names(method: str, config: TrainConfig, names: list[str]) -> list[str]:
+    """The feature columns a method uses: none (image only), the floor score, the 527 pyradiomics
+    features (random forests, logistic regression) or what the input level feeds the networks."""
+    if method in FEATURELESS_METHODS:
+        return []
+    if method in FLOOR_METHODS:
+        if FLOOR_COLUMN not in names:
+            raise ValueError(f"method {method!r} needs the {FLOOR_COLUMN!r} column; rerun the participant level")
+        return [FLOOR_COLUMN]
+    if method in SKLEARN_METHODS:
+        return [n for n in names if is_pyradiomics_feature(n)]
+    return config.input_spec().select_features(names)
+
+
+def _columns(lesions: LesionSet, method: str, config: TrainConfig) -> tuple[list[str], np.ndarray]:
+    wanted = method_feature_names(method, config, list(lesions.feature_names))
+    index = {n: i for i, n in enumerate(lesions.feature_names)}
+    return wanted, lesions.features[:, [index[n] for n in wanted]]
+
+
+def inner_split(subjects: np.ndarray, labels: np.ndarray, fraction: float, seed: int
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """Hold out ``fraction`` of the training subjects (stratified by rim+ content) for early stopping."""
+    if fraction <= 0:
+        return np.arange(len(labels)), np.zeros(0, np.int64)
+    n_folds = max(2, int(round(1.0 / fraction)))
+    uniq = np.unique(subjects)
+    if uniq.size < n_folds:
+        return np.arange(len(labels)), np.zeros(0, np.int64)
+    folds = stratified_subject_folds(subjects, labels, n_folds, seed)
+    fit, held = folds[0]
+    return np.asarray(fit), np.asarray(held)
 
 
 @dataclass
@@ -83,22 +120,57 @@ def _state_for_storage(net: torch.nn.Module, fp16: bool) -> dict:
             for k, v in net.state_dict().items()}
 
 
-def train_fold(lesions: LesionSet, train_idx: np.ndarray, val_idx: np.ndarray, config: TrainConfig,
-               seed: int, scaler: FeatureScaler, weights_path: Path, checkpoint_path: Path | None = None,
-               progress: bool = True, desc: str = "", epoch_callback: Callable[[int, dict], None] | None = None
-               ) -> MemberResult:
+def _steps_plan(config: TrainConfig, n_train: int) -> tuple[int, int]:
+    """(rounds, steps per round). A round ends with validation and a checkpoint: one epoch for the
+    paper's protocol, ``eval_every`` steps for a step-budget protocol."""
+    per_epoch = max(1, n_train // config.batch_size + (1 if n_train % config.batch_size >= 2 else 0))
+    if config.max_steps is None:
+        return config.epochs, per_epoch
+    every = config.eval_every or per_epoch
+    return max(1, -(-int(config.max_steps) // every)), every
+
+
+def _batches(config: TrainConfig, labels: torch.Tensor, n_steps: int, gen: torch.Generator) -> list[torch.Tensor]:
+    """Index batches for one round: a shuffled epoch, or rim+-enriched draws with replacement."""
+    n = int(labels.numel())
+    if config.positive_fraction is None:
+        batches = list(torch.randperm(n, generator=gen).split(config.batch_size))
+        if len(batches) > 1 and len(batches[-1]) < 2:  # BatchNorm needs two samples
+            batches = batches[:-1]
+        return batches[:n_steps] if config.max_steps is not None else batches
+    pos = torch.nonzero(labels.cpu() == 1).reshape(-1)
+    neg = torch.nonzero(labels.cpu() == 0).reshape(-1)
+    n_pos = min(config.batch_size - 1, max(1, int(round(config.batch_size * config.positive_fraction))))
+    out = []
+    for _ in range(n_steps):
+        parts = []
+        if pos.numel():
+            parts.append(pos[torch.randint(0, pos.numel(), (n_pos,), generator=gen)])
+        if neg.numel():
+            parts.append(neg[torch.randint(0, neg.numel(), (config.batch_size - sum(len(p) for p in parts),),
+                                           generator=gen)])
+        batch = torch.cat(parts)
+        out.append(batch[torch.randperm(batch.numel(), generator=gen)])
+    return out
+
+
+def train_fold(lesions: LesionSet, x_all: np.ndarray, f_all: np.ndarray, train_idx: np.ndarray,
+               val_idx: np.ndarray, config: TrainConfig, seed: int, scaler: FeatureScaler, weights_path: Path,
+               checkpoint_path: Path | None = None, progress: bool = True, desc: str = "",
+               epoch_callback: Callable[[int, dict], None] | None = None) -> MemberResult:
     """Train one network on ``train_idx`` (validated on ``val_idx``) and store its weights.
 
-    ``seed`` fixes weight initialisation, shuffling, augmentation, dropout and DeepSMOTE draws (it seeds
-    the global torch RNG, which dropout and DeepSMOTE use, and a private generator for the rest). When
-    ``checkpoint_path`` holds a checkpoint of this member, training resumes after its last epoch.
+    ``x_all`` are the network inputs of every lesion (``InputSpec.network_inputs``) and ``f_all`` the
+    method's feature columns. ``seed`` fixes weight initialisation, shuffling, augmentation, dropout and
+    DeepSMOTE draws. With ``inner_val_fraction`` > 0 some training subjects are held out and the member
+    keeps the weights of its best inner-validation AUC (early stopping). When ``checkpoint_path`` holds
+    a checkpoint of this member, training resumes after its last round.
     """
     if lesions.labels is None:
         raise ValueError("training needs labels")
     device = resolve_device(config.device)
     amp = autocast_dtype(device, config.mixed_precision)
-    feature_cols = lesions.features if uses_features(config.method) else lesions.features[:, :0]
-    n_features = feature_cols.shape[1]
+    n_features = f_all.shape[1]
     if config.method not in FEATURELESS_METHODS and n_features == 0:
         raise ValueError(f"method {config.method!r} needs radiomic features; the lesion set has none")
     deterministic_before = torch.are_deterministic_algorithms_enabled()
@@ -107,24 +179,36 @@ def train_fold(lesions: LesionSet, train_idx: np.ndarray, val_idx: np.ndarray, c
     try:
         torch.manual_seed(seed)
         gen = torch.Generator().manual_seed(seed)  # shuffling + augmentation, on CPU
-        net = build_network(config, n_features).to(device)
-        opt = torch.optim.Adam(net.parameters(), lr=config.learning_rate)
-        sched = torch.optim.lr_scheduler.MultiStepLR(opt, lr_milestones(config), gamma=config.lr_gamma)
+        in_channels = x_all.shape[1]
+        net = build_network(config, n_features, in_channels).to(device)
+        if config.optimizer == "adamw":
+            opt = torch.optim.AdamW(net.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+        else:
+            opt = torch.optim.Adam(net.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+        fit_rel, stop_rel = inner_split(lesions.subjects[train_idx], lesions.labels[train_idx],
+                                        config.inner_val_fraction, seed)
+        fit_idx, stop_idx = np.asarray(train_idx)[fit_rel], np.asarray(train_idx)[stop_rel]
+        rounds, steps_per_round = _steps_plan(config, len(fit_idx))
+        if config.lr_schedule == "onecycle":
+            sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=config.learning_rate,
+                                                        total_steps=rounds * steps_per_round, pct_start=0.2)
+        else:
+            sched = torch.optim.lr_scheduler.MultiStepLR(opt, lr_milestones(config), gamma=config.lr_gamma)
         grad_scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
 
         def to_dev(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
             return torch.as_tensor(a).to(device=device, dtype=dtype)
 
-        x_train = to_dev(lesions.patches[train_idx], torch.float32)
-        f_train = to_dev(scaler.transform(feature_cols[train_idx]) if n_features else feature_cols[train_idx],
-                         torch.float32)
-        y_train = to_dev(lesions.labels[train_idx], torch.long)
-        x_val = to_dev(lesions.patches[val_idx], torch.float32)
-        f_val = to_dev(scaler.transform(feature_cols[val_idx]) if n_features else feature_cols[val_idx],
-                       torch.float32)
-        y_val = lesions.labels[val_idx]
+        def feats(idx: np.ndarray) -> torch.Tensor:
+            return to_dev(scaler.transform(f_all[idx]) if n_features else f_all[idx], torch.float32)
 
-        start_epoch, history = 0, []
+        x_train, f_train = to_dev(x_all[fit_idx], torch.float32), feats(fit_idx)
+        y_train = to_dev(lesions.labels[fit_idx], torch.long)
+        x_val, f_val, y_val = to_dev(x_all[val_idx], torch.float32), feats(val_idx), lesions.labels[val_idx]
+        x_stop, f_stop, y_stop = to_dev(x_all[stop_idx], torch.float32), feats(stop_idx), lesions.labels[stop_idx]
+        spacing = lesions.voxel_size_mm.tolist()
+
+        start_round, history, best = 0, [], {"auc": -np.inf, "round": -1, "state": None}
         if checkpoint_path is not None and checkpoint_path.is_file():
             ckpt = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
             net.load_state_dict(ckpt["model"])
@@ -135,24 +219,23 @@ def train_fold(lesions: LesionSet, train_idx: np.ndarray, val_idx: np.ndarray, c
             torch.set_rng_state(ckpt["torch_rng"])
             if device.type == "cuda" and ckpt.get("cuda_rng") is not None:
                 torch.cuda.set_rng_state(ckpt["cuda_rng"], device)
-            start_epoch, history = int(ckpt["epoch"]) + 1, list(ckpt["history"])
+            start_round, history = int(ckpt["epoch"]) + 1, list(ckpt["history"])
+            if ckpt.get("best_state") is not None:
+                best = {"auc": float(ckpt["best_auc"]), "round": int(ckpt["best_round"]), "state": ckpt["best_state"]}
 
-        n_train = len(train_idx)
-        bar = tqdm(range(start_epoch, config.epochs), desc=desc or "train", disable=not progress,
-                   initial=start_epoch, total=config.epochs, leave=False)
+        bar = tqdm(range(start_round, rounds), desc=desc or "train", disable=not progress,
+                   initial=start_round, total=rounds, leave=False)
+        step_schedule = config.lr_schedule == "onecycle"
         for epoch in bar:
             net.train()
-            perm = torch.randperm(n_train, generator=gen)
-            batches = list(perm.split(config.batch_size))
-            if len(batches) > 1 and len(batches[-1]) < 2:  # BatchNorm needs two samples
-                batches = batches[:-1]
             total, count = torch.zeros((), device=device), 0  # summed on device: no sync per step
-            for bidx in batches:
+            for bidx in _batches(config, y_train, steps_per_round, gen):
                 bidx = bidx.to(device)
                 x = x_train[bidx]
                 if config.augment:
-                    x = augment_batch(x, lesions.voxel_size_mm.tolist(), gen, config.augment_probability,
-                                      config.blur_sigma_units)
+                    x = augment_batch(x, spacing, gen, config.augment_probability, config.blur_sigma_units)
+                    if config.uses_contrast_augment:
+                        x = contrast_jitter(x, gen)
                 with autocast_context(device, amp):
                     logits, y = net(x, f_train[bidx], y_train[bidx])
                 loss = F.binary_cross_entropy_with_logits(logits.float(), y.float())
@@ -160,18 +243,25 @@ def train_fold(lesions: LesionSet, train_idx: np.ndarray, val_idx: np.ndarray, c
                 grad_scaler.scale(loss).backward()
                 grad_scaler.step(opt)
                 grad_scaler.update()
+                if step_schedule:
+                    sched.step()
                 total += loss.detach() * len(bidx)
                 count += len(bidx)
-            sched.step()
+            if not step_schedule:
+                sched.step()
             p_val = predict_probabilities(net, x_val, f_val, device, 256, amp)
             record = {"epoch": epoch, "loss": float(total) / max(count, 1), "lr": opt.param_groups[0]["lr"],
-                      "val_loss": float(F.binary_cross_entropy(torch.as_tensor(p_val, dtype=torch.float64)
-                                                               .clamp(1e-7, 1 - 1e-7),
-                                                               torch.as_tensor(y_val, dtype=torch.float64))),
-                      "val_auc": _binary_auc(y_val, p_val)}
+                      "val_loss": _bce(y_val, p_val), "val_auc": _binary_auc(y_val, p_val)}
+            if len(stop_idx):
+                p_stop = predict_probabilities(net, x_stop, f_stop, device, 256, amp)
+                record["inner_auc"] = _binary_auc(y_stop, p_stop)
+                record["inner_loss"] = _bce(y_stop, p_stop)
+                score = record["inner_auc"] if np.isfinite(record["inner_auc"]) else -record["inner_loss"]
+                if score > best["auc"]:
+                    best = {"auc": float(score), "round": epoch,
+                            "state": {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}}
             history.append(record)
-            bar.set_postfix(loss=f"{record['loss']:.4f}", val_loss=f"{record['val_loss']:.4f}",
-                            val_auc=f"{record['val_auc']:.3f}")
+            bar.set_postfix(loss=f"{record['loss']:.4f}", val_auc=f"{record['val_auc']:.3f}")
             if checkpoint_path is not None and config.checkpoint:
                 checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
                 _atomic_torch_save({
@@ -179,21 +269,32 @@ def train_fold(lesions: LesionSet, train_idx: np.ndarray, val_idx: np.ndarray, c
                     "scheduler": sched.state_dict(), "grad_scaler": grad_scaler.state_dict(),
                     "generator": gen.get_state(), "torch_rng": torch.get_rng_state(),
                     "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-                    "history": history}, checkpoint_path)
+                    "history": history, "best_state": best["state"], "best_auc": best["auc"],
+                    "best_round": best["round"]}, checkpoint_path)
             if epoch_callback is not None:
                 epoch_callback(epoch, record)
         bar.close()
+        if best["state"] is not None:  # early stopping: the best inner-validation round
+            net.load_state_dict(best["state"])
+            history.append({"selected_round": best["round"], "inner_auc": best["auc"]})
 
         weights_path.parent.mkdir(parents=True, exist_ok=True)
         _atomic_torch_save(_state_for_storage(net, config.weights_fp16), weights_path)
         # Held-out predictions from the stored weights, so a resumed run and fp16 storage agree.
-        stored = load_state(weights_path, build_network(config, n_features)).to(device)
+        stored = load_state(weights_path, build_network(config, n_features, in_channels)).to(device)
         p_val = predict_probabilities(stored, x_val, f_val, device, 256, amp)
         if checkpoint_path is not None and checkpoint_path.is_file():
             checkpoint_path.unlink()
         return MemberResult(seed, weights_path, p_val, history)
     finally:
         torch.use_deterministic_algorithms(deterministic_before)
+
+
+def _bce(y: np.ndarray, p: np.ndarray) -> float:
+    if len(y) == 0:
+        return float("nan")
+    return float(F.binary_cross_entropy(torch.as_tensor(p, dtype=torch.float64).clamp(1e-7, 1 - 1e-7),
+                                        torch.as_tensor(y, dtype=torch.float64)))
 
 
 @dataclass
@@ -220,6 +321,12 @@ def _safe_threshold(value: float) -> float:
     return float(value) if np.isfinite(value) else 0.5
 
 
+def with_data_grid(config: TrainConfig, lesions: LesionSet) -> TrainConfig:
+    """The model's patch grid is the one its training patches were sampled on."""
+    return replace(config, patch_extent_mm=tuple(float(v) for v in lesions.extent_mm),
+                   patch_spacing_mm=tuple(float(v) for v in lesions.voxel_size_mm))
+
+
 def cross_validate(lesions: LesionSet, config: TrainConfig, out_dir: Path, progress: bool = True,
                    epoch_callback: EpochCallback | None = None) -> CVResult:
     """Train every (fold, seed) member under ``out_dir/weights`` and collect out-of-fold predictions.
@@ -229,11 +336,15 @@ def cross_validate(lesions: LesionSet, config: TrainConfig, out_dir: Path, progr
     """
     if lesions.labels is None:
         raise ValueError("cross-validation needs labels")
+    config = with_data_grid(config, lesions)
     out_dir = Path(out_dir)
     folds = stratified_subject_folds(lesions.subjects, lesions.labels, config.folds, config.base_seed)
     n = len(lesions)
-    feature_cols = lesions.features if uses_features(config.method) else lesions.features[:, :0]
-    member_prob = np.full((config.seeds, n), np.nan, dtype=np.float64)
+    _, feature_cols = _columns(lesions, config.method, config)
+    network = config.method in NETWORK_METHODS
+    x_all = config.input_spec().network_inputs(lesions.patches, lesions.reference) if network else None
+    seeds = config.seeds if config.method not in FLOOR_METHODS else 1  # a training-free score needs one
+    member_prob = np.full((seeds, n), np.nan, dtype=np.float64)
     fold_of = np.full(n, -1, dtype=np.int64)
     scalers, members, fold_thresholds = [], [], []
     for k, (train_idx, test_idx) in enumerate(folds):
@@ -241,23 +352,22 @@ def cross_validate(lesions: LesionSet, config: TrainConfig, out_dir: Path, progr
         fold_of[test_idx] = k
         scaler = FeatureScaler.fit(feature_cols[train_idx])
         scalers.append(scaler)
-        for s in range(config.seeds):
+        for s in range(seeds):
             name, torch_seed = member_name(k, s), member_seed(config.base_seed, k, s)
-            if config.method == "aprl-rf":
-                weights, p = _fit_rf_member(lesions, feature_cols, train_idx, test_idx, scaler, torch_seed,
-                                            out_dir / "weights" / f"{name}.joblib")
+            if not network:
+                weights, p = _fit_sklearn_member(config.method, lesions, feature_cols, train_idx, test_idx, scaler,
+                                                 torch_seed, out_dir / "weights" / f"{name}.joblib")
             else:
                 weights = out_dir / "weights" / f"{name}.pt"
                 callback = None
                 if epoch_callback is not None:
                     callback = (lambda kk, ss: lambda e, rec: epoch_callback(kk, ss, e, rec))(k, s)
                 if weights.is_file():
-                    p = _stored_member_probability(weights, config, lesions, feature_cols, test_idx, scaler)
+                    p = _stored_member_probability(weights, config, x_all, feature_cols, test_idx, scaler)
                 else:
-                    p = train_fold(lesions, train_idx, test_idx, config, torch_seed, scaler, weights,
-                                   out_dir / "checkpoints" / f"{name}.pt", progress,
-                                   f"fold {k + 1}/{len(folds)} seed {s + 1}/{config.seeds}",
-                                   callback).val_probability
+                    p = train_fold(lesions, x_all, feature_cols, train_idx, test_idx, config, torch_seed, scaler,
+                                   weights, out_dir / "checkpoints" / f"{name}.pt", progress,
+                                   f"fold {k + 1}/{len(folds)} seed {s + 1}/{seeds}", callback).val_probability
             member_prob[s, test_idx] = p
             members.append({"fold": k, "seed": s, "torch_seed": torch_seed,
                             "weights": str(weights.relative_to(out_dir))})
@@ -275,28 +385,30 @@ def cross_validate(lesions: LesionSet, config: TrainConfig, out_dir: Path, progr
                     [(np.asarray(a), np.asarray(b)) for a, b in folds])
 
 
-def _stored_member_probability(weights: Path, config: TrainConfig, lesions: LesionSet,
+def _stored_member_probability(weights: Path, config: TrainConfig, x_all: np.ndarray,
                                feature_cols: np.ndarray, test_idx: np.ndarray, scaler: FeatureScaler
                                ) -> np.ndarray:
     device = resolve_device(config.device)
-    net = load_state(weights, build_network(config, feature_cols.shape[1])).to(device)
+    net = load_state(weights, build_network(config, feature_cols.shape[1], x_all.shape[1])).to(device)
     feats = scaler.transform(feature_cols[test_idx]) if feature_cols.shape[1] else feature_cols[test_idx]
-    return predict_probabilities(net, lesions.patches[test_idx], feats, device, 256,
+    return predict_probabilities(net, x_all[test_idx], feats, device, 256,
                                  autocast_dtype(device, config.mixed_precision))
 
 
-def _fit_rf_member(lesions: LesionSet, feature_cols: np.ndarray, train_idx: np.ndarray, test_idx: np.ndarray,
-                   scaler: FeatureScaler, seed: int, path: Path) -> tuple[Path, np.ndarray]:
-    """The APRL random-forest comparator on the same folds (features only, stored with joblib)."""
+def _fit_sklearn_member(method: str, lesions: LesionSet, feature_cols: np.ndarray, train_idx: np.ndarray,
+                        test_idx: np.ndarray, scaler: FeatureScaler, seed: int, path: Path
+                        ) -> tuple[Path, np.ndarray]:
+    """APRL(RF), the floors (RF and logistic regression on the 527 features, the shell-minus-core score)
+    on the same folds, stored with joblib."""
     import joblib
 
-    from .comparators import fit_aprl_rf
+    from .comparators import fit_comparator
 
     if path.is_file():
         model = joblib.load(path)
     else:
-        model = fit_aprl_rf(scaler.transform(feature_cols[train_idx]), lesions.labels[train_idx],
-                            list(lesions.feature_names), seed)
+        model = fit_comparator(method, scaler.transform(feature_cols[train_idx]), lesions.labels[train_idx],
+                               method_feature_names(method, TrainConfig(), list(lesions.feature_names)), seed)
         path.parent.mkdir(parents=True, exist_ok=True)
         joblib.dump(model, path)
     return path, model.predict_proba(scaler.transform(feature_cols[test_idx]))[:, 1].astype(np.float64)
@@ -338,20 +450,21 @@ def write_oof_predictions(path: Path, lesions: LesionSet, cv: CVResult) -> None:
 def train(lesions: LesionSet, config: TrainConfig, out_dir: Path, progress: bool = True,
           epoch_callback: EpochCallback | None = None) -> Path:
     """Cross-validate, then write the model directory (model.json, weights/, oof_predictions.tsv)."""
-    if config.method not in NETWORK_METHODS and config.method != "aprl-rf":
+    if config.method not in NETWORK_METHODS + SKLEARN_METHODS + FLOOR_METHODS:
         raise ValueError(f"unknown method {config.method!r}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    config = with_data_grid(config, lesions)
     cv = cross_validate(lesions, config, out_dir, progress, epoch_callback)
-    feature_names = list(lesions.feature_names) if uses_features(config.method) else []
+    feature_names, _ = _columns(lesions, config.method, config)
     meta = {
-        "format_version": 1,
+        "format_version": MODEL_FORMAT,
         "model_id": _model_id(config, out_dir, cv.members),
         "method": config.method,
         "config": config.to_dict(),
         "feature_names": feature_names,
-        "patch_shape": list(lesions.patches.shape[1:]),
-        "voxel_size_mm": [float(v) for v in lesions.voxel_size_mm],
+        "inputs": config.input_spec().to_dict(),
+        "protocol": config.protocol,
         "folds": [{"fold": k, "n_train": int(len(tr)), "n_test": int(len(te)),
                    "threshold": cv.fold_thresholds[k], "scaler": cv.scalers[k].to_dict()}
                   for k, (tr, te) in enumerate(cv.folds)],
@@ -367,3 +480,44 @@ def train(lesions: LesionSet, config: TrainConfig, out_dir: Path, progress: bool
     os.replace(tmp, out_dir / MODEL_JSON)
     write_oof_predictions(out_dir / "oof_predictions.tsv", lesions, cv)
     return out_dir
+
+
+def estimate_training_seconds(config: TrainConfig, n_lesions: int, n_features: int, n_steps_timed: int = 2
+                              ) -> dict:
+    """Time a few training steps of this configuration on its device and extrapolate to the whole run.
+
+    Returns seconds per step, steps per member, members and the estimate in seconds. Used to warn
+    before a paper-protocol run that would take hours on a CPU.
+    """
+    import time
+
+    if config.method not in NETWORK_METHODS:
+        return {"seconds": 0.0, "seconds_per_step": 0.0, "steps_per_member": 0, "members": config.folds}
+    device = resolve_device(config.device)
+    spec = config.input_spec()
+    bs = min(config.batch_size, max(2, n_lesions))
+    torch.manual_seed(0)
+    net = build_network(config, n_features, len(spec.channels)).to(device).train()
+    opt = torch.optim.Adam(net.parameters(), lr=config.learning_rate)
+    x = torch.randn(bs, len(spec.channels), *spec.shape, device=device)
+    f = torch.randn(bs, n_features, device=device)
+    y = (torch.arange(bs, device=device) % 4 == 0).long()
+    timings = []
+    for i in range(n_steps_timed + 1):  # the first step warms up (allocations, kernels)
+        start = time.perf_counter()
+        logits, yy = net(x, f, y)
+        loss = F.binary_cross_entropy_with_logits(logits.float(), yy.float())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i:
+            timings.append(time.perf_counter() - start)
+    per_step = float(np.median(timings))
+    n_train = int(n_lesions * (1 - 1 / max(config.folds, 2)) * (1 - config.inner_val_fraction))
+    rounds, per_round = _steps_plan(config, max(n_train, 2))
+    steps = rounds * per_round
+    members = config.folds * config.seeds
+    return {"seconds": per_step * steps * members * 1.1, "seconds_per_step": per_step,
+            "steps_per_member": steps, "members": members, "device": device.type}

@@ -90,14 +90,16 @@ def init_participant_wf(config: AppConfig, inputs, classify: bool = True) -> Wor
         _into_qsm_grid(wf, "rim", inputs.rim_labels, inputs.rim_labels_space, qsm_ppb, register,
                        lesions, "rim_file")
 
-    patches = pe.Node(ExtractPatches(patch_size=tuple(pre.patch_size)), name="lesion_patches")
+    patches = pe.Node(ExtractPatches(extent_mm=tuple(pre.patch_extent_mm), spacing_mm=tuple(pre.patch_spacing_mm)),
+                      name="lesion_patches")
     wf.connect([(qsm_ppb, patches, [("out_file", "qsm_file"), ("mask_file", "brain_mask_file")]),
                 (flair_in_qsm, patches, [("out_file", "flair_file")]),
                 (lesions, patches, [("instances_file", "instances_file")])])
     radiomics = pe.Node(RadiomicFeatures(params_file=str(pre.radiomics_params), nprocs=config.nprocs),
                         name="lesion_radiomics", n_procs=config.nprocs)
     wf.connect([(qsm_ppb, radiomics, [("out_file", "qsm_file")]),
-                (lesions, radiomics, [("instances_file", "instances_file"), ("geometry_file", "geometry_file")])])
+                (lesions, radiomics, [("instances_file", "instances_file"), ("geometry_file", "geometry_file")]),
+                (patches, radiomics, [("radial_file", "extra_features_file")])])
 
     # Gate: sinks read from here, so nothing is written before every processing node succeeded.
     fields = ["flair", "xfm", "dseg", "dseg_tsv", "radiomics", "radiomics_dict", "patches"]
@@ -136,9 +138,15 @@ def init_participant_wf(config: AppConfig, inputs, classify: bool = True) -> Wor
         "dseg_tsv": ("lesions_dseg_tsv", [mask_src], None),  # its sidecar is the image's (same name)
         "radiomics": ("radiomics", [qsm_src, mask_src], {}),
         "patches": ("patches", [qsm_src, flair_src, mask_src],
-                    {"Description": "Per-lesion 2-channel patches (QSM ppb, normalised FLAIR), zero outside the lesion",
-                     "Arrays": {"patches": "float32 (N, 2, X, Y, Z)", "lesion_id": "int32 (N,)",
-                                "voxel_size_mm": "float32 (3,)"}}),
+                    {"Description": "Per-lesion patches resampled in mm along the world (RAS) axes around each lesion's "
+                                    "centroid: QSM (ppb), normalised FLAIR, signed distance to the lesion boundary "
+                                    "(mm, negative inside), other lesions (1); and each lesion's local reference "
+                                    "tissue (median, robust scale; ppb)",
+                     "Arrays": {"patches": "float32 (N, 4, X, Y, Z)", "lesion_id": "int32 (N,)",
+                                "reference": "float32 (N, 2) median, scale (ppb)", "extent_mm": "float32 (3,)",
+                                "spacing_mm": "float32 (3,)", "qsm_voxel_size_mm": "float32 (3,)",
+                                "channels": "str (4,)", "format_version": "int32"},
+                     "PatchExtentMM": list(pre.patch_extent_mm), "PatchSpacingMM": list(pre.patch_spacing_mm)}),
         "annotations": ("annotations", [uri(inputs.rim_labels)] if inputs.rim_labels else [],
                         drv.ANNOTATION_DICTIONARY),
         "rim_table": ("rim_lesions", [qsm_src, flair_src, mask_src], drv.RIM_DICTIONARY),

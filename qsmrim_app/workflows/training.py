@@ -17,7 +17,7 @@ import pandas as pd
 
 from .. import derivatives as drv
 from ..config import AppConfig
-from ..inference import GEOMETRY_COLUMNS
+from ..model.inputs import is_feature_column
 from ..patches import load_patches
 from .group import find_units
 
@@ -45,13 +45,14 @@ def collect_lesion_set(output_dir: Path):
         keep = label.notna().to_numpy()
         if not keep.any():
             continue
-        names = [c for c in table.columns if c not in GEOMETRY_COLUMNS]
+        names = [c for c in table.columns if is_feature_column(c)]
         sets.append(LesionSet(
             patches=patchset.patches[keep], features=table.loc[keep, names].to_numpy(np.float32),
             feature_names=names, labels=label[keep].to_numpy(np.int64),
             # Sessions of one participant share a subject id, so folds never split a participant.
             subjects=np.full(int(keep.sum()), unit.participant_id), lesion_ids=table.loc[keep, "lesion_id"].to_numpy(),
-            voxel_size_mm=patchset.voxel_size_mm if patchset.voxel_size_mm is not None else np.ones(3)))
+            voxel_size_mm=patchset.voxel_size_mm, extent_mm=np.asarray(patchset.grid.extent_mm),
+            reference=patchset.reference[keep]))
     if not sets:
         return None
     return concat(sets)
@@ -69,7 +70,7 @@ def model_id_for(lesions, config_dict: dict) -> str:
 
 def train_from_derivatives(config: AppConfig) -> int:
     from ..model.evaluation import write_evaluation
-    from ..model.train import train
+    from ..model.train import estimate_training_seconds, method_feature_names, train
 
     lesions = collect_lesion_set(config.output_dir)
     if lesions is None:
@@ -84,10 +85,24 @@ def train_from_derivatives(config: AppConfig) -> int:
     base = replace(config.training, device=config.device)
     model_dir = Path(config.output_dir) / "models" / f"{primary}-{model_id_for(lesions, base.to_dict() | {'methods': methods})}"
     results: dict[str, pd.DataFrame] = {}
+    effective = {k: getattr(base, k) for k in ("protocol", "epochs", "max_steps", "folds", "seeds",
+                                                 "width_multiplier", "batch_size", "learning_rate", "input_level",
+                                                 "patch_extent_mm", "patch_spacing_mm")}
+    LOGGER.info("training protocol %s: %s", base.protocol, ", ".join(f"{k}={v}" for k, v in effective.items()))
     for method in methods:
         target = model_dir if method == primary else model_dir / "comparators" / method
+        cfg = replace(base, method=method)
+        estimate = estimate_training_seconds(cfg, len(lesions), len(method_feature_names(
+            method, cfg, list(lesions.feature_names))))
+        if estimate["seconds"]:
+            LOGGER.info("method %s: estimated %.1f min on %s (%d members x %d steps at %.2f s/step)", method,
+                        estimate["seconds"] / 60, estimate["device"], estimate["members"],
+                        estimate["steps_per_member"], estimate["seconds_per_step"])
+            if estimate["device"] == "cpu" and estimate["seconds"] > 3600 and base.protocol == "paper":
+                LOGGER.warning("the paper protocol takes hours on a CPU; `--protocol fast` is our CPU recipe "
+                               "(about 30 min for ~1,400 lesions on 2 cores)")
         LOGGER.info("method %s -> %s", method, target)
-        train(lesions, replace(base, method=method), target)
+        train(lesions, cfg, target)
         results[method] = drv.read_tsv(target / "oof_predictions.tsv")
     metrics = write_evaluation(results, model_dir, title=f"qsmrim cross-validation ({', '.join(methods)})")
     LOGGER.info("model: %s; metrics: %s", model_dir, model_dir / "metrics.json")
