@@ -261,12 +261,12 @@ def test_protocol_settings_reach_the_trainer(tmp_path: Path, dataset: Path, disp
     assert paper.lr_milestones == (0.5, 0.7, 0.9) and paper.input_level == "referenced"
     assert main([str(dataset), str(output), "group", "--train", "--protocol", "fast"]) == 0
     fast = dispatched["group"].training
-    assert fast.protocol == "fast" and fast.max_steps == 300 and fast.seeds == 1 and fast.width_multiplier == 0.125
-    assert fast.inner_val_fraction > 0 and fast.positive_fraction and fast.lr_schedule == "onecycle"
+    assert fast.protocol == "fast" and fast.max_steps == 200 and fast.seeds == 1 and fast.width_multiplier == 0.125
+    assert fast.batch_size == 32 and fast.inner_val_fraction > 0 and fast.positive_fraction and fast.lr_schedule == "onecycle"
     assert main([str(dataset), str(output), "group", "--train", "--protocol", "fast", "--seeds", "2",
                  "--width-multiplier", "0.25", "--folds", "3", "--inputs", "paper"]) == 0
     mixed = dispatched["group"].training
-    assert (mixed.seeds, mixed.width_multiplier, mixed.folds, mixed.max_steps) == (2, 0.25, 3, 300)
+    assert (mixed.seeds, mixed.width_multiplier, mixed.folds, mixed.max_steps) == (2, 0.25, 3, 200)
     assert mixed.input_level == "paper"
     assert main([str(dataset), str(output), "group", "--train", "--patch-extent-mm", "20", "20", "20",
                  "--patch-spacing-mm", "0.75", "0.75", "1.5"]) == 64  # 20 / 0.75 is not a whole number

@@ -252,3 +252,35 @@ def test_trains_on_real_lesion_shapes_and_qsm_texture(shared_data: Path, tmp_pat
     cv = cross_validate(lesions, tiny_config(epochs=3, folds=2), tmp_path / "real", progress=False)
     assert np.isfinite(cv.probability).all()
     assert roc_auc_score(lesions.labels, cv.probability) > 0.7
+
+
+def test_fast_protocol_trains_with_step_budget_and_early_stopping(tmp_path: Path) -> None:
+    """The step-budget recipe: rim+-enriched batches, one-cycle LR, inner split, best round kept."""
+    from qsmrim_app.model.config import protocol_config
+    from qsmrim_app.model.train import _batches, _steps_plan, estimate_training_seconds
+
+    config = protocol_config("fast", max_steps=12, eval_every=4, folds=2, batch_size=16, device="cpu")
+    assert _steps_plan(config, 100) == (3, 4)
+    assert _steps_plan(protocol_config("paper", epochs=3, batch_size=16), 100) == (3, 7)
+    labels = torch.tensor([1] * 5 + [0] * 95)
+    batches = _batches(config, labels, 4, torch.Generator().manual_seed(0))
+    assert len(batches) == 4 and all(len(b) == 16 for b in batches)
+    assert all(int(labels[b].sum()) == 4 for b in batches)  # a quarter rim+, whatever the prevalence
+    lesions = synthetic_lesions(n_subjects=10, per_subject=10)
+    out = train(lesions, config, tmp_path / "fast", progress=False)
+    meta = json.loads((out / "model.json").read_text())
+    assert meta["protocol"] == "fast" and meta["config"]["max_steps"] == 12
+    assert meta["inputs"]["level"] == "referenced" and meta["inputs"]["channels"] == ["qsm", "flair", "outline"]
+    ens = load_ensemble(out, "cpu")
+    pred = ens.predict(lesions.patches, lesions.features, lesions.feature_names, reference=lesions.reference)
+    assert np.isfinite(pred.probability).all()
+    estimate = estimate_training_seconds(config, len(lesions), lesions.n_features)
+    assert estimate["steps_per_member"] == 12 and estimate["members"] == 2 and estimate["seconds"] > 0
+
+
+def test_old_models_are_refused_by_name(tmp_path: Path) -> None:
+    """A model written by qsmrim 0.1 (voxel windows, format 1) cannot read today's patches: clear refusal."""
+    (tmp_path / "model.json").write_text(json.dumps({"format_version": 1, "method": "qsmrimnet", "config": {},
+                                                      "patch_shape": [2, 32, 32, 16], "members": []}))
+    with pytest.raises(ValueError, match="Retrain it with"):
+        load_ensemble(tmp_path)

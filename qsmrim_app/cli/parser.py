@@ -297,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--protocol", choices=["paper", "fast"], default="paper",
                        help="training recipe: 'paper' (Adam 1e-4, batch 64, 40 epochs, LR steps at 50/70/90%%, "
                             "5 folds x 3 seeds, width 1.0; hours on a CPU) or 'fast' (ours, for a 2-core CPU: "
-                            "width 0.125, 300 steps of one-cycle AdamW 1e-3, rim+-enriched batches, early "
+                            "width 0.125, 200 steps of 32 patches, one-cycle AdamW 1e-3, rim+-enriched batches, early "
                             "stopping on an inner split, 5 folds x 1 seed); --epochs/--folds/--seeds/"
                             "--width-multiplier override either")
     train.add_argument("--inputs", choices=["paper", "margin", "radial", "referenced"], default="referenced",
@@ -311,8 +311,11 @@ def build_parser() -> argparse.ArgumentParser:
                             "ensemble keeps every fold's networks")
     train.add_argument("--seeds", type=_positive_int, default=None,
                        help="networks trained per fold with different seeds (paper: 3, fast: 1)")
-    train.add_argument("--batch-size", "--batch_size", dest="batch_size", type=_positive_int, default=64,
-                       help="mini-batch size")
+    train.add_argument("--max-steps", "--max_steps", dest="max_steps", type=_positive_int, default=None,
+                       help="optimisation steps per network (the fast protocol's budget: 200); replaces "
+                            "--epochs as the stopping rule")
+    train.add_argument("--batch-size", "--batch_size", dest="batch_size", type=_positive_int, default=None,
+                       help="mini-batch size (paper: 64, fast: 32)")
     train.add_argument("--width-multiplier", "--width_multiplier", dest="width_multiplier",
                        type=_positive_float, default=None,
                        help="scales the network's channel widths (1.0: the paper's ResNet-18, the paper "

@@ -160,7 +160,8 @@ def build_config(args: Namespace, argv: Sequence[str]) -> AppConfig:
                                     operating_point=args.operating_point)
     try:
         training = protocol_config(
-            args.protocol, method=methods[0], epochs=args.epochs, batch_size=args.batch_size, folds=args.folds,
+            args.protocol, method=methods[0], epochs=args.epochs, max_steps=args.max_steps,
+            batch_size=args.batch_size, folds=args.folds,
             seeds=args.seeds, width_multiplier=args.width_multiplier, weights_fp16=args.weights_fp16 or None,
             input_level=args.inputs, patch_extent_mm=extent, patch_spacing_mm=spacing, device=args.device)
         PatchGrid(extent, spacing)

@@ -126,7 +126,7 @@ def _steps_plan(config: TrainConfig, n_train: int) -> tuple[int, int]:
     per_epoch = max(1, n_train // config.batch_size + (1 if n_train % config.batch_size >= 2 else 0))
     if config.max_steps is None:
         return config.epochs, per_epoch
-    every = config.eval_every or per_epoch
+    every = max(1, min(config.eval_every or per_epoch, int(config.max_steps)))
     return max(1, -(-int(config.max_steps) // every)), every
 
 
