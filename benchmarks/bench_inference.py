@@ -31,7 +31,7 @@ def lesion_set(n: int, n_features: int, seed: int):
     rng = np.random.default_rng(seed)
     labels = (rng.random(n) < 0.3).astype(np.int64)
     labels[:4] = 1
-    return LesionSet(patches=rng.normal(size=(n, 2, 32, 32, 16)).astype(np.float32),
+    return LesionSet(patches=rng.normal(size=(n, 4, 32, 32, 16)).astype(np.float32),
                      features=rng.normal(size=(n, n_features)).astype(np.float32),
                      feature_names=[f"original_firstorder_f{i}" for i in range(n_features)], labels=labels,
                      subjects=np.array([f"sub-{i % 10:02d}" for i in range(n)]), lesion_ids=np.arange(1, n + 1))

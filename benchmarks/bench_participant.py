@@ -43,6 +43,8 @@ def main(argv=None) -> int:
     from qsmrim_app.config import RADIOMICS_PARAMS
     from qsmrim_app.lesions import label_instances, lesion_geometry
     from qsmrim_app.patches import extract_patches, normalise_flair
+    from qsmrim_app.radial import radial_table
+    from qsmrim_app.reference import local_references
     from qsmrim_app.qsm import brain_mask, to_ppb
     from qsmrim_app.radiomics import extract_lesion_features, load_params
     from qsmrim_app.registration import n4_correct, register_flair_to_qsm, resample_to_reference
@@ -72,7 +74,12 @@ def main(argv=None) -> int:
         lesions = timed(times, "lesion_instances", label_instances, mask_arr, 10, True)
         timed(times, "lesion_geometry", lesion_geometry, lesions.labels, qsm_img.affine)
         flair_norm = normalise_flair(flair_arr, brain, lesions.labels > 0)
-        timed(times, "patches", extract_patches, qsm, flair_norm, lesions.labels, list(lesions.lesion_ids))
+        patchset = timed(times, "patches", extract_patches, qsm, flair_norm, lesions.labels, list(lesions.lesion_ids),
+                         qsm_img.affine)
+        zooms_ = tuple(float(z) for z in qsm_img.header.get_zooms()[:3])
+        reference, _ = timed(times, "reference", local_references, qsm, lesions.labels, brain,
+                             list(lesions.lesion_ids), zooms_)
+        timed(times, "radial", radial_table, patchset.patches, reference, patchset.grid.spacing_mm)
         zooms = tuple(float(z) for z in qsm_img.header.get_zooms()[:3])
         timed(times, "radiomics", extract_lesion_features, qsm, lesions.labels, zooms, list(lesions.lesion_ids),
               load_params(RADIOMICS_PARAMS), nprocs=args.nprocs)
