@@ -137,6 +137,7 @@ def build_config(args: Namespace, argv: Sequence[str]) -> AppConfig:
         min_lesion_voxels=args.min_lesion_voxels,
         patch_size=tuple(args.patch_size),
         qsm_units=args.qsm_units,
+        registration=args.registration,
     )
     inference = InferenceConfig(threshold=args.threshold, operating_point=args.operating_point)
     if args.model is not None:
