@@ -287,42 +287,38 @@ def _add_vein(chi: np.ndarray, brain: np.ndarray, design: LesionDesign, to_cosmo
     chi[sl] = (chi[sl] * (1 - frac) + design.vein_chi * frac).astype(np.float32)
 
 
-def _in_plane_edges(mask: np.ndarray) -> np.ndarray:
-    """Lesion voxels with an in-plane (i, j) 4-neighbour outside the lesion."""
-    cross = np.zeros((3, 3, 1), bool)
-    cross[1, :, 0] = cross[:, 1, 0] = True
-    return mask & ~ndimage.binary_erosion(mask, cross, border_value=0)
-
-
-def consensus_rule(lesion: np.ndarray, rim_seen: np.ndarray, sectors: int = 12) -> tuple[bool, int, float]:
+def consensus_rule(lesion: np.ndarray, rim_seen: np.ndarray, sectors: int = 16) -> tuple[bool, int, float]:
     """(rim+, slices meeting the rule, best slice coverage) of one lesion in the QSM grid.
 
-    Per slice (k), the lesion's in-plane edge is split into `sectors` azimuth sectors around the slice's
-    centroid; a sector is covered when a seen rim voxel lies on the edge or one in-plane voxel from it
-    within that sector. The slice meets the rule when >= RULE_COVERAGE of the sectors that hold edge
-    voxels are covered; rim+ needs RULE_SLICES such slices (slices with < RULE_MIN_EDGE edge voxels are
-    too small to judge and skipped, as are slivers without an inside). Sectors, not voxels, so a short arc on a small cross-section is not
-    inflated by the voxels next to it.
+    Per slice (k), the edge band of the lesion's largest in-plane piece (its edge voxels and the ring of
+    voxels just outside it) is split into `sectors` azimuth sectors around the slice's centroid; a sector is covered when a seen rim
+    voxel lies in its part of the band. The slice meets the rule when >= RULE_COVERAGE of the sectors that
+    hold band voxels are covered; rim+ needs RULE_SLICES such slices. Slices with < RULE_MIN_EDGE edge
+    voxels, or slivers without an inside, are too small to judge and skipped. The outer ring is part of the
+    band so that both sides of an elongated cross-section count (an arc along one side covers half).
     """
-    edges = _in_plane_edges(lesion)
-    cross = np.zeros((3, 3, 1), bool)
-    cross[1, :, 0] = cross[:, 1, 0] = True
-    near_edge = ndimage.binary_dilation(edges, cross)
+    cross = np.zeros((3, 3), bool)
+    cross[1, :] = cross[:, 1] = True
     good, best = 0, 0.0
     for k in range(lesion.shape[2]):
-        edge_k = np.argwhere(edges[:, :, k])
-        if len(edge_k) < RULE_MIN_EDGE or not (lesion[:, :, k] & ~edges[:, :, k]).any():
-            continue  # too small, or a sliver with no inside: "around the lesion" means nothing there
-        centre = np.argwhere(lesion[:, :, k]).mean(axis=0)
-        rim_k = np.argwhere(rim_seen[:, :, k] & near_edge[:, :, k])
+        pieces, n = ndimage.label(lesion[:, :, k], np.ones((3, 3), bool))
+        if n == 0:
+            continue
+        # The largest piece of the cross-section: what a rater judges "around" on that slice.
+        piece = pieces == 1 + int(np.argmax(np.bincount(pieces.ravel())[1:]))
+        edge = piece & ~ndimage.binary_erosion(piece, cross, border_value=0)
+        if edge.sum() < RULE_MIN_EDGE or not (piece & ~edge).any():
+            continue
+        band = edge | (ndimage.binary_dilation(piece, cross) & ~lesion[:, :, k])
+        centre = np.argwhere(piece).mean(axis=0)
 
-        def sector(points: np.ndarray) -> np.ndarray:
+        def sector(points: np.ndarray) -> set[int]:
             angle = np.arctan2(points[:, 1] - centre[1], points[:, 0] - centre[0])
-            return np.minimum(((angle + np.pi) / (2 * np.pi) * sectors).astype(int), sectors - 1)
+            return set(np.minimum(((angle + np.pi) / (2 * np.pi) * sectors).astype(int), sectors - 1).tolist())
 
-        with_edge = set(sector(edge_k).tolist())
-        covered = with_edge & set(sector(rim_k).tolist()) if len(rim_k) else set()
-        cover = len(covered) / len(with_edge)
+        present = sector(np.argwhere(band))
+        covered = sector(np.argwhere(band & rim_seen[:, :, k]))
+        cover = len(covered & present) / len(present)
         best = max(best, cover)
         good += cover >= RULE_COVERAGE
     return good >= RULE_SLICES, good, best
@@ -520,11 +516,12 @@ def _prepare(out_dir: Path, truth_dir: Path, overwrite: bool) -> None:
 
 def generate_semireal(out_dir: Path, data_dir: Path, patients: list[int] | None = None,
                       grids: list[str] | None = None, seed: int = 0, truth_dir: Path | None = None,
-                      overwrite: bool = False) -> Path:
+                      overwrite: bool = False, head_cache: Path | None = None) -> Path:
     """Write the semi-real BIDS dataset to `out_dir`; return the truth directory.
 
     Each session depends only on (seed, patient, grid): selecting fewer patients or grids never changes the
-    others. The head registration is cached in `<truth>/head/`.
+    others. The head registration is cached in `head_cache` (default `<truth>/head/`; reused when it was
+    made from the same data, so several cohorts can share it).
     """
     patients = sorted(set(patients or PATIENTS))
     grids = list(dict.fromkeys(grids or GRIDS))
@@ -535,7 +532,7 @@ def generate_semireal(out_dir: Path, data_dir: Path, patients: list[int] | None 
     out_dir = Path(out_dir)
     truth_dir = Path(truth_dir) if truth_dir else out_dir.with_name(out_dir.name + "_truth")
     _prepare(out_dir, truth_dir, overwrite)
-    head = load_head(data_dir, truth_dir / "head")
+    head = load_head(data_dir, Path(head_cache) if head_cache else truth_dir / "head")
     _write_json(truth_dir / "head" / "head.json", {k: v for k, v in head.registration.items()})
     lesion_rows, session_rows, participants, transforms = [], [], [], {}
     for patient in patients:

@@ -23,8 +23,8 @@ RIM_FRACTION = 0.05
 CONFOUNDER_FRACTION = 0.05
 COUNTED_VOXELS = 12
 #: Rims need room: chronic active lesions are rarely tiny, and the rule asks for >= 2 slices.
-ELIGIBLE_VOLUME_MM3 = (50.0, 12000.0)
-ELIGIBLE_HEIGHT_MM = 6.0
+ELIGIBLE_VOLUME_MM3 = (80.0, 12000.0)
+ELIGIBLE_HEIGHT_MM = 9.0
 KINDS = ("plain", "rim", "arc", "vein", "hyper")
 POSITIONS = ("inside", "on", "outside")
 
