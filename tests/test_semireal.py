@@ -1,8 +1,8 @@
 """The semi-real cohort generator: files the app discovers, truth that follows the consensus rule,
 determinism, prevalence, and one participant through the app's own command line.
 
-Uses the real data in ../shared/data (skips without it). One small participant (patient07 on the 1 mm
-grid, 18 lesions) is generated once per session through the `qsmrim-synth` entry point; the head
+Uses the real data in ../shared/data (skips without it). One participant (patient01 on the 1 mm
+grid, ~150 lesions) is generated once per session through the `qsmrim-synth` entry point; the head
 registration is made once and shared through --head-cache.
 """
 from __future__ import annotations
@@ -24,8 +24,9 @@ from qsmrim_app.synthetic import main as synth_main
 from qsmrim_app.synthetic.semireal import RIM_SEEN, RULE_COVERAGE, consensus_rule, split_of
 
 REPO = Path(__file__).resolve().parent.parent
-PATIENT, GRID, SESSION = 7, "1x1x1", "1x1x1"
-ARGS = ["--semi-real", "--patients", str(PATIENT), "--grids", GRID, "--seed", "5"]
+PATIENT, GRID, SESSION = 1, "1x1x1", "1x1x1"  # patient01: 180 lesions, rims and every confounder
+ARGS = ["--semi-real", "--patients", str(PATIENT), "--grids", GRID, "--seed", "0"]
+SUB = f"sub-{PATIENT:02d}"
 
 
 @pytest.fixture(scope="session")
@@ -129,9 +130,9 @@ def test_files_grids_and_sidecars(cohort) -> None:
     assert sidecar["Units"] == "ppm"
     participants = pd.read_csv(bids / "participants.tsv", sep="\t")
     assert participants.to_dict("records")[0] | {} == {
-        "participant_id": "sub-07", "patient": "patient07", "grids": GRID, "split": "train",
+        "participant_id": SUB, "patient": "patient01", "grids": GRID, "split": "train",
         "flair_source": "patient19", "group": "MS"}
-    sessions = pd.read_csv(bids / "sub-07" / "sub-07_sessions.tsv", sep="\t")
+    sessions = pd.read_csv(bids / SUB / f"{SUB}_sessions.tsv", sep="\t")
     assert sessions.to_dict("records") == [{"session_id": "ses-1x1x1", "grid": GRID, "voxel_size_mm": "1.0x1.0x1.0",
                                             "split": "train"}]
     for name in ("lesions.tsv", "sessions.tsv", "transforms.json"):
@@ -159,10 +160,11 @@ def test_rim_labels_follow_the_consensus_rule_on_the_truth(cohort) -> None:
     """rim+ exactly when the simulated rim, as seen in the QSM grid, surrounds >= 2/3 of the edge on >= 2 slices."""
     bids, truth = cohort
     lesions = pd.read_csv(truth / "lesions.tsv", sep="\t")
-    tdir = truth / "sub-07" / "ses-1x1x1" / "anat"
-    labels = np.asarray(nib.load(tdir / "sub-07_ses-1x1x1_space-QSM_desc-lesion_dseg.nii.gz").dataobj)
-    source = np.asarray(nib.load(tdir / "sub-07_ses-1x1x1_space-QSM_desc-rimsource_probseg.nii.gz").dataobj)
-    assert set(lesions["kind"]) <= {"plain", "rim", "arc", "vein", "hyper"}
+    tdir = truth / SUB / "ses-1x1x1" / "anat"
+    labels = np.asarray(nib.load(tdir / "sub-01_ses-1x1x1_space-QSM_desc-lesion_dseg.nii.gz").dataobj)
+    source = np.asarray(nib.load(tdir / "sub-01_ses-1x1x1_space-QSM_desc-rimsource_probseg.nii.gz").dataobj)
+    assert set(lesions["kind"]) == {"plain", "rim", "arc", "vein", "hyper"}
+    assert lesions["rim_positive"].sum() >= 3 and (lesions["kind"] == "arc").sum() >= 3
     assert (lesions.loc[~lesions["kind"].isin(["rim", "arc"]), "rim_positive"] == 0).all()
     positive = lesions[lesions["rim_positive"] == 1]
     assert (positive["rule_slices"] >= 2).all() and (positive["rule_best_coverage"] >= RULE_COVERAGE).all()
@@ -191,7 +193,7 @@ def test_discovered_by_the_app(cohort, tmp_path) -> None:
     inputs, problems = discover(config)
     assert problems == []
     (unit,) = inputs
-    assert (unit.subject, unit.session) == ("07", "1x1x1")
+    assert (unit.subject, unit.session) == ("01", "1x1x1")
     assert unit.lesion_mask.name.endswith("desc-lesion_dseg.nii.gz") and unit.lesion_mask_kind == "instances"
     assert unit.lesion_mask_space == "FLAIR" and unit.rim_labels_space == "FLAIR"
     assert unit.magnitude is not None and unit.qsm_units == "ppm"
@@ -209,13 +211,12 @@ def test_generator_is_deterministic(cohort, shared_data: Path, head_cache: Path,
     pd.testing.assert_frame_equal(first, second)
 
 
-@pytest.mark.slow
 @pytest.mark.shared_data
 def test_rim_prevalence_over_the_whole_cohort(shared_data: Path) -> None:
     """About 5 % of the lesions get a rim (and each confounder kind about as many), from the same sizes."""
-    from qsmrim_app.synthetic.semireal_lesions import COUNTED_VOXELS, design_patient
+    from qsmrim_app.synthetic.semireal_lesions import COUNTED_VOXELS, lesion_designs
 
-    designs = [d for p in range(1, 21) for d in design_patient(shared_data, p, 0).designs.values()
+    designs = [d for p in range(1, 21) for d in lesion_designs(shared_data, p, 0).values()
                if d.volume_mm3 >= COUNTED_VOXELS]
     kinds = pd.Series([d.kind for d in designs])
     assert len(designs) > 1000
@@ -238,10 +239,10 @@ def test_one_participant_end_to_end_through_the_app(cohort, tmp_path: Path) -> N
                            "--nprocs", "2", "-w", str(tmp_path / "work")], capture_output=True, text=True,
                           env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    anat = out / "sub-07" / "ses-1x1x1" / "anat"
-    stem = "sub-07_ses-1x1x1"
+    anat = out / SUB / "ses-1x1x1" / "anat"
+    stem = "sub-01_ses-1x1x1"
     found = nib.load(anat / f"{stem}_space-QSM_desc-lesions_dseg.nii.gz")
-    want = nib.load(truth / "sub-07" / "ses-1x1x1" / "anat" / f"{stem}_space-QSM_desc-lesion_dseg.nii.gz")
+    want = nib.load(truth / SUB / "ses-1x1x1" / "anat" / f"{stem}_space-QSM_desc-lesion_dseg.nii.gz")
     got, true = np.asarray(found.dataobj), np.asarray(want.dataobj)
     lesions = pd.read_csv(truth / "lesions.tsv", sep="\t")
     assert sorted(set(np.unique(got)) - {0}) == lesions["lesion_id"].tolist()

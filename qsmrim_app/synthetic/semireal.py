@@ -20,14 +20,12 @@ transform and every drawn parameter, outside the BIDS dataset.
 """
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import pandas as pd
 from scipy import fft, ndimage

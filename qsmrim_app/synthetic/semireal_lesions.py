@@ -110,38 +110,33 @@ def cohort_rates(data_dir) -> tuple[float, float]:
     return _RATE_CACHE[key]
 
 
-def _edge_vein(rng: np.random.Generator, labels: np.ndarray, label: int, sl: tuple, sdf: np.ndarray,
-               affine: np.ndarray, radius: float) -> tuple[tuple, tuple]:
-    """A straight vein tangent to the lesion surface at a random edge point, just outside it."""
-    region = (labels[sl] == label) & (sdf[sl] > -1.0)
-    edge = np.argwhere(region) + [s.start for s in sl]
+def _edge_vein(rng: np.random.Generator, labels: np.ndarray, label: int, sl: tuple, affine: np.ndarray,
+               radius: float) -> tuple[tuple, tuple]:
+    """A straight vein tangent to the lesion surface at a random edge voxel, just outside it."""
+    box = tuple(slice(max(s.start - 3, 0), min(s.stop + 3, n)) for s, n in zip(sl, labels.shape))
+    mask = labels[box] == label
+    sdf = np.where(mask, -(ndimage.distance_transform_edt(mask) - 0.5),
+                   ndimage.distance_transform_edt(~mask) - 0.5)
+    edge = np.argwhere(mask & (sdf > -1.0))
     point = edge[rng.integers(len(edge))]
-    lo = np.maximum(point - 2, 0)
-    box = sdf[tuple(slice(int(a), int(a) + 5) for a in lo)]
-    grad = np.array([g[tuple(point - lo)] for g in np.gradient(box)])
+    grad = np.array([g[tuple(point)] for g in np.gradient(sdf)])
     norm = float(np.linalg.norm(grad))
     normal = grad / norm if norm > 0 else np.array([1.0, 0.0, 0.0])
     direction = np.cross(normal, rng.normal(size=3))
     direction /= np.linalg.norm(direction) + 1e-9
-    world = (affine @ np.r_[point + normal * (0.5 + radius), 1.0])[:3]
+    origin = np.array([b.start for b in box])
+    world = (affine @ np.r_[origin + point + normal * (0.5 + radius), 1.0])[:3]
     world_dir = affine[:3, :3] @ direction
     return tuple(world.tolist()), tuple((world_dir / np.linalg.norm(world_dir)).tolist())
 
 
-def design_patient(data_dir, patient: int, seed: int) -> PatientLesions:
-    """Instances, distance fields and the drawn design of every lesion of one patient."""
-    inst = lesion_instances(data_dir, patient)
-    labels = inst.data
-    inside = labels > 0
-    d_out, nearest_idx = ndimage.distance_transform_edt(~inside, return_indices=True)
-    d_in = ndimage.distance_transform_edt(inside)
-    sdf = np.where(inside, -(d_in - 0.5), d_out - 0.5).astype(np.float32)
-    nearest = labels[tuple(nearest_idx)].astype(np.int32)
-    del nearest_idx, d_out, d_in
+def lesion_designs(data_dir, patient: int, seed: int, labels: Volume | None = None) -> dict[int, LesionDesign]:
+    """The drawn design of every lesion of one patient (cheap: no distance fields of the whole grid)."""
+    inst = labels if labels is not None else lesion_instances(data_dir, patient)
     rim_rate, confounder_rate = cohort_rates(data_dir)
     rng = rng_for(seed, patient, 100)
     designs = {}
-    for label, (volume, height, centroid, sl) in _geometry(labels, inst.affine).items():
+    for label, (volume, height, centroid, sl) in _geometry(inst.data, inst.affine).items():
         eligible = ELIGIBLE_VOLUME_MM3[0] <= volume <= ELIGIBLE_VOLUME_MM3[1] and height >= ELIGIBLE_HEIGHT_MM
         u = rng.random()
         if not eligible:
@@ -162,10 +157,10 @@ def design_patient(data_dir, patient: int, seed: int) -> PatientLesions:
                      rim_position=POSITIONS[int(rng.integers(3))], rim_azimuth=float(rng.uniform(-np.pi, np.pi)),
                      vein_radius=float(rng.uniform(0.35, 0.7)), vein_length=float(rng.uniform(12.0, 24.0)),
                      vein_chi=float(rng.uniform(0.25, 0.45)))
-        vein_rng = rng_for(seed, patient, 10_000 + label)
         point = direction = None
         if kind == "vein":
-            point, direction = _edge_vein(vein_rng, labels, label, sl, sdf, inst.affine, draws["vein_radius"])
+            point, direction = _edge_vein(rng_for(seed, patient, 10_000 + label), inst.data, label, sl,
+                                          inst.affine, draws["vein_radius"])
         designs[label] = LesionDesign(
             source_id=label, kind=kind, volume_mm3=volume, height_mm=height,
             centroid_mni=tuple(float(c) for c in centroid), chi_core=draws["chi_core"],
@@ -175,8 +170,21 @@ def design_patient(data_dir, patient: int, seed: int) -> PatientLesions:
             rim_position=draws["rim_position"], rim_azimuth=draws["rim_azimuth"],
             vein_point_mni=point, vein_direction_mni=direction, vein_radius=draws["vein_radius"],
             vein_length=draws["vein_length"], vein_chi=draws["vein_chi"] if kind == "vein" else 0.0)
-    return PatientLesions(patient, inst, Volume(sdf, inst.affine), Volume(nearest, inst.affine), designs,
-                          flair_source_for(patient))
+    return designs
+
+
+def design_patient(data_dir, patient: int, seed: int) -> PatientLesions:
+    """Instances, distance fields and the drawn design of every lesion of one patient."""
+    inst = lesion_instances(data_dir, patient)
+    labels = inst.data
+    inside = labels > 0
+    d_out, nearest_idx = ndimage.distance_transform_edt(~inside, return_indices=True)
+    d_in = ndimage.distance_transform_edt(inside)
+    sdf = np.where(inside, -(d_in - 0.5), d_out - 0.5).astype(np.float32)
+    nearest = labels[tuple(nearest_idx)].astype(np.int32)
+    del nearest_idx, d_out, d_in
+    return PatientLesions(patient, inst, Volume(sdf, inst.affine), Volume(nearest, inst.affine),
+                          lesion_designs(data_dir, patient, seed, inst), flair_source_for(patient))
 
 
 def rim_band(sdf: np.ndarray, design: LesionDesign, h: float) -> np.ndarray:
