@@ -27,6 +27,8 @@ class PreprocConfig:
     # A registration whose final Mattes MI is above this (MI is negative, lower is better)
     # did not find a meaningful alignment and is an error for that participant.
     registration_max_metric: float = -0.05
+    # FLAIR-to-QSM registration: "rigid" (one session, one head) or "affine" (rigid then affine).
+    registration: str = "rigid"
 
 
 @dataclass(frozen=True)

@@ -162,7 +162,8 @@ def test_config_from_options(tmp_path: Path, dataset: Path, dispatched: dict) ->
     argv = [str(dataset), str(output), "participant", "--participant_label", "sub-01", "03",
             "--threshold", "0.3", "--operating-point", "high-sensitivity", "--qsm-units", "ppm",
             "--min-lesion-voxels", "5", "--n4-iterations", "10", "10", "--n4-shrink-factor", "2",
-            "--nprocs", "3", "--mem-gb", "6", "--device", "cpu", "-vv", "--method", "all"]
+            "--nprocs", "3", "--mem-gb", "6", "--device", "cpu", "-vv", "--method", "all",
+            "--registration", "affine"]
     assert main(argv) == 0
     config, inputs, problems = dispatched["participant"]
     assert config.participant_labels == ("01", "03")
@@ -171,6 +172,7 @@ def test_config_from_options(tmp_path: Path, dataset: Path, dispatched: dict) ->
     assert config.inference.threshold == 0.3 and config.inference.operating_point == "high-sensitivity"
     assert config.preproc.min_lesion_voxels == 5 and config.preproc.n4_iterations == (10, 10)
     assert config.preproc.n4_shrink_factor == 2 and config.preproc.qsm_units == "ppm"
+    assert config.preproc.registration == "affine"
     assert config.nprocs == 3 and config.omp_nthreads == 3
     assert config.plugin == "MultiProc" and config.plugin_args == {"n_procs": 3, "memory_gb": 6.0}
     assert config.device == "cpu" and config.training.device == "cpu" and config.verbosity == 2
@@ -279,6 +281,7 @@ def test_parser_defaults() -> None:
     assert args.operating_point == "f1" and args.device == "auto" and args.method == "qsmrimnet"
     assert args.threshold is None and args.qsm_units is None and args.verbose == 0
     assert args.participant_label == [] and args.bids_filters is None
+    assert args.registration == "rigid"
 
 
 def test_one_fold_is_a_usage_error(tmp_path):

@@ -61,6 +61,34 @@ def test_failed_registration_names_both_images(in_tmp):
         RegisterFLAIRToQSM(fixed_file=fixed, moving_file=noise, max_metric=-0.05).run()
 
 
+@pytest.mark.parametrize("mode", ["rigid", "affine"])
+def test_registration_records_mode_and_each_stage_metric(in_tmp, mode):
+    """The transform's sidecar fields and the report say which mode ran and what each stage reached."""
+    import json
+
+    import SimpleITK as sitk
+    from scipy import ndimage
+
+    from qsmrim_app.interfaces.registration import RegisterFLAIRToQSM
+
+    zz, yy, xx = np.mgrid[:40, :40, :20]
+    head = ((((zz - 20) / 15) ** 2 + ((yy - 20) / 12) ** 2 + ((xx - 10) / 7) ** 2) < 1) * 100.0
+    head += (zz > 24) * head * 0.6 + (yy > 26) * head * 0.3  # asymmetric, so the alignment is unique
+    head = ndimage.gaussian_filter(head, 1.0).astype(np.float32)
+    fixed = _save(in_tmp / "mag.nii.gz", head)
+    moving = _save(in_tmp / "flair.nii.gz", ndimage.shift(head, (1.5, -1.0, 0.5), order=1))
+    result = RegisterFLAIRToQSM(fixed_file=fixed, moving_file=moving, mode=mode).run()
+    sidecar = json.loads(open(result.outputs.sidecar_file).read())
+    report = json.loads(open(result.outputs.report_file).read())
+    stages = ["Rigid"] + (["Affine"] if mode == "affine" else [])
+    assert sidecar["RegistrationMode"] == report["RegistrationMode"] == mode
+    assert [k for k in sidecar if k.startswith("Stage") and k.endswith("Metric")] == [f"Stage{s}Metric" for s in stages]
+    assert all(sidecar[f"Stage{s}Metric"] < -0.05 for s in stages)
+    assert "FixedImage" in report and "FixedImage" not in sidecar  # no work-dir paths in the derivatives
+    name = sitk.ReadTransform(result.outputs.transform_file).GetName()
+    assert ("Affine" in name) == (mode == "affine")
+
+
 def test_lesion_instances_names_the_source_mask(in_tmp):
     from qsmrim_app.interfaces.lesions import LesionInstances
 

@@ -302,13 +302,24 @@ def test_register_recovers_known_transform_real_flair(flair_2mm: sitk.Image, les
     result = register_flair_to_qsm(fixed, moving)
     assert isinstance(result, RegistrationResult)
     assert result.initialisation == "header"
-    assert [s.name for s in result.stages] == ["rigid", "affine"]
+    assert [s.name for s in result.stages] == ["rigid"]  # rigid by default: one session, one head
+    assert result.transform.GetName() == "Euler3DTransform"
     assert result.metric_after < result.metric_before < 0
     assert result.metric_after < DEFAULT_MAX_METRIC
     errors = centroid_errors_vox(fixed, result.transform, truth, lesion_points)
     # Measured: 49 lesions, worst 0.14 voxel (fixed grid 1.8 x 1.8 x 5 mm).
     assert len(errors) > 20
     assert errors.max() < 1.0
+
+
+@pytest.mark.shared_data
+def test_register_affine_on_request_runs_both_stages(flair_2mm: sitk.Image, lesion_points: np.ndarray) -> None:
+    fixed, moving, truth = flair_case(flair_2mm, voxel_scale=2.0)
+    result = register_flair_to_qsm(fixed, moving, affine=True)
+    assert [s.name for s in result.stages] == ["rigid", "affine"]
+    assert result.transform.GetName() == "AffineTransform"
+    assert all(s.metric < DEFAULT_MAX_METRIC for s in result.stages)
+    assert centroid_errors_vox(fixed, result.transform, truth, lesion_points).max() < 1.0
 
 
 @pytest.mark.shared_data
@@ -437,9 +448,9 @@ def test_blob_registration_is_repeatable_with_one_thread() -> None:
 def test_implausible_scaling_raises() -> None:
     """With a zero scale tolerance every affine (never exactly orthonormal) is refused: the check bites."""
     fixed, moving, _ = blob_pair()
-    register_flair_to_qsm(fixed, moving)  # the same registration passes with the default tolerance
+    register_flair_to_qsm(fixed, moving, affine=True)  # the same registration passes with the default tolerance
     with pytest.raises(RegistrationError, match="scaling"):
-        register_flair_to_qsm(fixed, moving, max_scale_deviation=0.0)
+        register_flair_to_qsm(fixed, moving, affine=True, max_scale_deviation=0.0)
 
 
 def test_empty_mask_raises() -> None:

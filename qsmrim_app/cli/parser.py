@@ -279,6 +279,10 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--patch-size", "--patch_size", action=_Removed, dest="removed_patch_size",
                      replacement="patches are now defined in mm (QSM voxel sizes differ between scanners); "
                                  "use --patch-extent-mm and --patch-spacing-mm")
+    pre.add_argument("--registration", choices=["rigid", "affine"], default="rigid",
+                     help="FLAIR-to-QSM/magnitude registration: rigid (default; FLAIR and GRE of one session "
+                          "are one rigid head) or affine (rigid, then 12 parameters; only for data that "
+                          "needs it, e.g. a FLAIR from another session with a different scanner calibration)")
     pre.add_argument("--n4-shrink-factor", "--n4_shrink_factor", dest="n4_shrink_factor",
                      type=_positive_int, default=4, help="FLAIR bias correction (N4) shrink factor")
     pre.add_argument("--n4-iterations", "--n4_iterations", dest="n4_iterations", nargs="+",

@@ -153,6 +153,7 @@ def build_config(args: Namespace, argv: Sequence[str]) -> AppConfig:
         patch_extent_mm=extent,
         patch_spacing_mm=spacing,
         qsm_units=args.qsm_units,
+        registration=args.registration,
     )
     inference = InferenceConfig(threshold=args.threshold, operating_point=args.operating_point)
     if args.model is not None:

@@ -20,13 +20,15 @@ class _RegisterInputSpec(BaseInterfaceInputSpec):
     fixed_is_qsm = traits.Bool(False, usedefault=True,
                                desc="no magnitude: register to a positive, smoothed stand-in of the QSM")
     num_threads = traits.Int(1, usedefault=True)
+    mode = traits.Enum("rigid", "affine", usedefault=True, desc="rigid only, or rigid then affine")
     source_fixed = traits.Str(desc="the input file behind fixed_file, named in errors")
     source_moving = traits.Str(desc="the input file behind moving_file, named in errors")
 
 
 class _RegisterOutputSpec(TraitedSpec):
     transform_file = File(exists=True, desc="ITK transform, QSM physical points -> FLAIR physical points")
-    report_file = File(exists=True, desc="JSON: metric before/after, initialisation")
+    report_file = File(exists=True, desc="JSON: mode, metric before/after, each stage's metric, initialisation")
+    sidecar_file = File(exists=True, desc="JSON fields for the transform's sidecar (no work-dir paths)")
     metric_before = traits.Float()
     metric_after = traits.Float()
     initialisation = traits.Str()
@@ -47,7 +49,7 @@ class RegisterFLAIRToQSM(SimpleInterface):
         if self.inputs.max_metric:
             kwargs["max_metric"] = self.inputs.max_metric
         try:
-            result = register_flair_to_qsm(fixed, moving, **kwargs)
+            result = register_flair_to_qsm(fixed, moving, affine=self.inputs.mode == "affine", **kwargs)
         except RegistrationError as exc:
             raise InputDataError(
                 f"registration of FLAIR {self.inputs.source_moving or self.inputs.moving_file} to "
@@ -55,12 +57,17 @@ class RegisterFLAIRToQSM(SimpleInterface):
                 "show the same head (same session) and that their headers are sane") from exc
         self._results["transform_file"] = out_path("flair_to_qsm_xfm.txt")
         write_transform(result.transform, self._results["transform_file"])
-        report = {"MetricBefore": float(result.metric_before), "MetricAfter": float(result.metric_after),
-                  "Initialisation": result.initialisation, "Metric": "MattesMutualInformation",
-                  "FixedImage": self.inputs.fixed_file, "MovingImage": self.inputs.moving_file}
-        self._results["report_file"] = out_path("registration.json")
-        with open(self._results["report_file"], "w") as handle:
-            json.dump(report, handle, indent=2)
+        sidecar = {"RegistrationMode": self.inputs.mode, "Metric": "MattesMutualInformation",
+                   "Initialisation": result.initialisation, "MetricBefore": float(result.metric_before),
+                   "MetricAfter": float(result.metric_after)}
+        for stage in result.stages:  # flat keys: the report shows them as one table
+            sidecar[f"Stage{stage.name.capitalize()}Metric"] = float(stage.metric)
+            sidecar[f"Stage{stage.name.capitalize()}Iterations"] = int(stage.iterations)
+        report = {**sidecar, "FixedImage": self.inputs.fixed_file, "MovingImage": self.inputs.moving_file}
+        for key, content in (("report_file", report), ("sidecar_file", sidecar)):
+            self._results[key] = out_path(f"registration_{key.split('_')[0]}.json")
+            with open(self._results[key], "w") as handle:
+                json.dump(content, handle, indent=2)
         self._results["metric_before"] = float(result.metric_before)
         self._results["metric_after"] = float(result.metric_after)
         self._results["initialisation"] = result.initialisation

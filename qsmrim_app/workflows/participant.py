@@ -61,8 +61,8 @@ def init_participant_wf(config: AppConfig, inputs, classify: bool = True) -> Wor
     # One thread: ITK's multi-threaded metric sums in a different order each run, so results were
     # not repeatable (lesion voxel counts differed by 1-3 between identical runs with 2 threads).
     register = pe.Node(RegisterFLAIRToQSM(max_metric=pre.registration_max_metric, num_threads=1,
-                                          fixed_is_qsm=not inputs.magnitude, source_moving=str(inputs.flair),
-                                          source_fixed=str(inputs.magnitude or inputs.qsm)),
+                                          mode=pre.registration, fixed_is_qsm=not inputs.magnitude,
+                                          source_moving=str(inputs.flair), source_fixed=str(inputs.magnitude or inputs.qsm)),
                        name="flair_to_qsm_xfm")
     wf.connect([(flair_n4, register, [("out_file", "moving_file")]),
                 (qsm_ppb, register, [("mask_file", "fixed_mask_file")])])
@@ -166,6 +166,7 @@ def init_participant_wf(config: AppConfig, inputs, classify: bool = True) -> Wor
         wf.connect(done, field, sink, "in_file")
         sinks[field] = sink
     wf.connect(done, "radiomics_dict", sinks["radiomics"], "metadata_file")
+    wf.connect(register, "sidecar_file", sinks["xfm"], "metadata_file")  # mode and each stage's metric
 
     if classify:
         gather = pe.Node(Merge(len(sinks)), name="written")

@@ -1,0 +1,6 @@
+"""`python -m qsmrim_app.synthetic` = `qsmrim-synth`."""
+import sys
+
+from . import main
+
+sys.exit(main())
