@@ -25,6 +25,12 @@ class PreprocConfig:
     # A registration whose final Mattes MI is above this (MI is negative, lower is better)
     # did not find a meaningful alignment and is an error for that participant.
     registration_max_metric: float = -0.05
+    # Binary masks and probability maps: confluent lesions split into lesion centres (lesion_split.py)
+    # in the mask's own grid ("none": connected components in the QSM grid); probability >= threshold.
+    lesion_split: str = "auto"
+    lesion_threshold: float = 0.5
+    split_sigma_mm: float = 1.25
+    split_min_centre_mm3: float = 10.0
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,8 @@ import pandas as pd
 from .patches import load_patches
 
 GEOMETRY_COLUMNS = ["lesion_id", "voxels", "volume_mm3", "centroid_x_mm", "centroid_y_mm", "centroid_z_mm"]
+#: Columns of the radiomics table that are not features (``split_from``: see lesions.with_split_from).
+NON_FEATURE_COLUMNS = [*GEOMETRY_COLUMNS, "split_from"]
 
 
 @dataclass(frozen=True)
@@ -45,9 +47,9 @@ def classify_lesions(patches_file: Path, features_file: Path, model_dir: Path, *
         raise RuntimeError(f"{patches_file} and {features_file} list different lesions")
     ensemble = load_ensemble(Path(model_dir), device=device)
     cutoff, point = choose_threshold(ensemble.thresholds, threshold, operating_point)
-    feature_names = [c for c in features.columns if c not in GEOMETRY_COLUMNS]
+    feature_names = [c for c in features.columns if c not in NON_FEATURE_COLUMNS]
     prediction = ensemble.predict(patchset.patches, features[feature_names].to_numpy(np.float32), feature_names)
-    table = features[GEOMETRY_COLUMNS].copy()
+    table = features[[c for c in NON_FEATURE_COLUMNS if c in features.columns]].copy()
     table["probability"] = np.asarray(prediction.probability, dtype=float)
     table["uncertainty"] = np.asarray(prediction.uncertainty, dtype=float)
     table["votes"] = np.asarray(prediction.votes, dtype=float)

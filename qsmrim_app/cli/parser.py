@@ -256,6 +256,15 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--min-lesion-voxels", "--min_lesion_voxels", dest="min_lesion_voxels",
                      type=_positive_int, default=10, metavar="N",
                      help="lesions (connected components in the QSM grid) smaller than this are ignored")
+    pre.add_argument("--lesion-split", "--lesion_split", dest="lesion_split", choices=["auto", "none"],
+                     default="auto",
+                     help="binary masks and probability maps: 'auto' splits confluent lesions into lesion "
+                          "centres (Dworkin et al. 2018; Hessian of the smoothed map, in the mask's grid); "
+                          "'none' keeps connected components. A rater's instance map (desc-lesion_dseg) is "
+                          "never split")
+    pre.add_argument("--lesion-threshold", "--lesion_threshold", dest="lesion_threshold", type=_probability,
+                     default=0.5, metavar="P",
+                     help="lesion probability maps (and soft 0-1 masks): lesion where the value is >= P")
     pre.add_argument("--patch-size", "--patch_size", dest="patch_size", nargs=3, type=_positive_int,
                      default=[32, 32, 16], metavar=("X", "Y", "Z"),
                      help="lesion patch size in QSM voxels (i, j, k); must match the model's")

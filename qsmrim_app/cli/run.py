@@ -135,6 +135,8 @@ def build_config(args: Namespace, argv: Sequence[str]) -> AppConfig:
         n4_shrink_factor=args.n4_shrink_factor,
         n4_iterations=tuple(args.n4_iterations),
         min_lesion_voxels=args.min_lesion_voxels,
+        lesion_split=args.lesion_split,
+        lesion_threshold=args.lesion_threshold,
         patch_size=tuple(args.patch_size),
         qsm_units=args.qsm_units,
     )

@@ -17,7 +17,7 @@ import pandas as pd
 
 from .. import derivatives as drv
 from ..config import AppConfig
-from ..inference import GEOMETRY_COLUMNS
+from ..inference import NON_FEATURE_COLUMNS
 from ..patches import load_patches
 from .group import find_units
 
@@ -45,7 +45,7 @@ def collect_lesion_set(output_dir: Path):
         keep = label.notna().to_numpy()
         if not keep.any():
             continue
-        names = [c for c in table.columns if c not in GEOMETRY_COLUMNS]
+        names = [c for c in table.columns if c not in NON_FEATURE_COLUMNS]
         sets.append(LesionSet(
             patches=patchset.patches[keep], features=table.loc[keep, names].to_numpy(np.float32),
             feature_names=names, labels=label[keep].to_numpy(np.int64),
