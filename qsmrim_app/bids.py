@@ -295,11 +295,13 @@ def _derivative_ignore() -> list:
 def _index(config: AppConfig) -> list[_Dataset]:
     """Read-only PyBIDS layouts: raw first, then each derivatives dataset."""
     from bids import BIDSLayout
+    from bids.layout import BIDSLayoutIndexer
 
     datasets = [_Dataset(config.bids_dir, _dataset_scopes(config.bids_dir, True),
                          BIDSLayout(config.bids_dir, validate=False, config=["bids", "derivatives"]))]
     for root in derivative_roots(config):
-        layout = BIDSLayout(root, validate=False, config=["bids", "derivatives"], ignore=_derivative_ignore())
+        layout = BIDSLayout(root, validate=False, config=["bids", "derivatives"],
+                            indexer=BIDSLayoutIndexer(validate=False, ignore=_derivative_ignore()))
         datasets.append(_Dataset(root, _dataset_scopes(root, False), layout))
         LOGGER.debug("indexed derivatives dataset %s", root)
     return datasets
