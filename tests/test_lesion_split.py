@@ -155,3 +155,27 @@ def test_real_expert_masks_split_into_more_lesions(shared_data) -> None:
     assert n_components < result.n_lesions < 3 * n_components
     assert np.array_equal(result.labels > 0, mask)
     assert set(result.split_from.values()) <= set(range(1, n_components + 1))
+
+
+def test_interfaces_carry_split_from_into_the_tables(tmp_path, monkeypatch) -> None:
+    """PrepareLesionMask (mask grid) -> LesionInstances (QSM grid, here the same): split_from in every table."""
+    import pandas as pd
+
+    from qsmrim_app.interfaces.lesions import LesionInstances, PrepareLesionMask
+
+    monkeypatch.chdir(tmp_path)
+    mask = _balls(1.0, [(16.0, 20.0, 20.0), (24.0, 20.0, 20.0), (20.0, 33.0, 33.0)], 5.0)
+    soft = np.where(mask, 0.9, 0.1).astype(np.float32)  # a soft mask, read as probability
+    nib.save(nib.Nifti1Image(soft, _affine(1.0)), tmp_path / "mask.nii.gz")
+    prepared = PrepareLesionMask(mask_file=str(tmp_path / "mask.nii.gz"), kind="probability", split="auto",
+                                 notes=["lesion mask mask.nii.gz has values between 0 and 1: read as ..."]).run()
+    assert prepared.outputs.messages[0].startswith("lesion mask mask.nii.gz has values between 0 and 1")
+    assert "1 confluent component(s) of 2 split into 2 lesions" in prepared.outputs.messages[1]
+    found = LesionInstances(mask_file=prepared.outputs.out_file, is_instance_map=True, min_voxels=10,
+                            split_file=prepared.outputs.split_file,
+                            split_messages=prepared.outputs.messages).run()
+    geometry = pd.read_csv(found.outputs.geometry_file, sep="\t", na_values=["n/a"])
+    dseg_tsv = pd.read_csv(found.outputs.dseg_tsv_file, sep="\t", na_values=["n/a"])
+    assert list(geometry["split_from"].fillna(0).astype(int)) == [1, 1, 0]
+    assert list(dseg_tsv["split_from"].fillna(0).astype(int)) == [1, 1, 0]
+    assert found.outputs.n_lesions == 3

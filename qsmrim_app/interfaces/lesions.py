@@ -24,6 +24,7 @@ class _PrepareInputSpec(BaseInterfaceInputSpec):
     threshold = traits.Float(0.5, usedefault=True, desc="probability maps: lesion where value >= this")
     sigma_mm = traits.Float(SplitParams().sigma_mm, usedefault=True)
     min_centre_mm3 = traits.Float(SplitParams().min_centre_mm3, usedefault=True)
+    notes = traits.List(traits.Str, desc="discovery notes about this file (e.g. a soft mask read as probability)")
 
 
 class _PrepareOutputSpec(TraitedSpec):
@@ -53,7 +54,7 @@ class PrepareLesionMask(SimpleInterface):
         self._results["split_file"] = out_path("lesion_split.tsv")
         pd.DataFrame({"lesion_id": list(prepared.split_from), "split_from": list(prepared.split_from.values())},
                      dtype="int64").to_csv(self._results["split_file"], sep="\t", index=False)
-        messages = [f"lesion mask {source}: {m}" for m in prepared.messages]
+        messages = list(self.inputs.notes or []) + [f"lesion mask {source}: {m}" for m in prepared.messages]
         for message in messages:
             LOGGER.info(message)
         self._results["n_components"] = prepared.n_components

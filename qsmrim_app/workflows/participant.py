@@ -92,7 +92,9 @@ def init_participant_wf(config: AppConfig, inputs, classify: bool = True) -> Wor
         split = pe.Node(PrepareLesionMask(mask_file=str(inputs.lesion_mask), source_file=str(inputs.lesion_mask),
                                           kind=inputs.lesion_mask_kind, split=pre.lesion_split,
                                           threshold=pre.lesion_threshold, sigma_mm=pre.split_sigma_mm,
-                                          min_centre_mm3=pre.split_min_centre_mm3), name="lesion_split")
+                                          min_centre_mm3=pre.split_min_centre_mm3,
+                                          notes=[n for n in inputs.notes if n.startswith("lesion mask")]),
+                         name="lesion_split")
         wf.connect([(split, lesions, [("split_file", "split_file"), ("messages", "split_messages")])])
         mask_source = (split, "out_file")
     _into_qsm_grid(wf, "mask", mask_source, inputs.lesion_mask_space, qsm_ppb, register,
