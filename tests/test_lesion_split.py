@@ -179,3 +179,24 @@ def test_interfaces_carry_split_from_into_the_tables(tmp_path, monkeypatch) -> N
     assert list(geometry["split_from"].fillna(0).astype(int)) == [1, 1, 0]
     assert list(dseg_tsv["split_from"].fillna(0).astype(int)) == [1, 1, 0]
     assert found.outputs.n_lesions == 3
+
+
+def test_split_from_is_never_a_training_feature(tmp_path) -> None:
+    """group --train reads the radiomics tables: the new split_from column must not become a feature."""
+    import pandas as pd
+
+    from qsmrim_app import derivatives as drv
+    from qsmrim_app.patches import PatchSet, save_patches
+    from qsmrim_app.workflows.training import collect_lesion_set
+
+    unit = drv.Unit("01")
+    features = pd.DataFrame({"lesion_id": [1, 2], "voxels": [30, 40], "volume_mm3": [30.0, 40.0],
+                             "centroid_x_mm": [0.0, 1.0], "centroid_y_mm": [0.0, 1.0], "centroid_z_mm": [0.0, 1.0],
+                             "split_from": pd.array([4, 4], dtype="Int64"), "original_firstorder_Mean": [1.0, 2.0]})
+    drv.write_tsv(drv.output_path(tmp_path, unit, "radiomics"), features)
+    drv.write_tsv(drv.output_path(tmp_path, unit, "annotations"),
+                  pd.DataFrame({"lesion_id": [1, 2], "rim_positive": [0, 1], "agreement": [1.0, 1.0]}))
+    save_patches(drv.output_path(tmp_path, unit, "patches"),
+                 PatchSet(np.zeros((2, 2, 4, 4, 2), np.float32), np.array([1, 2])), (1.0, 1.0, 1.0))
+    lesions = collect_lesion_set(tmp_path)
+    assert list(lesions.feature_names) == ["original_firstorder_Mean"]
