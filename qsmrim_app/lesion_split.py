@@ -218,7 +218,7 @@ def prepare_lesions(data: np.ndarray, zooms: tuple[float, float, float], kind: s
             raise LesionValueError(f"lesion probability map has values outside 0..1 ({low:g} to {high:g}); "
                                    "rescale it to probabilities")
     if split == "none":
-        mask = (values >= threshold) if kind == "probability" else (values > 0)
+        mask = (values >= threshold) if kind == "probability" and threshold > 0 else (values > 0)
         return PreparedLesions(mask.astype(np.uint8), False, {}, 0)
     result = split_lesions(values, zooms, threshold=threshold if kind == "probability" else 0.5, params=params)
     messages = ()
