@@ -7,11 +7,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .lesions import ID_COLUMNS
 from .patches import load_patches
 
 GEOMETRY_COLUMNS = ["lesion_id", "voxels", "volume_mm3", "centroid_x_mm", "centroid_y_mm", "centroid_z_mm"]
 #: Columns of the radiomics table that are not features (``split_from``: see lesions.with_split_from).
-NON_FEATURE_COLUMNS = [*GEOMETRY_COLUMNS, "split_from"]
+NON_FEATURE_COLUMNS = list(ID_COLUMNS)
 
 
 @dataclass(frozen=True)
