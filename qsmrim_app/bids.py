@@ -44,11 +44,27 @@ _MAGNITUDE_QUERIES: list[dict[str, Any]] = [
     {"suffix": "GRE"},
     {"suffix": "T2starw"},
 ]
-_MASK_QUERIES: list[tuple[dict[str, Any], str]] = [
-    ({"suffix": "dseg", "desc": "lesion"}, "instances"),
-    ({"suffix": "mask", "desc": "lesion"}, "binary"),
-    ({"suffix": "roi", "label": "lesion"}, "binary"),
+# Lesion files, most preferred first. What a file holds (instances, binary, probability, LST-AI's
+# annotated classes) is read from its name (see _mask_kind), since a filter may change the suffix.
+_MASK_QUERIES: list[dict[str, Any]] = [
+    {"suffix": "dseg", "desc": "lesion"},
+    {"suffix": "mask", "desc": "lesion"},
+    {"suffix": "mask", "label": "lesion", "desc": "<Query.NONE>"},  # LST-AI's BIDS wrapper
+    {"suffix": "probseg", "label": "lesion"},
+    {"suffix": "roi", "label": "lesion"},
+    {"suffix": "mask", "label": "lesion", "desc": "annotated"},  # the wrapper's annotated mask
 ]
+# LST-AI's own outputs, untouched: bare names in <root>/sub-<label>[/ses-<label>]/ (its --output
+# folder), its probability map from the --temp folder beside them or in temp/. Most preferred first:
+# the probability map (the binary mask is that map thresholded at 0.5; the split works best on it).
+LSTAI_FILES: tuple[tuple[str, str], ...] = (
+    ("sub-X_ses-Y_space-FLAIR_seg-lst_prob.nii.gz", "probability"),
+    ("temp/sub-X_ses-Y_space-FLAIR_seg-lst_prob.nii.gz", "probability"),
+    ("space-flair_seg-lst.nii.gz", "binary"),
+    ("space-orig_seg-lst.nii.gz", "binary"),
+    ("space-flair_desc-annotated_seg-lst.nii.gz", "annotated"),
+    ("space-orig_desc-annotated_seg-lst.nii.gz", "annotated"),
+)
 _RIM_QUERIES: list[dict[str, Any]] = [{"suffix": "dseg", "desc": "rim"}]
 
 
@@ -94,7 +110,7 @@ class ParticipantInputs:
     flair: Path
     magnitude: Path | None
     lesion_mask: Path
-    lesion_mask_kind: str  # 'binary' | 'instances'
+    lesion_mask_kind: str  # 'instances' | 'binary' | 'probability' | 'annotated' (lesion_split.MASK_KINDS)
     lesion_mask_space: str  # 'FLAIR' | 'QSM'
     rim_labels: Path | None
     rim_labels_space: str | None  # 'FLAIR' | 'QSM' | None
@@ -268,14 +284,24 @@ def derivative_roots(config: AppConfig) -> list[Path]:
     return list(unique)
 
 
+def _derivative_ignore() -> list:
+    """PyBIDS' default ignores plus ``sub-*/[ses-*/]temp/``: LST-AI's BIDS wrapper keeps its
+    intermediates there under BIDS-like names (a FLAIR, a T1w, MNI-space masks) that are not inputs."""
+    from bids.layout.validation import DEFAULT_LOCATIONS_TO_IGNORE
+
+    return [*DEFAULT_LOCATIONS_TO_IGNORE, re.compile(r"^/sub-[^/]+/(ses-[^/]+/)?temp(/|$)")]
+
+
 def _index(config: AppConfig) -> list[_Dataset]:
     """Read-only PyBIDS layouts: raw first, then each derivatives dataset."""
     from bids import BIDSLayout
+    from bids.layout import BIDSLayoutIndexer
 
     datasets = [_Dataset(config.bids_dir, _dataset_scopes(config.bids_dir, True),
                          BIDSLayout(config.bids_dir, validate=False, config=["bids", "derivatives"]))]
     for root in derivative_roots(config):
-        layout = BIDSLayout(root, validate=False, config=["bids", "derivatives"])
+        layout = BIDSLayout(root, validate=False, config=["bids", "derivatives"],
+                            indexer=BIDSLayoutIndexer(validate=False, ignore=_derivative_ignore()))
         datasets.append(_Dataset(root, _dataset_scopes(root, False), layout))
         LOGGER.debug("indexed derivatives dataset %s", root)
     return datasets
@@ -302,7 +328,7 @@ def _find(datasets: Sequence[_Dataset], base: dict[str, Any], user: dict[str, An
     """Files of one candidate query (user filter overriding our defaults), across datasets."""
     from bids.layout import Query
 
-    query = dict(base)
+    query = {k: _to_query_values(v) for k, v in base.items()}
     query.update({k: _to_query_values(v) for k, v in user.items() if k != "scope"})
     query["subject"] = subject
     query["session"] = session if session is not None else Query.NONE
@@ -316,6 +342,36 @@ def _find(datasets: Sequence[_Dataset], base: dict[str, Any], user: dict[str, An
         for bids_file in dataset.layout.get(**query):
             found.setdefault(Path(bids_file.path), None)
     return list(found)
+
+
+def _mask_kind(path: Path) -> str:
+    """What a lesion file holds, from its name: a ``dseg`` is instances, a ``probseg`` probabilities."""
+    name = path.name
+    for kind, suffixes in (("instances", ("_dseg",)), ("probability", ("_probseg", "_seg-lst_prob"))):
+        if any(name.split(".")[0].endswith(suffix) for suffix in suffixes):
+            return kind
+    return "annotated" if "desc-annotated" in name else "binary"
+
+
+def find_lstai(datasets: Sequence[_Dataset], user: dict[str, Any], subject: str,
+               session: str | None) -> tuple[Path, str] | None:
+    """LST-AI's bare outputs in ``<root>/sub-<label>[/ses-<label>]/``, participant and session taken
+    from the folder names (PyBIDS cannot: the names carry neither). Only ``scope`` of a
+    ``lesion_mask`` filter applies to them; any other key asks for a BIDS-named file."""
+    if set(user) - {"scope"}:
+        return None
+    scope = user.get("scope")
+    scopes = set(scope if isinstance(scope, list) else [scope]) if scope else None
+    for dataset in datasets[1:]:
+        if scopes is not None and not scopes & dataset.scopes:
+            continue
+        folder = dataset.root / f"sub-{subject}"
+        if session is not None:
+            folder = folder / f"ses-{session}"
+        for name, kind in LSTAI_FILES:
+            if (folder / name).is_file():
+                return folder / name, kind
+    return None
 
 
 def _unique(paths: list[Path], what: str, subject: str, session: str | None,
@@ -530,21 +586,28 @@ def _discover_one(config: AppConfig, datasets: Sequence[_Dataset], subject: str,
                 magnitude = path
                 break
 
-    # Lesion mask: instances (dseg) preferred over binary masks.
+    # Lesion mask: instances (dseg) preferred over binary masks, then probability maps, then
+    # LST-AI's bare outputs (see the README for every pattern).
     lesion_mask, mask_kind, mask_space = None, "binary", None
-    for query, kind in _MASK_QUERIES:
-        paths = _find(datasets, query, filters.get("lesion_mask", {}), subject, session)
+    mask_filter = filters.get("lesion_mask", {})
+    for query in _MASK_QUERIES:
+        paths = _find(datasets, query, mask_filter, subject, session)
         if paths:
             lesion_mask = _unique(paths, "lesion mask", subject, session, problems)
-            mask_kind = kind
+            mask_kind = _mask_kind(lesion_mask) if lesion_mask is not None else "binary"
             break
     else:
-        problem(None, f"no lesion mask found{filter_hint} (derivatives *_desc-lesion_dseg, "
-                      "*_desc-lesion_mask or raw *_label-lesion_roi); add one or point -d at it",
-                missing=True)
+        lstai = find_lstai(datasets, mask_filter, subject, session)
+        if lstai is not None:
+            lesion_mask, mask_kind = lstai
+        else:
+            problem(None, f"no lesion mask found{filter_hint} (derivatives *_desc-lesion_dseg, "
+                          "*_desc-lesion_mask, *_label-lesion_mask, *_label-lesion_probseg, LST-AI's "
+                          "space-flair_seg-lst.nii.gz in sub-<label>[/ses-<label>]/ or raw "
+                          "*_label-lesion_roi); add one or point -d at it", missing=True)
     if lesion_mask is not None:
-        mask_space = _check_label_image(lesion_mask, "lesion mask", flair_grid, qsm_grid, problem,
-                                        allow_empty=True)
+        mask_space, mask_kind = _check_lesion_file(lesion_mask, mask_kind, flair_grid, qsm_grid, problem,
+                                                   notes)
 
     # Rim annotations: optional; when present they must be usable.
     rim_labels, rim_space = None, None
@@ -568,10 +631,33 @@ def _discover_one(config: AppConfig, datasets: Sequence[_Dataset], subject: str,
     ), problems
 
 
+def _check_lesion_file(path: Path, kind: str, flair_grid: Grid | None, qsm_grid: Grid | None, problem: Any,
+                       notes: list[str]) -> tuple[str | None, str]:
+    """A lesion file's space and kind: probability maps (and soft 0-1 masks, read as probability
+    with a notice) need values in 0..1, the others non-negative integers."""
+    if kind != "probability":
+        img, error = _header(path)
+        data, error = (None, error) if error else _load_data(img)
+        if data is not None and np.all(np.isfinite(data)):
+            values = np.unique(data)
+            soft = values.size and values.min() >= 0 and values.max() <= 1 and np.any(values != np.round(values))
+            if soft and kind == "binary":
+                note = (f"lesion mask {path.name} has values between 0 and 1: read as a lesion probability map "
+                        "(lesion where >= --lesion-threshold)")
+                LOGGER.warning("%s", note)
+                notes.append(note)
+                kind = "probability"
+        if kind != "probability":
+            return _check_label_image(path, "lesion mask", flair_grid, qsm_grid, problem, allow_empty=True), kind
+    return _check_label_image(path, "lesion probability map", flair_grid, qsm_grid, problem, allow_empty=True,
+                              probability=True), kind
+
+
 def _check_label_image(path: Path, what: str, flair_grid: Grid | None, qsm_grid: Grid | None,
-                       problem: Any, allowed: set[int] | None = None, allow_empty: bool = False) -> str | None:
-    """Readable, 3D, non-negative integer labels (within ``allowed``), not empty, on the FLAIR or
-    QSM grid; returns the space or None (the problem reported)."""
+                       problem: Any, allowed: set[int] | None = None, allow_empty: bool = False,
+                       probability: bool = False) -> str | None:
+    """Readable, 3D, non-negative integer labels (within ``allowed``; with ``probability`` values in
+    0..1), not empty, on the FLAIR or QSM grid; returns the space or None (the problem reported)."""
     img, error = _header(path)
     if error:
         problem(path, error)
@@ -587,7 +673,13 @@ def _check_label_image(path: Path, what: str, flair_grid: Grid | None, qsm_grid:
         # A participant without lesions is a valid result (zero lesions, zero rim+), not an error.
         LOGGER.warning("%s %s is empty: no lesions to classify for this participant", what, path)
     values = np.unique(data)
-    if not np.all(np.isfinite(values)) or np.any(values < 0) or np.any(values != np.round(values)):
+    if probability:
+        finite = values[np.isfinite(values)]
+        if finite.size and (finite.min() < 0 or finite.max() > 1):
+            problem(path, f"{what} holds values from {finite.min():g} to {finite.max():g}; expected "
+                          "probabilities in 0..1")
+            return None
+    elif not np.all(np.isfinite(values)) or np.any(values < 0) or np.any(values != np.round(values)):
         problem(path, f"{what} holds values other than non-negative integers (a probability map?); "
                       "threshold it into a 0/1 mask or label map")
         return None

@@ -29,6 +29,12 @@ class PreprocConfig:
     registration_max_metric: float = -0.05
     # FLAIR-to-QSM registration: "rigid" (one session, one head) or "affine" (rigid then affine).
     registration: str = "rigid"
+    # Binary masks and probability maps: confluent lesions split into lesion centres (lesion_split.py)
+    # in the mask's own grid ("none": connected components in the QSM grid); probability >= threshold.
+    lesion_split: str = "auto"
+    lesion_threshold: float = 0.5
+    split_sigma_mm: float = 1.25
+    split_min_centre_mm3: float = 10.0
 
 
 @dataclass(frozen=True)

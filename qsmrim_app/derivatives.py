@@ -314,6 +314,8 @@ GEOMETRY_DICTIONARY = {
     "centroid_x_mm": {"Description": "Lesion centre of mass, world x (NIfTI affine of the QSM grid)", "Units": "mm"},
     "centroid_y_mm": {"Description": "Lesion centre of mass, world y", "Units": "mm"},
     "centroid_z_mm": {"Description": "Lesion centre of mass, world z", "Units": "mm"},
+    "split_from": {"Description": "Connected component (numbered in the lesion mask's own grid) that this lesion "
+                                  "was split from by --lesion-split auto; n/a for lesions that were not split"},
 }
 
 RIM_DICTIONARY = {

@@ -7,9 +7,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .lesions import ID_COLUMNS
 from .patches import load_patches
 
 GEOMETRY_COLUMNS = ["lesion_id", "voxels", "volume_mm3", "centroid_x_mm", "centroid_y_mm", "centroid_z_mm"]
+#: Columns of the radiomics table that are not features (``split_from``: see lesions.with_split_from).
+NON_FEATURE_COLUMNS = list(ID_COLUMNS)
 
 
 @dataclass(frozen=True)
@@ -51,7 +54,7 @@ def classify_lesions(patches_file: Path, features_file: Path, model_dir: Path, *
     feature_names = [c for c in features.columns if is_feature_column(c)]
     prediction = ensemble.predict(patchset.patches, features[feature_names].to_numpy(np.float32), feature_names,
                                   reference=patchset.reference)
-    table = features[GEOMETRY_COLUMNS].copy()
+    table = features[[c for c in NON_FEATURE_COLUMNS if c in features.columns]].copy()
     table["probability"] = np.asarray(prediction.probability, dtype=float)
     table["uncertainty"] = np.asarray(prediction.uncertainty, dtype=float)
     table["votes"] = np.asarray(prediction.votes, dtype=float)

@@ -22,6 +22,10 @@ GEOMETRY_COLUMNS: tuple[str, ...] = (
     "centroid_y_mm",
     "centroid_z_mm",
 )
+#: Identifier columns of every per-lesion table (geometry first, then where a split lesion came from);
+#: every other column of the radiomics table is a feature.
+SPLIT_COLUMN = "split_from"
+ID_COLUMNS: tuple[str, ...] = GEOMETRY_COLUMNS + (SPLIT_COLUMN,)
 #: Rim annotation values (``desc-rim_dseg``): 1 = rim- lesion, 2 = rim+ lesion.
 RIM_NEGATIVE, RIM_POSITIVE = 1, 2
 
@@ -187,3 +191,15 @@ def lesion_geometry(instances: np.ndarray, affine: np.ndarray) -> pd.DataFrame:
         },
         columns=list(GEOMETRY_COLUMNS),
     )
+
+
+def with_split_from(geometry: pd.DataFrame, split_from: dict[int, int]) -> pd.DataFrame:
+    """The geometry table plus ``split_from``: the connected component a split lesion was cut from.
+
+    Lesions that were not split (and every lesion of a rater's instance map) get n/a, so users can
+    filter the automatically split lesions in any table.
+    """
+    table = geometry.copy()
+    values = [split_from.get(int(i)) for i in table["lesion_id"]]
+    table[SPLIT_COLUMN] = pd.array(values, dtype="Int64")
+    return table

@@ -24,6 +24,8 @@ from qsmrim_app.bids import (
 from qsmrim_app.config import AppConfig, PreprocConfig
 from qsmrim_app.synthetic import HOWS, break_participant, generate_dataset
 
+from lesion_layouts import write_lstai_bids, write_lstai_output
+
 _PHANTOM: dict[str, Path] = {}
 
 
@@ -157,11 +159,11 @@ _PHANTOM_BREAKS = {
     "nan-qsm": "no finite non-zero",
     "corrupt-gzip": "unreadable",
     "mismatched-mask-grid": "matches neither the FLAIR nor the QSM grid",
-    "nonbinary-mask": "probability map",
 }
 
 
-@pytest.mark.parametrize("how", [h for h in HOWS if h != "empty-mask"])
+# empty-mask is zero lesions; nonbinary-mask (a soft 0-1 mask) is read as a probability map (below).
+@pytest.mark.parametrize("how", [h for h in HOWS if h not in ("empty-mask", "nonbinary-mask")])
 def test_one_broken_phantom_participant(phantom_copy: Path, tmp_path: Path, how: str) -> None:
     touched = break_participant(phantom_copy, "02", how)
     inputs, problems = discover(make_config(phantom_copy, tmp_path))
@@ -517,3 +519,105 @@ def test_empty_lesion_mask_is_a_participant_without_lesions(phantom_copy: Path, 
     break_participant(phantom_copy, "02", "empty-mask")
     inputs, problems = discover(make_config(phantom_copy, tmp_path))
     assert [i.subject for i in inputs] == ["01", "02", "03"] and not problems
+
+
+# --------------------------------------------------------------------------------------------
+# Lesion files as users have them: probability maps, soft masks, LST-AI's two layouts
+# --------------------------------------------------------------------------------------------
+def test_soft_binary_mask_is_read_as_probability_with_a_notice(phantom_copy: Path, tmp_path: Path) -> None:
+    (touched,) = break_participant(phantom_copy, "02", "nonbinary-mask")
+    inputs, problems = discover(make_config(phantom_copy, tmp_path))
+    assert problems == []
+    unit = {i.subject: i for i in inputs}["02"]
+    assert (unit.lesion_mask, unit.lesion_mask_kind) == (touched, "probability")
+    assert any("read as a lesion probability map" in note for note in unit.notes)
+
+
+def test_probability_map_outside_0_1_is_a_problem(tmp_path: Path) -> None:
+    bids_dir = make_dataset(tmp_path / "ds", subjects=("01",))
+    deriv = bids_dir / "derivatives" / "lesions" / "sub-01" / "anat"
+    for path in deriv.glob("*desc-lesion_*"):
+        path.unlink()
+    _save(deriv / "sub-01_label-lesion_probseg.nii.gz", np.full(FLAIR_SHAPE, 3.5, np.float32), FLAIR_AFFINE)
+    inputs, problems = discover(make_config(bids_dir, tmp_path))
+    assert inputs == [] and "expected probabilities in 0..1" in problems[0].message
+
+
+def _without_lesion_masks(bids_dir: Path) -> Path:
+    """The raw dataset only: the phantom-style lesion derivatives removed."""
+    shutil.rmtree(bids_dir / "derivatives" / "lesions")
+    return bids_dir
+
+
+@pytest.mark.parametrize("session", [None, "A"])
+@pytest.mark.parametrize("where", ["-d", "derivatives"])
+def test_lstai_bare_outputs_found_from_folder_names(tmp_path: Path, session: str | None, where: str) -> None:
+    bids_dir = make_dataset(tmp_path / "ds", subjects=("01", "02"), sessions=(session,))
+    folder, prefix = _entities("01", session)
+    binary = bids_dir / "derivatives/lesions" / folder / f"{prefix}_desc-lesion_mask.nii.gz"
+    lst_root = (tmp_path / "lstai") if where == "-d" else (bids_dir / "derivatives" / "lst")
+    masks = {}
+    for subject in ("01", "02"):
+        folder, prefix = _entities(subject, session)
+        source = bids_dir / "derivatives/lesions" / folder / f"{prefix}_desc-lesion_mask.nii.gz"
+        masks[subject] = write_lstai_output(lst_root, subject, session, source, old_names=subject == "02")
+    _without_lesion_masks(bids_dir)
+    before = tree_digest(lst_root)
+    extra = {"derivatives": (lst_root.resolve(),)} if where == "-d" else {}
+    inputs, problems = discover(make_config(bids_dir, tmp_path, **extra))
+    assert problems == [] and binary is not None
+    assert {i.subject: i.lesion_mask for i in inputs} == masks  # the binary mask, not the annotated one
+    assert all((i.session, i.lesion_mask_kind, i.lesion_mask_space) == (session, "binary", "FLAIR")
+               for i in inputs)
+    assert tree_digest(lst_root) == before
+
+
+@pytest.mark.parametrize("description", [True, False])
+def test_lstai_bids_wrapper_found_by_pybids(tmp_path: Path, description: bool) -> None:
+    bids_dir = make_dataset(tmp_path / "ds", subjects=("01", "02"), sessions=("01",))
+    lst_root = bids_dir / "derivatives" / "lst-ai-v1.1.0b"
+    masks = {}
+    for subject in ("01", "02"):
+        folder, prefix = _entities(subject, "01")
+        source = bids_dir / "derivatives/lesions" / folder / f"{prefix}_desc-lesion_mask.nii.gz"
+        flair = bids_dir / folder / f"{prefix}_FLAIR.nii.gz"
+        masks[subject] = write_lstai_bids(lst_root, subject, "01", source, flair=flair, description=description)
+    _without_lesion_masks(bids_dir)
+    inputs, problems = discover(make_config(bids_dir, tmp_path))
+    # the wrapper's temp/ FLAIR copies are intermediates, not a second FLAIR
+    assert problems == [], [str(p) for p in problems]
+    assert {i.subject: i.lesion_mask for i in inputs} == masks
+    assert all(i.lesion_mask_kind == "binary" and i.flair.parent.parent.parent.parent == bids_dir for i in inputs)
+
+
+def test_lstai_probability_map_preferred_and_filters_keep_working(tmp_path: Path) -> None:
+    bids_dir = make_dataset(tmp_path / "ds", subjects=("01",))
+    source = bids_dir / "derivatives/lesions/sub-01/anat/sub-01_desc-lesion_mask.nii.gz"
+    prob = _save(tmp_path / "prob.nii.gz", np.full(FLAIR_SHAPE, 0.25, np.float32), FLAIR_AFFINE)
+    lst_root = tmp_path / "lstai"
+    write_lstai_output(lst_root, "01", None, source, probability=prob)
+    inputs, problems = discover(make_config(bids_dir, tmp_path, derivatives=(lst_root.resolve(),)))
+    # a BIDS-named mask in the dataset wins over the bare files
+    assert problems == [] and inputs[0].lesion_mask.name == "sub-01_desc-lesion_dseg.nii.gz"
+    _without_lesion_masks(bids_dir)
+    inputs, problems = discover(make_config(bids_dir, tmp_path, derivatives=(lst_root.resolve(),)))
+    assert inputs[0].lesion_mask == lst_root / "sub-01/temp/sub-X_ses-Y_space-FLAIR_seg-lst_prob.nii.gz"
+    assert inputs[0].lesion_mask_kind == "probability"
+    # a filter with BIDS entities asks for a BIDS-named file: the bare outputs cannot match it
+    inputs, problems = discover(make_config(bids_dir, tmp_path, derivatives=(lst_root.resolve(),),
+                                            bids_filters={"lesion_mask": {"desc": "lesion"}}))
+    assert inputs == [] and problems[0].missing
+    inputs, problems = discover(make_config(bids_dir, tmp_path, derivatives=(lst_root.resolve(),),
+                                            bids_filters={"lesion_mask": {"scope": "lstai"}}))
+    assert problems == [] and inputs[0].lesion_mask_kind == "probability"
+
+
+def test_label_lesion_probseg_found_as_probability(tmp_path: Path) -> None:
+    bids_dir = make_dataset(tmp_path / "ds", subjects=("01",))
+    deriv = bids_dir / "derivatives" / "lesions" / "sub-01" / "anat"
+    for path in deriv.glob("*desc-lesion_*"):
+        path.unlink()
+    _save(deriv / "sub-01_space-FLAIR_label-lesion_probseg.nii.gz", np.full(FLAIR_SHAPE, 0.7, np.float32),
+          FLAIR_AFFINE)
+    inputs, problems = discover(make_config(bids_dir, tmp_path))
+    assert problems == [] and inputs[0].lesion_mask_kind == "probability"

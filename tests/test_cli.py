@@ -99,6 +99,8 @@ def test_help_exits_0(capsys: pytest.CaptureFixture) -> None:
     (["--patch-size", "32", "32", "16"], "use --patch-extent-mm and --patch-spacing-mm"),
     (["--device", "tpu"], "invalid choice"),
     (["--model", "/no/such/model"], "does not exist"),
+    (["--lesion-split", "watershed"], "invalid choice"),
+    (["--lesion-threshold", "1.2"], "must be a probability"),
 ])
 def test_bad_option_values_exit_64(tmp_path: Path, capsys: pytest.CaptureFixture,
                                    options: list[str], message: str) -> None:

@@ -362,3 +362,22 @@ def test_participant_report_on_real_lesions(shared_data: Path, tmp_path: Path) -
     assert out.stat().st_size < 3e6 * max(1.0, len(keep) / 100)
     text = " ".join(parser.text)
     assert "WARNING (report)" not in text and "window -0.15 to 0.15 ppm" in text
+
+
+def test_split_lesions_are_outlined_as_one_confluent_component(tmp_path: Path) -> None:
+    """Lesions split from one component: each tile outlines the others yellow, unrelated lesions blue."""
+    paths = make_phantom(tmp_path, [(30, 40, 12), (36, 40, 12), (52, 55, 12)], [False, False, False], radius=4.0)
+    labels = np.asanyarray(nib.load(paths["dseg"]).dataobj)
+    table = lesion_table_from_dseg(labels, nib.load(paths["dseg"]).affine, {})
+    table.insert(6, "split_from", pd.array([3, 3, None], dtype="Int64"))
+    out = write_participant_report(tmp_path / "r.html", **report_kwargs(paths, table))
+    parser = parse(out)
+    text = "".join(parser.text)
+    assert "1 confluent component(s) were split automatically into 2 lesions" in text
+    assert "split from confluent component 3 with lesion(s) 2" in parser.figure_text["lesion-1"]
+    assert "split from" not in parser.figure_text["lesion-3"]
+    tiles = {fid: im for fid, im in zip([i for i in parser.ids if i.startswith("lesion-")],
+                                        [im for im in assert_self_contained(parser) if im.height == 80])}
+    yellow = lambda im: int(np.sum(np.all(np.asarray(im.convert("RGB"))[:, 82:162] == (255, 200, 0), axis=-1)))  # noqa: E731
+    assert yellow(tiles["lesion-1"]) > 0 and yellow(tiles["lesion-2"]) > 0
+    assert yellow(tiles["lesion-3"]) == 0

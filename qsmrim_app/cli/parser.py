@@ -283,6 +283,15 @@ def build_parser() -> argparse.ArgumentParser:
                      help="FLAIR-to-QSM/magnitude registration: rigid (default; FLAIR and GRE of one session "
                           "are one rigid head) or affine (rigid, then 12 parameters; only for data that "
                           "needs it, e.g. a FLAIR from another session with a different scanner calibration)")
+    pre.add_argument("--lesion-split", "--lesion_split", dest="lesion_split", choices=["auto", "none"],
+                     default="auto",
+                     help="binary masks and probability maps: 'auto' splits confluent lesions into lesion "
+                          "centres (Dworkin et al. 2018; Hessian of the smoothed map, in the mask's grid); "
+                          "'none' keeps connected components. A rater's instance map (desc-lesion_dseg) is "
+                          "never split")
+    pre.add_argument("--lesion-threshold", "--lesion_threshold", dest="lesion_threshold", type=_probability,
+                     default=0.5, metavar="P",
+                     help="lesion probability maps (and soft 0-1 masks): lesion where the value is >= P")
     pre.add_argument("--n4-shrink-factor", "--n4_shrink_factor", dest="n4_shrink_factor",
                      type=_positive_int, default=4, help="FLAIR bias correction (N4) shrink factor")
     pre.add_argument("--n4-iterations", "--n4_iterations", dest="n4_iterations", nargs="+",

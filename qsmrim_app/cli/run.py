@@ -152,6 +152,8 @@ def build_config(args: Namespace, argv: Sequence[str]) -> AppConfig:
         min_lesion_voxels=args.min_lesion_voxels,
         patch_extent_mm=extent,
         patch_spacing_mm=spacing,
+        lesion_split=args.lesion_split,
+        lesion_threshold=args.lesion_threshold,
         qsm_units=args.qsm_units,
         registration=args.registration,
     )

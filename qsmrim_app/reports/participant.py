@@ -40,6 +40,7 @@ TILE_SCALE = 1.5  # shown larger than stored: small files, readable tiles (CSS k
 FOV_MM = (24.0, 96.0)  # tile field of view: at least some context, at most a good part of a hemisphere
 THIS_LESION_RGB = (255, 48, 48)
 OTHER_LESION_RGB = (0, 190, 255)
+SPLIT_SIBLING_RGB = (255, 200, 0)  # lesions cut from the same confluent component (--lesion-split auto)
 SUMMARY_LABELS = {
     "n_lesions": "Lesions",
     "n_rimplus": "Rim+ lesions",
@@ -126,8 +127,13 @@ def _lesion_tile(
     plane: Plane,
     qsm_window: tuple[float, float],
     flair_window: tuple[float, float],
+    siblings: frozenset[int] = frozenset(),
 ) -> tuple[np.ndarray, int]:
-    """RGB sprite [QSM | QSM + outline | FLAIR + outline] through the lesion's axial (k) slice."""
+    """RGB sprite [QSM | QSM + outline | FLAIR + outline] through the lesion's axial (k) slice.
+
+    Outlines: this lesion red, lesions split from the same confluent component (``siblings``)
+    yellow, every other lesion blue, so a rater sees at a glance where a blob was cut.
+    """
     shape = qsm.shape
     k = int(np.clip(round(float(voxel[plane.axis])), 0, shape[plane.axis] - 1))
     lab2d = plane.take(labels, k) if labels is not None else None
@@ -158,9 +164,12 @@ def _lesion_tile(
     if lab2d is not None:
         lab = _sample(lab2d.astype(np.float32), plane, centre, fov, 0, 0.0).astype(np.int64)
         this = _outline(lab == lesion_id)
-        other = _outline((lab > 0) & (lab != lesion_id))
+        sibling = np.isin(lab, list(siblings)) if siblings else np.zeros(lab.shape, dtype=bool)
+        other = _outline((lab > 0) & (lab != lesion_id) & ~sibling)
+        sibling = _outline(sibling)
         for panel in panels[1:]:
             panel[other] = OTHER_LESION_RGB
+            panel[sibling] = SPLIT_SIBLING_RGB
             panel[this] = THIS_LESION_RGB
     gap = np.full((TILE_PX, TILE_GAP, 3), 255, dtype=np.uint8)
     parts: list[np.ndarray] = []
@@ -244,6 +253,25 @@ def _summary_section(subject: str, session: str | None, summary: Mapping[str, An
     )
 
 
+def split_groups(lesion_table: pd.DataFrame) -> dict[int, list[int]]:
+    """Confluent component id -> the lesion ids split from it (from the tables' ``split_from``)."""
+    if "split_from" not in lesion_table or lesion_table.empty:
+        return {}
+    component = pd.to_numeric(lesion_table["split_from"], errors="coerce")
+    groups: dict[int, list[int]] = {}
+    for lesion_id, comp in zip(lesion_table["lesion_id"].astype(int), component):
+        if pd.notna(comp):
+            groups.setdefault(int(comp), []).append(int(lesion_id))
+    return {k: sorted(v) for k, v in sorted(groups.items())}
+
+
+def _split_of(lesion_id: int, groups: Mapping[int, list[int]]) -> tuple[int | None, list[int]]:
+    for comp, ids in groups.items():
+        if lesion_id in ids:
+            return comp, [i for i in ids if i != lesion_id]
+    return None, []
+
+
 def _lesion_sections(ordered: pd.DataFrame, tiles: Mapping[int, tuple[str, int, int]], qsm_units: str,
                      qsm_window: tuple[float, float], has_flair: bool, dseg_has_lesions: bool) -> str:
     if ordered.empty:
@@ -252,8 +280,13 @@ def _lesion_sections(ordered: pd.DataFrame, tiles: Mapping[int, tuple[str, int, 
         return ('<section id="lesions"><h2>Lesions</h2><p class="empty-lesions">No lesions were found for this '
                 f"participant: there is nothing to review.{esc(note)}</p></section>")
     rows, figures = [], []
+    groups = split_groups(ordered)
     for rank, (_, row) in enumerate(ordered.iterrows(), start=1):
         lid = int(row["lesion_id"])
+        comp, siblings = _split_of(lid, groups)
+        split_cell = (f"{comp} (with {', '.join(map(str, siblings))})" if comp is not None else "")
+        split_caption = (f"<br>split from confluent component {comp} with lesion(s) "
+                         f"{esc(', '.join(map(str, siblings)))} (yellow)" if comp is not None else "")
         rim = _is_rim(row.get("rim_positive"))
         tag = '<span class="tag rimpos">rim+</span>' if rim else '<span class="tag rimneg">rim−</span>'
         prob, unc = row.get("probability"), row.get("uncertainty")
@@ -262,6 +295,7 @@ def _lesion_sections(ordered: pd.DataFrame, tiles: Mapping[int, tuple[str, int, 
             str(rank), f'<a href="#lesion-{lid}">{lid}</a>', tag, esc(_fixed(prob, 3)), esc(_fixed(unc, 3)),
             esc(_fixed(vol, 1)), esc(fmt(row.get("voxels"))),
             esc(", ".join(_fixed(row.get(c), 1) for c in ("centroid_x_mm", "centroid_y_mm", "centroid_z_mm"))),
+            esc(split_cell),
         ])
         uri, k, width = tiles.get(lid, (None, -1, 0))
         legend = "QSM | QSM + outline | FLAIR + outline" if has_flair else "QSM | QSM + outline"
@@ -271,7 +305,7 @@ def _lesion_sections(ordered: pd.DataFrame, tiles: Mapping[int, tuple[str, int, 
         figures.append(
             f'<figure class="lesion{" rimpos" if rim else ""}" id="lesion-{lid}">{image}<figcaption>'
             f"<b>Lesion {lid}</b> {tag} #{rank}<br>p = {esc(_fixed(prob, 3))} ± {esc(_fixed(unc, 3))}"
-            f" · {esc(_fixed(vol, 1))} mm³{f' · k = {k}' if k >= 0 else ''}</figcaption></figure>"
+            f" · {esc(_fixed(vol, 1))} mm³{f' · k = {k}' if k >= 0 else ''}{split_caption}</figcaption></figure>"
         )
     panels = "QSM | QSM + outline | FLAIR + outline" if has_flair else "QSM | QSM + outline"
     caption = (
@@ -279,16 +313,24 @@ def _lesion_sections(ordered: pd.DataFrame, tiles: Mapping[int, tuple[str, int, 
         f"grid (the slice index k is given), neurological convention (patient left on the left, anterior up). "
         f"QSM in {esc(qsm_units)}, fixed window {fmt(qsm_window[0])} to {fmt(qsm_window[1])} {esc(qsm_units)}"
         " (paramagnetic bright); FLAIR window: 1st-99.5th percentile of the brain. Red: this lesion's outline"
-        " (and centre ticks on the plain QSM); blue: other lesions. Field of view adapts to lesion size "
+        " (and centre ticks on the plain QSM); yellow: lesions split from the same confluent component"
+        " (--lesion-split auto); blue: other lesions. Field of view adapts to lesion size "
         f"({FOV_MM[0]:.0f}-{FOV_MM[1]:.0f} mm).</p>"
     )
     table_html = table(
-        ["#", "lesion", "class", "probability", "uncertainty", "volume (mm³)", "voxels", "centroid x, y, z (mm)"],
-        rows, numeric=[True, True, False, True, True, True, True, False],
+        ["#", "lesion", "class", "probability", "uncertainty", "volume (mm³)", "voxels", "centroid x, y, z (mm)",
+         "split from component"],
+        rows, numeric=[True, True, False, True, True, True, True, False, False],
     )
+    split_note = ""
+    if groups:
+        listing = "; ".join(f"component {comp}: lesions {', '.join(map(str, ids))}" for comp, ids in groups.items())
+        split_note = (f'<p class="split-summary">{len(groups)} confluent component(s) were split automatically '
+                      f"into {sum(map(len, groups.values()))} lesions ({esc(listing)}). Check their tiles: "
+                      "yellow outlines are the other parts of the same component.</p>")
     return (
         '<section id="review"><h2>Review list</h2><p class="caption">Rim+ first, then by decreasing '
-        "probability; click a lesion id to jump to its tile.</p>" + table_html + "</section>"
+        "probability; click a lesion id to jump to its tile.</p>" + split_note + table_html + "</section>"
         '<section id="lesions"><h2>Lesion mosaic</h2>' + caption
         + '<div class="mosaic">' + "".join(figures) + "</div></section>"
     )
@@ -362,6 +404,7 @@ def write_participant_report(
     qsm_window = QSM_WINDOW[qsm_units]
     flair_window = robust_window(flair_data) if flair_data is not None else (0.0, 1.0)
     tiles: dict[int, tuple[str, int, int]] = {}
+    groups = split_groups(ordered)
     if qsm_data is not None and not ordered.empty:
         plane = Plane.from_affine(qsm_img.affine, 2)
         for _, row in ordered.iterrows():
@@ -372,7 +415,7 @@ def write_participant_report(
                 continue
             vol = float(pd.to_numeric(pd.Series([row.get("volume_mm3")]), errors="coerce").iloc[0])
             sprite, k = _lesion_tile(lid, voxel, vol, qsm_data, flair_data, labels, plane, qsm_window,
-                                     flair_window)
+                                     flair_window, frozenset(_split_of(lid, groups)[1]))
             tiles[lid] = (png_data_uri(sprite), k, sprite.shape[1])
 
     title = f"qsmrim: {subject}" + (f" {session}" if session else "")

@@ -20,7 +20,7 @@ from .. import derivatives as drv
 from ..config import AppConfig
 from ..interfaces.bids import DerivativesDataSink
 from ..interfaces.classify import ClassifyLesions
-from ..interfaces.lesions import LesionInstances
+from ..interfaces.lesions import LesionInstances, PrepareLesionMask
 from ..interfaces.n4 import N4BiasCorrection
 from ..interfaces.patches import ExtractPatches
 from ..interfaces.qsm import PrepareQSM
@@ -81,10 +81,23 @@ def init_participant_wf(config: AppConfig, inputs, classify: bool = True) -> Wor
                 (qsm_ppb, flair_in_qsm, [("out_file", "reference_file")]),
                 (register, flair_in_qsm, [("transform_file", "transform_file")])])
 
+    # A rater's instance map goes to the QSM grid as drawn; binary masks and probability maps are
+    # split (or, with --lesion-split none, thresholded) in their own grid first.
+    rater_instances = inputs.lesion_mask_kind == "instances"
     lesions = pe.Node(LesionInstances(source_file=str(inputs.lesion_mask), min_voxels=pre.min_lesion_voxels,
-                                      is_instance_map=inputs.lesion_mask_kind == "instances"),
+                                      is_instance_map=rater_instances or pre.lesion_split == "auto"),
                       name="lesion_instances")
-    _into_qsm_grid(wf, "mask", inputs.lesion_mask, inputs.lesion_mask_space, qsm_ppb, register,
+    mask_source = inputs.lesion_mask
+    if not rater_instances:
+        split = pe.Node(PrepareLesionMask(mask_file=str(inputs.lesion_mask), source_file=str(inputs.lesion_mask),
+                                          kind=inputs.lesion_mask_kind, split=pre.lesion_split,
+                                          threshold=pre.lesion_threshold, sigma_mm=pre.split_sigma_mm,
+                                          min_centre_mm3=pre.split_min_centre_mm3,
+                                          notes=[n for n in inputs.notes if n.startswith("lesion mask")]),
+                         name="lesion_split")
+        wf.connect([(split, lesions, [("split_file", "split_file"), ("messages", "split_messages")])])
+        mask_source = (split, "out_file")
+    _into_qsm_grid(wf, "mask", mask_source, inputs.lesion_mask_space, qsm_ppb, register,
                    lesions, "mask_file")
     if inputs.rim_labels:
         _into_qsm_grid(wf, "rim", inputs.rim_labels, inputs.rim_labels_space, qsm_ppb, register,
@@ -185,13 +198,23 @@ def init_participant_wf(config: AppConfig, inputs, classify: bool = True) -> Wor
     return wf
 
 
-def _into_qsm_grid(wf: Workflow, what: str, path: Path, space: str, qsm_ppb, register, target, field: str) -> None:
-    """Masks drawn on the FLAIR are resampled (nearest neighbour keeps instance labels)."""
+def _into_qsm_grid(wf: Workflow, what: str, source, space: str, qsm_ppb, register, target, field: str) -> None:
+    """Masks drawn on the FLAIR are resampled (nearest neighbour keeps instance labels).
+
+    ``source`` is an input file or a ``(node, output)`` pair of this workflow.
+    """
     if space == "QSM":
-        setattr(target.inputs, field, str(path))
+        if isinstance(source, tuple):
+            wf.connect(source[0], source[1], target, field)
+        else:
+            setattr(target.inputs, field, str(source))
         return
-    resample = pe.Node(ApplyTransform(in_file=str(path), interpolation="nearest",
-                                      out_name=f"{what}_in_qsm.nii.gz"), name=f"{what}_in_qsm")
+    resample = pe.Node(ApplyTransform(interpolation="nearest", out_name=f"{what}_in_qsm.nii.gz"),
+                       name=f"{what}_in_qsm")
+    if isinstance(source, tuple):
+        wf.connect(source[0], source[1], resample, "in_file")
+    else:
+        resample.inputs.in_file = str(source)
     wf.connect([(qsm_ppb, resample, [("out_file", "reference_file")]),
                 (register, resample, [("transform_file", "transform_file")]),
                 (resample, target, [("out_file", field)])])
