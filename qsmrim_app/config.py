@@ -51,6 +51,7 @@ class AppConfig:
     session_labels: tuple[str, ...] = ()
     bids_filters: dict = field(default_factory=dict)
     derivatives: tuple[Path, ...] = ()
+    rim_annotations: Path | None = None  # --rim-annotations: the only dataset searched for desc-rim_dseg
     nprocs: int = 1
     omp_nthreads: int = 1
     mem_gb: float | None = None

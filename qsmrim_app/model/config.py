@@ -36,6 +36,7 @@ class TrainConfig:
     blur_sigma_units: Literal["voxel", "mm"] = "voxel"  # paper: sigmas in voxels
     weights_fp16: bool = False  # store member state dicts as fp16 (smaller bundled model)
     checkpoint: bool = True  # per-epoch checkpoints under out_dir/checkpoints (resumable)
+    init_model: str | None = None  # fine-tuning: model directory whose members start the networks
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:

@@ -85,13 +85,14 @@ def _state_for_storage(net: torch.nn.Module, fp16: bool) -> dict:
 
 def train_fold(lesions: LesionSet, train_idx: np.ndarray, val_idx: np.ndarray, config: TrainConfig,
                seed: int, scaler: FeatureScaler, weights_path: Path, checkpoint_path: Path | None = None,
-               progress: bool = True, desc: str = "", epoch_callback: Callable[[int, dict], None] | None = None
-               ) -> MemberResult:
+               progress: bool = True, desc: str = "", epoch_callback: Callable[[int, dict], None] | None = None,
+               init_weights: Path | None = None) -> MemberResult:
     """Train one network on ``train_idx`` (validated on ``val_idx``) and store its weights.
 
     ``seed`` fixes weight initialisation, shuffling, augmentation, dropout and DeepSMOTE draws (it seeds
     the global torch RNG, which dropout and DeepSMOTE use, and a private generator for the rest). When
     ``checkpoint_path`` holds a checkpoint of this member, training resumes after its last epoch.
+    ``init_weights`` (fine-tuning) are loaded before the first epoch instead of a random initialisation.
     """
     if lesions.labels is None:
         raise ValueError("training needs labels")
@@ -107,7 +108,10 @@ def train_fold(lesions: LesionSet, train_idx: np.ndarray, val_idx: np.ndarray, c
     try:
         torch.manual_seed(seed)
         gen = torch.Generator().manual_seed(seed)  # shuffling + augmentation, on CPU
-        net = build_network(config, n_features).to(device)
+        net = build_network(config, n_features)
+        if init_weights is not None:
+            _load_initial(init_weights, net)
+        net = net.to(device)
         opt = torch.optim.Adam(net.parameters(), lr=config.learning_rate)
         sched = torch.optim.lr_scheduler.MultiStepLR(opt, lr_milestones(config), gamma=config.lr_gamma)
         grad_scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
@@ -196,6 +200,16 @@ def train_fold(lesions: LesionSet, train_idx: np.ndarray, val_idx: np.ndarray, c
         torch.use_deterministic_algorithms(deterministic_before)
 
 
+def _load_initial(path: Path, net: torch.nn.Module) -> None:
+    """Fine-tuning: a member of another model starts this network (same architecture, checked before)."""
+    from .finetune import InitModelError
+
+    try:
+        load_state(path, net)
+    except RuntimeError as err:  # shapes differ: the architecture check missed something
+        raise InitModelError(f"--init-model weights {path} do not fit this network: {err}") from None
+
+
 @dataclass
 class CVResult:
     """Out-of-fold results of a K x S cross-validation (all arrays in the lesion set's order)."""
@@ -236,6 +250,11 @@ def cross_validate(lesions: LesionSet, config: TrainConfig, out_dir: Path, progr
     member_prob = np.full((config.seeds, n), np.nan, dtype=np.float64)
     fold_of = np.full(n, -1, dtype=np.int64)
     scalers, members, fold_thresholds = [], [], []
+    init_meta = None
+    if config.init_model and config.method != "aprl-rf":
+        from .finetune import read_model_json
+
+        init_meta = read_model_json(Path(config.init_model))
     for k, (train_idx, test_idx) in enumerate(folds):
         train_idx, test_idx = np.asarray(train_idx), np.asarray(test_idx)
         fold_of[test_idx] = k
@@ -254,10 +273,15 @@ def cross_validate(lesions: LesionSet, config: TrainConfig, out_dir: Path, progr
                 if weights.is_file():
                     p = _stored_member_probability(weights, config, lesions, feature_cols, test_idx, scaler)
                 else:
+                    init = None
+                    if init_meta is not None:
+                        from .finetune import member_weights
+
+                        init = member_weights(Path(config.init_model), init_meta, k, s)
                     p = train_fold(lesions, train_idx, test_idx, config, torch_seed, scaler, weights,
                                    out_dir / "checkpoints" / f"{name}.pt", progress,
                                    f"fold {k + 1}/{len(folds)} seed {s + 1}/{config.seeds}",
-                                   callback).val_probability
+                                   callback, init).val_probability
             member_prob[s, test_idx] = p
             members.append({"fold": k, "seed": s, "torch_seed": torch_seed,
                             "weights": str(weights.relative_to(out_dir))})
@@ -335,23 +359,34 @@ def write_oof_predictions(path: Path, lesions: LesionSet, cv: CVResult) -> None:
     os.replace(tmp, path)
 
 
+def input_meta(lesions: LesionSet, config: TrainConfig) -> dict:
+    """What model.json says about the network's inputs (the keys finetune.INPUT_KEYS compares)."""
+    return {
+        "feature_names": list(lesions.feature_names) if uses_features(config.method) else [],
+        "patch_shape": list(lesions.patches.shape[1:]),
+        "voxel_size_mm": [float(v) for v in lesions.voxel_size_mm],
+    }
+
+
 def train(lesions: LesionSet, config: TrainConfig, out_dir: Path, progress: bool = True,
           epoch_callback: EpochCallback | None = None) -> Path:
     """Cross-validate, then write the model directory (model.json, weights/, oof_predictions.tsv)."""
     if config.method not in NETWORK_METHODS and config.method != "aprl-rf":
         raise ValueError(f"unknown method {config.method!r}")
+    inputs = input_meta(lesions, config)
+    if config.init_model:
+        from .finetune import check_init_model, read_model_json
+
+        check_init_model(read_model_json(Path(config.init_model)), inputs, config)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     cv = cross_validate(lesions, config, out_dir, progress, epoch_callback)
-    feature_names = list(lesions.feature_names) if uses_features(config.method) else []
     meta = {
         "format_version": 1,
         "model_id": _model_id(config, out_dir, cv.members),
         "method": config.method,
         "config": config.to_dict(),
-        "feature_names": feature_names,
-        "patch_shape": list(lesions.patches.shape[1:]),
-        "voxel_size_mm": [float(v) for v in lesions.voxel_size_mm],
+        **inputs,
         "folds": [{"fold": k, "n_train": int(len(tr)), "n_test": int(len(te)),
                    "threshold": cv.fold_thresholds[k], "scaler": cv.scalers[k].to_dict()}
                   for k, (tr, te) in enumerate(cv.folds)],
