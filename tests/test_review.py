@@ -323,7 +323,11 @@ def test_views_are_pngs_in_millimetres_and_radiological(server):
                                        "&outline=1&zoom=2&window=50")
     assert status == 200 and kind == "image/png"
     assert Image.open(io.BytesIO(png)).size == (256, 256)
-    for query in ("view=oblique", "channel=t1", "outline=2", "zoom=0", "zoom=1e9", "window=-5", "zoom=nan"):
+    centre_png = server.request("/api/lesion.png?participant=01&lesion_id=1&view=axial")[1]
+    status, paged, _ = server.request("/api/lesion.png?participant=01&lesion_id=1&view=axial&offset=-4")
+    assert status == 200 and paged != centre_png  # 4 mm below the centre: another plane
+    for query in ("view=oblique", "channel=t1", "outline=2", "zoom=0", "zoom=1e9", "window=-5", "zoom=nan",
+                  "offset=1000"):
         assert server.request(f"/api/lesion.png?participant=01&lesion_id=1&{query}")[0] == 400, query
     # Geometry: a world point to the patient's right (larger x) lands on the image's left in axial
     # and coronal views; superior is up; 2 mm slices show at their true size.

@@ -159,6 +159,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         LOGGER.error("cannot listen on %s:%s (%s); choose another --port", config.host, config.port, err)
         return EXIT_USAGE
     host, port = server.server_address[:2]
+    if not str(host).startswith("127.") and str(host) not in ("::1", "localhost"):
+        LOGGER.warning("listening on %s, not the loopback address: anyone who can reach this port and sees "
+                       "the token can read the images and change decisions; prefer an SSH tunnel", host)
     shown_host = f"[{host}]" if ":" in str(host) else host
     LOGGER.info("%d lesions of %d participant/session(s), %d at or above the %s threshold; rater %s; "
                 "annotations -> %s", len(catalog.lesions), len(catalog.units), int(catalog.lesions["above"].sum()),

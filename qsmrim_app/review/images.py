@@ -124,12 +124,16 @@ class VolumeCache:
         return volumes
 
 
-def plane_points(centre_mm, view: str, fov_mm: float, size: int = IMAGE_PX) -> np.ndarray:
-    """World coordinates (3, size, size) of the view's pixel centres, in display order."""
+def plane_points(centre_mm, view: str, fov_mm: float, size: int = IMAGE_PX, offset_mm: float = 0.0) -> np.ndarray:
+    """World coordinates (3, size, size) of the view's pixel centres, in display order.
+
+    ``offset_mm`` moves the plane along its normal (+z, +y, +x of scanner RAS: towards superior,
+    anterior, the patient's right), to page through the lesion and its surroundings.
+    """
     fixed, (col_axis, col_dir), (row_axis, row_dir) = _PLANES[view]
     offsets = (np.arange(size) + 0.5) / size * fov_mm - fov_mm / 2.0
     points = np.empty((3, size, size), dtype=np.float64)
-    points[fixed] = centre_mm[fixed]
+    points[fixed] = centre_mm[fixed] + offset_mm
     points[col_axis] = centre_mm[col_axis] + col_dir * offsets[None, :]
     points[row_axis] = centre_mm[row_axis] + row_dir * offsets[:, None]
     return points
@@ -149,11 +153,11 @@ def _outline(mask: np.ndarray) -> np.ndarray:
 
 def render(volumes: Volumes, centre_mm, lesion_id: int, view: str, channel: str, *, outline: bool = True,
            zoom: float = 1.0, window: float = DEFAULT_WINDOW_PPB, fov_mm: float = 30.0,
-           size: int = IMAGE_PX) -> bytes:
-    """PNG bytes of one view; ``fov_mm / zoom`` millimetres across."""
+           size: int = IMAGE_PX, offset_mm: float = 0.0) -> bytes:
+    """PNG bytes of one view; ``fov_mm / zoom`` millimetres across, ``offset_mm`` off the lesion centre."""
     if view not in VIEWS or channel not in CHANNELS:
         raise ValueError(f"view must be one of {VIEWS} and channel one of {CHANNELS}")
-    points = plane_points(np.asarray(centre_mm, dtype=float), view, fov_mm / zoom, size)
+    points = plane_points(np.asarray(centre_mm, dtype=float), view, fov_mm / zoom, size, offset_mm)
     source = volumes.qsm_ppb if channel == "qsm" else volumes.flair
     if source is None:
         grey = np.zeros((size, size), dtype=np.uint8)

@@ -137,10 +137,11 @@ class ReviewApp:
         zoom = _bounded(query.get("zoom"), "zoom", 1.0, 0.25, 16.0)
         volumes = self.volumes.get(unit)
         window = _bounded(query.get("window"), "window", volumes.qsm_window, 1.0, 5000.0)
+        fov = field_of_view_mm(row["volume_mm3"])
+        offset = _bounded(query.get("offset"), "offset", 0.0, -fov, fov)  # mm off the centre (optional)
         centre = [float(row[f"centroid_{a}_mm"]) for a in "xyz"]
         return render(volumes, centre, int(row["lesion_id"]), view, channel,
-                      outline=outline == "1", zoom=zoom, window=window,
-                      fov_mm=field_of_view_mm(row["volume_mm3"]))
+                      outline=outline == "1", zoom=zoom, window=window, fov_mm=fov, offset_mm=offset)
 
     def decide(self, body: Any) -> dict:
         if not isinstance(body, dict):
