@@ -30,7 +30,7 @@ CHROMEDRIVER = shutil.which("chromedriver")
 
 def run_app(*args) -> subprocess.CompletedProcess:
     proc = subprocess.run([sys.executable, str(REPO / "run.py"), *map(str, args)], capture_output=True, text=True,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=900)
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=1800)
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
     return proc
 
