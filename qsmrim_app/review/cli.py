@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .. import __version__
+from ..cli.parser import _HelpFormatter  # one help style for both commands
 from ..config import ReviewConfig
 
 LOGGER = logging.getLogger("qsmrim.review")
@@ -55,7 +56,7 @@ def _default_rater() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="qsmrim-review", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    parser = _Parser(prog="qsmrim-review", formatter_class=_HelpFormatter,
                      description="Review qsmrim's rim+ candidates in the browser and save the decisions as a "
                                  "BIDS derivatives dataset (desc-rim_dseg + a decisions table) for "
                                  "`qsmrim ... participant --rim-annotations` and `group --train`.")
