@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import nibabel as nib
@@ -22,7 +23,6 @@ import pytest
 
 from qsmrim_app import derivatives as drv
 
-pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
@@ -72,95 +72,109 @@ def wait_for(predicate, timeout: float = 60.0, what: str = "the page"):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def test_review_in_the_browser_then_retrain(browser, tmp_path):
-    from selenium.webdriver.common.action_chains import ActionChains
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.common.keys import Keys
-
-    from qsmrim_app.synthetic import generate_dataset
-
-    bids, out, review = tmp_path / "bids", tmp_path / "out", tmp_path / "review"
-    generate_dataset(bids, n_subjects=2, seed=5, rimplus_fraction=0.3)
-    run_app(bids, out, "participant", "--nprocs", "2", "-w", tmp_path / "work")  # the bundled model classifies
-    raw_before = tree_digest(bids)
-
+@contextmanager
+def review_server(out: Path, review: Path):
+    """``qsmrim-review`` as a user starts it; yields the URL it prints."""
     server = subprocess.Popen([sys.executable, "-m", "qsmrim_app.review", str(out), "--review-dir", str(review),
                                "--rater", "tester"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
     try:
         line = server.stdout.readline()
         assert line.startswith("qsmrim-review: open http://127.0.0.1:"), line + server.stderr.read()
-        url = line.split("open ", 1)[1].strip()
-        browser.get(url.split("?")[0])  # without the token: refused
-        assert "403" in browser.find_element(By.TAG_NAME, "body").text
-        browser.get(url)
-        body = browser.find_element(By.TAG_NAME, "body")
-        wait_for(lambda: body.get_attribute("data-current"), what="the first lesion")
-        wait_for(lambda: all(browser.execute_script(
-            "return [...document.querySelectorAll('#views img')].every(i => i.complete && i.naturalWidth === 256)")
-            for _ in [0]), what="the six views")
-        assert "0 of" in browser.find_element(By.ID, "progress").text
-
-        keys = ActionChains(browser)
-        made: dict[tuple[str, int], str] = {}
-
-        def press(key: str) -> None:
-            keys.send_keys(key).perform()
-
-        def decide(key: str, decision: str) -> None:
-            current = body.get_attribute("data-current")
-            saves = int(body.get_attribute("data-saves") or 0)
-            press(key)
-            wait_for(lambda: int(body.get_attribute("data-saves") or 0) > saves, what=f"saving {decision}")
-            participant, _, lesion = current.split("|")
-            made[(participant, int(lesion))] = decision
-
-        # At least one rim+ and one rim- per participant, with the keyboard only; skip the rest with ->.
-        wanted = {p: {"rimpos", "rimneg"} for p in ("sub-01", "sub-02")}
-        for _ in range(80):
-            if not any(wanted.values()):
-                break
-            current = body.get_attribute("data-current")
-            participant = current.split("|")[0]
-            if "rimpos" in wanted[participant]:
-                decide("1", "rimpos")  # advances to the next lesion by itself
-                wanted[participant].discard("rimpos")
-            elif "rimneg" in wanted[participant]:
-                decide("2", "rimneg")
-                wanted[participant].discard("rimneg")
-            else:
-                press(Keys.ARROW_RIGHT)
-                wait_for(lambda: body.get_attribute("data-current") != current, what="the next lesion")
-        assert not any(wanted.values()), wanted
-        decide("3", "unsure")
-        before = body.get_attribute("data-current")
-        press(Keys.ARROW_LEFT)  # previous, then change our mind: clear with 0
-        wait_for(lambda: body.get_attribute("data-current") != before, what="the previous lesion")
-        participant, _, lesion = body.get_attribute("data-current").split("|")
-        assert made[(participant, int(lesion))] == "unsure"
-        saves = int(body.get_attribute("data-saves"))
-        press("0")
-        wait_for(lambda: int(body.get_attribute("data-saves")) > saves, what="clearing")
-        del made[(participant, int(lesion))]
-        press("o")  # the outline toggle re-requests the views without it
-        wait_for(lambda: "outline=0" in browser.find_element(By.ID, "img-qsm-axial").get_attribute("src"),
-                 what="views without outline")
-        n_pos = sum(d == "rimpos" for d in made.values())
-        assert browser.find_element(By.ID, "progress").text.startswith(f"{len(made)} of ")
-        assert f"{n_pos} rim+ so far" in browser.find_element(By.ID, "progress").text
-        browser.save_screenshot(str(tmp_path / "review.png"))
-        errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE" and "403" not in e["message"]]
-        assert not errors, errors
+        yield line.split("open ", 1)[1].strip()
     finally:
         server.terminate()
         server.wait(30)
 
-    # The review dataset: the decisions table and the majority dseg on the lesions' grid.
+
+def review_with_keyboard(browser, url: str, units: list[str], shot: Path) -> dict[tuple[str, int], str]:
+    """Decide at least one rim+ and one rim- per unit ('sub-X|ses'), an unsure, then clear it; keys only.
+
+    Returns {(unit, lesion_id): decision} of what stands.
+    """
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    browser.get(url.split("?")[0])  # without the token: refused
+    assert "403" in browser.find_element(By.TAG_NAME, "body").text
+    browser.get(url)
+    body = browser.find_element(By.TAG_NAME, "body")
+    wait_for(lambda: body.get_attribute("data-current"), what="the first lesion")
+    wait_for(lambda: browser.execute_script(
+        "return [...document.querySelectorAll('#views img')].every(i => i.complete && i.naturalWidth === 256)"),
+        what="the six views")
+    assert browser.find_element(By.ID, "progress").text.startswith("0 of")
+    keys = ActionChains(browser)
+    made: dict[tuple[str, int], str] = {}
+
+    def where() -> tuple[str, int]:
+        participant, session, lesion = body.get_attribute("data-current").split("|")
+        return f"{participant}|{session}", int(lesion)
+
+    def press(key: str) -> None:
+        keys.send_keys(key).perform()
+
+    def decide(key: str, decision: str | None) -> None:
+        lesion = where()
+        saves = int(body.get_attribute("data-saves") or 0)
+        press(key)
+        wait_for(lambda: int(body.get_attribute("data-saves") or 0) > saves, what=f"saving {decision}")
+        if decision is None:
+            del made[lesion]
+        else:
+            made[lesion] = decision
+
+    wanted = {unit: {"rimpos", "rimneg"} for unit in units}
+    for _ in range(80):
+        if not any(wanted.values()):
+            break
+        unit, _ = where()
+        if "rimpos" in wanted[unit]:
+            decide("1", "rimpos")  # the page moves on to the next lesion by itself
+            wanted[unit].discard("rimpos")
+        elif "rimneg" in wanted[unit]:
+            decide("2", "rimneg")
+            wanted[unit].discard("rimneg")
+        else:
+            before = where()
+            press(Keys.ARROW_RIGHT)
+            wait_for(lambda: where() != before, what="the next lesion")
+    assert not any(wanted.values()), wanted
+    target = next(iter(made))  # back to the first lesion decided (the queue's first: not its last)
+    for _ in range(80):
+        if where() == target:
+            break
+        before = where()
+        press(Keys.ARROW_LEFT)
+        wait_for(lambda: where() != before, what="the previous lesion")
+    original = made[target]
+    decide("3", "unsure")  # change our mind (the page moves on), come back, clear it, decide again
+    press(Keys.ARROW_LEFT)
+    wait_for(lambda: where() == target, what="the previous lesion")
+    decide("0", None)
+    assert where() == target  # clearing does not move on
+    decide({"rimpos": "1", "rimneg": "2"}[original], original)
+    press("o")  # the outline toggle re-requests the views without it
+    wait_for(lambda: "outline=0" in browser.find_element(By.ID, "img-qsm-axial").get_attribute("src"),
+             what="views without outline")
+    n_pos = sum(d == "rimpos" for d in made.values())
+    progress = browser.find_element(By.ID, "progress").text
+    assert progress.startswith(f"{len(made)} of ") and f"{n_pos} rim+ so far" in progress, progress
+    browser.save_screenshot(str(shot))
+    errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE" and "403" not in e["message"]]
+    assert not errors, errors
+    return made
+
+
+def check_review_files(out: Path, review: Path, made: dict[tuple[str, int], str], units: list[str]) -> None:
+    """The decisions tables and the majority dseg images say what was decided, on the lesions' grid."""
     assert (review / "dataset_description.json").is_file()
-    for participant in ("01", "02"):
-        unit = drv.Unit(participant)
+    for name in units:
+        participant, session = name.split("|")
+        unit = drv.Unit(participant[4:], session or None)
         table = drv.read_tsv(drv.review_path(review, unit, "rim_decisions"))
-        mine = {lesion: d for (p, lesion), d in made.items() if p == unit.participant_id}
+        mine = {lesion: d for (u, lesion), d in made.items() if u == name}
         assert dict(zip(table["lesion_id"], table["decision"])) == mine
         assert set(table["rater"]) == {"tester"}
         rim = drv.read_tsv(drv.output_path(out, unit, "rim_lesions")).set_index("lesion_id")["probability"]
@@ -171,6 +185,33 @@ def test_review_in_the_browser_then_retrain(browser, tmp_path):
         for lesion, decision in mine.items():
             expected[lesion] = {"rimpos": 2, "rimneg": 1}.get(decision, 0)
         assert np.array_equal(dseg, expected[lesions])
+
+
+def test_keyboard_review_in_the_browser(browser, tmp_path):
+    """The page on small hand-made outputs (no pipeline run): seconds, with sessions."""
+    from test_review import make_outputs
+
+    bids, out = make_outputs(tmp_path)
+    before = tree_digest(bids), tree_digest(out)
+    units = ["sub-01|", "sub-02|1"]
+    with review_server(out, tmp_path / "review") as url:
+        made = review_with_keyboard(browser, url, units, tmp_path / "review.png")
+    check_review_files(out, tmp_path / "review", made, units)
+    assert (tree_digest(bids), tree_digest(out)) == before
+
+
+@pytest.mark.slow
+def test_review_in_the_browser_then_retrain(browser, tmp_path):
+    from qsmrim_app.synthetic import generate_dataset
+
+    bids, out, review = tmp_path / "bids", tmp_path / "out", tmp_path / "review"
+    generate_dataset(bids, n_subjects=2, seed=5, rimplus_fraction=0.3)
+    run_app(bids, out, "participant", "--nprocs", "2", "-w", tmp_path / "work")  # the bundled model classifies
+    raw_before = tree_digest(bids)
+    units = ["sub-01|", "sub-02|"]
+    with review_server(out, review) as url:
+        made = review_with_keyboard(browser, url, units, tmp_path / "review.png")
+    check_review_files(out, review, made, units)
     assert tree_digest(bids) == raw_before, "the review wrote into the input dataset"
 
     # The decisions become training labels: participant level with --rim-annotations, then train.
@@ -179,7 +220,7 @@ def test_review_in_the_browser_then_retrain(browser, tmp_path):
     for participant in ("01", "02"):
         unit = drv.Unit(participant)
         labels = drv.read_tsv(drv.output_path(out, unit, "annotations")).set_index("lesion_id")["rim_positive"]
-        mine = {lesion: d for (p, lesion), d in made.items() if p == unit.participant_id and d != "unsure"}
+        mine = {lesion: d for (u, lesion), d in made.items() if u == f"sub-{participant}|" and d != "unsure"}
         assert labels.dropna().astype(int).to_dict() == {k: int(d == "rimpos") for k, d in mine.items()}
         n_decided += len(mine)
     proc = run_app(bids, out, "group", "--train", "--folds", "2", "--seeds", "1", "--width-multiplier", "0.125",
