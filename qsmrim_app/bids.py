@@ -510,8 +510,9 @@ def _units_of_work(config: AppConfig, datasets: Sequence[_Dataset]) -> list[tupl
     return units
 
 
-def _discover_one(config: AppConfig, datasets: Sequence[_Dataset], subject: str,
-                  session: str | None) -> tuple[ParticipantInputs | None, list[InputProblem]]:
+def _discover_one(config: AppConfig, datasets: Sequence[_Dataset], subject: str, session: str | None,
+                  rim_datasets: Sequence[_Dataset] | None = None
+                  ) -> tuple[ParticipantInputs | None, list[InputProblem]]:
     """Find and check every input of one unit; every problem found is reported, not just the first."""
     problems: list[InputProblem] = []
     notes: list[str] = []
@@ -520,9 +521,10 @@ def _discover_one(config: AppConfig, datasets: Sequence[_Dataset], subject: str,
     def problem(file: Path | None, message: str, missing: bool = False) -> None:
         problems.append(InputProblem(subject, session, file, message, missing))
 
-    def first_match(queries: Iterable[dict[str, Any]], kind: str) -> list[Path]:
+    def first_match(queries: Iterable[dict[str, Any]], kind: str,
+                    within: Sequence[_Dataset] = datasets) -> list[Path]:
         for query in queries:
-            paths = _find(datasets, query, filters.get(kind, {}), subject, session)
+            paths = _find(within, query, filters.get(kind, {}), subject, session)
             if paths:
                 return paths
         return []
@@ -611,7 +613,8 @@ def _discover_one(config: AppConfig, datasets: Sequence[_Dataset], subject: str,
 
     # Rim annotations: optional; when present they must be usable.
     rim_labels, rim_space = None, None
-    rim_paths = first_match(_RIM_QUERIES, "rim_labels")
+    # --rim-annotations: that dataset alone, so a review folder never competes with other desc-rim_dseg.
+    rim_paths = first_match(_RIM_QUERIES, "rim_labels", rim_datasets if rim_datasets is not None else datasets)
     if rim_paths:
         rim_labels = _unique(rim_paths, "rim annotation", subject, session, problems)
         if rim_labels is not None:
@@ -706,11 +709,21 @@ def discover(config: AppConfig) -> tuple[list[ParticipantInputs], list[InputProb
     Raises SelectionError for unknown participant labels or a selection without any unit.
     """
     datasets = _index(config)
+    rim_datasets = None
+    if config.rim_annotations is not None:
+        from bids import BIDSLayout
+
+        root = Path(config.rim_annotations)
+        rim_datasets = [_Dataset(root, _dataset_scopes(root, False),
+                                 BIDSLayout(root, validate=False, config=["bids", "derivatives"]))]
     inputs: list[ParticipantInputs] = []
     problems: list[InputProblem] = []
     for subject, session in _units_of_work(config, datasets):
-        found, unit_problems = _discover_one(config, datasets, subject, session)
+        found, unit_problems = _discover_one(config, datasets, subject, session, rim_datasets)
         problems += unit_problems
         if found is not None:
             inputs.append(found)
+    if config.rim_annotations is not None:
+        LOGGER.info("rim annotations from %s: %d of %d unit(s) have one", config.rim_annotations,
+                    sum(1 for found in inputs if found.rim_labels is not None), len(inputs))
     return inputs, problems

@@ -61,6 +61,7 @@ class AppConfig:
     session_labels: tuple[str, ...] = ()
     bids_filters: dict = field(default_factory=dict)
     derivatives: tuple[Path, ...] = ()
+    rim_annotations: Path | None = None  # --rim-annotations: the only dataset searched for desc-rim_dseg
     nprocs: int = 1
     omp_nthreads: int = 1
     mem_gb: float | None = None
@@ -77,3 +78,21 @@ class AppConfig:
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     training: TrainConfig = field(default_factory=TrainConfig)
     command_line: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ReviewConfig:
+    """What ``qsmrim-review`` needs, validated by ``review/cli.py``; paths are absolute.
+
+    ``review_dir`` is the annotation dataset it writes (never inside ``bids_dir``); ``bids_dir`` is
+    where the QSM maps named in the outputs' sidecars are read from (``bids:raw:`` URIs).
+    """
+
+    output_dir: Path
+    review_dir: Path
+    bids_dir: Path | None = None
+    model_dir: Path | None = None  # None: the model recorded in the outputs (its model_id)
+    operating_point: str = "high-sensitivity"  # or "f1": where the queue's review set ends
+    rater: str = "rater"
+    host: str = "127.0.0.1"
+    port: int = 0  # 0: a free port

@@ -378,3 +378,64 @@ def radiomics_dictionary(columns: Sequence[str]) -> dict:
         entries[column] = {"Description": f"pyradiomics {feature_class} feature {feature} on the {image_type} "
                                           "image of the QSM (ppb, binWidth 25)"}
     return entries
+
+
+# ---------------------------------------------------------------------------------------------
+# The review dataset (``qsmrim-review``): rater decisions as their own BIDS derivatives dataset
+# ---------------------------------------------------------------------------------------------
+REVIEW_OUTPUTS: dict[str, tuple[str, str, dict[str, str]]] = {
+    "rim_dseg": ("dseg", ".nii.gz", {"space": "QSM", "desc": "rim"}),
+    "rim_dseg_tsv": ("dseg", ".tsv", {"space": "QSM", "desc": "rim"}),
+    "rim_decisions": ("decisions", ".tsv", {"space": "QSM", "desc": "rim"}),
+}
+REVIEW_BIDSIGNORE = "\n".join(["*_decisions.tsv", "*_decisions.json", ""])
+#: Values of the review's desc-rim_dseg (the app's rim annotation convention, lesions.py).
+RIM_DSEG_LOOKUP = pd.DataFrame({"index": [1, 2], "name": ["rim-", "rim+"]})
+
+DECISIONS_DICTIONARY = {
+    "lesion_id": GEOMETRY_DICTIONARY["lesion_id"],
+    "decision": {"Description": "The rater's call on this lesion",
+                 "Levels": {"rimpos": "rim+ (paramagnetic rim)", "rimneg": "rim- (no rim)",
+                            "unsure": "the rater could not decide"}},
+    "rater": {"Description": "Who decided (qsmrim-review --rater; default the user name)"},
+    "time": {"Description": "When the decision was made (ISO 8601, UTC)"},
+    "probability": {"Description": "The model's rim+ probability shown to the rater at review"},
+}
+
+
+def review_path(root: Path, unit: Unit, role: str) -> Path:
+    """Where the review output ``role`` (a key of REVIEW_OUTPUTS) of ``unit`` lives."""
+    suffix, extension, entities = REVIEW_OUTPUTS[role]
+    return unit.folder(root) / bids_name(unit, suffix, extension, **entities)
+
+
+def fsync_file(path: Path) -> None:
+    """Flush a written file and its folder entry to disk (a decision is acknowledged only after this)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    fd = os.open(Path(path).parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def init_review_dir(review_dir: Path, output_dir: Path) -> None:
+    """dataset_description.json (linking the qsmrim outputs it annotates) and .bidsignore."""
+    review_dir = Path(review_dir)
+    review_dir.mkdir(parents=True, exist_ok=True)
+    uri = Path(output_dir).resolve().as_uri()
+    description = {
+        "Name": "qsmrim-review: rater decisions on rim+ candidates",
+        "BIDSVersion": BIDS_VERSION,
+        "DatasetType": "derivative",
+        "GeneratedBy": [{**generated_by()[0], "Name": "qsmrim-review",
+                         "Description": "rater decisions made in qsmrim-review over qsmrim outputs"}],
+        "SourceDatasets": [{"URL": uri}],
+        "DatasetLinks": {"qsmrim": uri},
+    }
+    _write_if_changed(review_dir / "dataset_description.json", json.dumps(description, indent=2) + "\n")
+    _write_if_changed(review_dir / ".bidsignore", REVIEW_BIDSIGNORE)

@@ -226,6 +226,10 @@ def build_parser() -> argparse.ArgumentParser:
     sel.add_argument("-d", "--derivatives", nargs="+", type=_existing_path, default=[], metavar="PATH",
                      help="extra derivatives datasets holding QSM maps, lesion masks or rim "
                           "annotations; every folder in <bids_dir>/derivatives is searched anyway")
+    sel.add_argument("--rim-annotations", "--rim_annotations", dest="rim_annotations", type=_existing_path,
+                     default=None, metavar="PATH",
+                     help="the dataset to take rim annotations (*_desc-rim_dseg) from, e.g. a qsmrim-review "
+                          "folder; only it is searched for them; default: the raw dataset and its derivatives")
     sel.add_argument("--qsm-units", "--qsm_units", dest="qsm_units", choices=["ppm", "ppb"], default=None,
                      help="units of the QSM maps when they do not follow BIDS; default: ppm as "
                           "BIDS specifies for Chimap")
@@ -333,6 +337,11 @@ def build_parser() -> argparse.ArgumentParser:
                        type=_positive_float, default=None,
                        help="scales the network's channel widths (1.0: the paper's ResNet-18, the paper "
                             "protocol's default; fast: 0.125)")
+    train.add_argument("--init-model", "--init_model", dest="init_model", type=_existing_path, default=None,
+                       metavar="PATH",
+                       help="fine-tune: start each network from the matching fold/seed member of this model "
+                            "directory (e.g. the bundled one; its first member when it has fewer); its inputs "
+                            "and architecture must match the run's")
     train.add_argument("--weights-fp16", "--weights_fp16", dest="weights_fp16", action="store_true",
                        help="store the trained weights as float16 (half the size; for shipping a model)")
 

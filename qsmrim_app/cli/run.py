@@ -161,12 +161,14 @@ def build_config(args: Namespace, argv: Sequence[str]) -> AppConfig:
     if args.model is not None:
         inference = InferenceConfig(model_dir=args.model.resolve(), threshold=args.threshold,
                                     operating_point=args.operating_point)
+    init_model = _init_model(args, methods)
     try:
         training = protocol_config(
             args.protocol, method=methods[0], epochs=args.epochs, max_steps=args.max_steps,
             batch_size=args.batch_size, folds=args.folds,
             seeds=args.seeds, width_multiplier=args.width_multiplier, weights_fp16=args.weights_fp16 or None,
-            input_level=args.inputs, patch_extent_mm=extent, patch_spacing_mm=spacing, device=args.device)
+            input_level=args.inputs, patch_extent_mm=extent, patch_spacing_mm=spacing, device=args.device,
+            init_model=init_model)
         PatchGrid(extent, spacing)
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
@@ -179,6 +181,7 @@ def build_config(args: Namespace, argv: Sequence[str]) -> AppConfig:
         session_labels=tuple(dict.fromkeys(args.session_label)),
         bids_filters=args.bids_filters or {},
         derivatives=tuple(dict.fromkeys(p.resolve() for p in args.derivatives)),
+        rim_annotations=_rim_annotations(args, output_dir),
         nprocs=args.nprocs,
         omp_nthreads=omp_nthreads,
         mem_gb=args.mem_gb,
@@ -195,6 +198,41 @@ def build_config(args: Namespace, argv: Sequence[str]) -> AppConfig:
         training=training,
         command_line=tuple(argv),
     )
+
+
+def _rim_annotations(args: Namespace, output_dir: Path) -> Path | None:
+    """--rim-annotations: a dataset folder of its own (a qsmrim-review folder, say), not our output."""
+    if args.rim_annotations is None:
+        return None
+    path = args.rim_annotations.resolve()
+    if not path.is_dir():
+        raise UsageError(f"--rim-annotations {path} is not a folder; give the dataset that holds the "
+                         "*_desc-rim_dseg images (e.g. the qsmrim-review folder)", EXIT_INPUT_MISSING)
+    if _is_within(path, output_dir) or _is_within(output_dir, path):
+        raise UsageError(f"--rim-annotations {path} overlaps output_dir {output_dir}; the annotations are "
+                         "a dataset of their own")
+    return path
+
+
+def _init_model(args: Namespace, methods: Sequence[str]) -> str | None:
+    """--init-model: only with --train and one network method, and only a model directory."""
+    from ..model.network import NETWORK_METHODS
+
+    if args.init_model is None:
+        return None
+    if not args.train:
+        raise UsageError("--init-model only applies to `group --train`")
+    if len(methods) > 1:
+        raise UsageError("--init-model fine-tunes one network; --method all also trains comparators that "
+                         "cannot start from it: choose one --method")
+    if methods[0] not in NETWORK_METHODS:
+        raise UsageError(f"--init-model starts networks from a model's members; --method {methods[0]} is not "
+                         f"a network (use one of {', '.join(NETWORK_METHODS)})")
+    path = args.init_model.resolve()
+    if not (path / "model.json").is_file():
+        raise UsageError(f"--init-model {path} holds no model.json; give a directory written by "
+                         "`group --train` (or the bundled model)", EXIT_INPUT_MISSING)
+    return str(path)
 
 
 def _validate_dataset(config: AppConfig) -> None:
@@ -239,9 +277,13 @@ def run_participant_level(config: AppConfig) -> int:
 def run_group_level(config: AppConfig) -> int:
     """The group level reads the participant outputs; nothing to discover in bids_dir."""
     configure_nipype(config.verbosity)
+    from ..model.finetune import InitModelError
     from ..workflows.group import run_group
 
-    return int(run_group(config))
+    try:
+        return int(run_group(config))
+    except InitModelError as err:  # found only once the lesions are gathered: still a usage error
+        raise UsageError(str(err)) from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

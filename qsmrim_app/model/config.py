@@ -56,6 +56,7 @@ class TrainConfig:
     inner_val_fraction: float = 0.0  # training subjects held out for early stopping (0: none)
     eval_every: int = 0  # steps between inner-validation checks (0: once per epoch)
     contrast_augment: bool | None = None  # QSM scale/noise augmentation; None: on for referenced inputs
+    init_model: str | None = None  # fine-tuning: model directory whose members start the networks
     extra: dict = field(default_factory=dict)
 
     def input_spec(self):

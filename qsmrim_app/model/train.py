@@ -157,14 +157,16 @@ def _batches(config: TrainConfig, labels: torch.Tensor, n_steps: int, gen: torch
 def train_fold(lesions: LesionSet, x_all: np.ndarray, f_all: np.ndarray, train_idx: np.ndarray,
                val_idx: np.ndarray, config: TrainConfig, seed: int, scaler: FeatureScaler, weights_path: Path,
                checkpoint_path: Path | None = None, progress: bool = True, desc: str = "",
-               epoch_callback: Callable[[int, dict], None] | None = None) -> MemberResult:
+               epoch_callback: Callable[[int, dict], None] | None = None,
+               init_weights: Path | None = None) -> MemberResult:
     """Train one network on ``train_idx`` (validated on ``val_idx``) and store its weights.
 
     ``x_all`` are the network inputs of every lesion (``InputSpec.network_inputs``) and ``f_all`` the
     method's feature columns. ``seed`` fixes weight initialisation, shuffling, augmentation, dropout and
     DeepSMOTE draws. With ``inner_val_fraction`` > 0 some training subjects are held out and the member
     keeps the weights of its best inner-validation AUC (early stopping). When ``checkpoint_path`` holds
-    a checkpoint of this member, training resumes after its last round.
+    a checkpoint of this member, training resumes after its last round. ``init_weights`` (fine-tuning)
+    are loaded before the first step instead of a random initialisation.
     """
     if lesions.labels is None:
         raise ValueError("training needs labels")
@@ -180,7 +182,10 @@ def train_fold(lesions: LesionSet, x_all: np.ndarray, f_all: np.ndarray, train_i
         torch.manual_seed(seed)
         gen = torch.Generator().manual_seed(seed)  # shuffling + augmentation, on CPU
         in_channels = x_all.shape[1]
-        net = build_network(config, n_features, in_channels).to(device)
+        net = build_network(config, n_features, in_channels)
+        if init_weights is not None:
+            _load_initial(init_weights, net)
+        net = net.to(device)
         if config.optimizer == "adamw":
             opt = torch.optim.AdamW(net.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
         else:
@@ -297,6 +302,16 @@ def _bce(y: np.ndarray, p: np.ndarray) -> float:
                                         torch.as_tensor(y, dtype=torch.float64)))
 
 
+def _load_initial(path: Path, net: torch.nn.Module) -> None:
+    """Fine-tuning: a member of another model starts this network (same architecture, checked before)."""
+    from .finetune import InitModelError
+
+    try:
+        load_state(path, net)
+    except RuntimeError as err:  # shapes differ: the architecture check missed something
+        raise InitModelError(f"--init-model weights {path} do not fit this network: {err}") from None
+
+
 @dataclass
 class CVResult:
     """Out-of-fold results of a K x S cross-validation (all arrays in the lesion set's order)."""
@@ -347,6 +362,11 @@ def cross_validate(lesions: LesionSet, config: TrainConfig, out_dir: Path, progr
     member_prob = np.full((seeds, n), np.nan, dtype=np.float64)
     fold_of = np.full(n, -1, dtype=np.int64)
     scalers, members, fold_thresholds = [], [], []
+    init_meta = None
+    if config.init_model and network:
+        from .finetune import read_model_json
+
+        init_meta = read_model_json(Path(config.init_model))
     for k, (train_idx, test_idx) in enumerate(folds):
         train_idx, test_idx = np.asarray(train_idx), np.asarray(test_idx)
         fold_of[test_idx] = k
@@ -365,9 +385,15 @@ def cross_validate(lesions: LesionSet, config: TrainConfig, out_dir: Path, progr
                 if weights.is_file():
                     p = _stored_member_probability(weights, config, x_all, feature_cols, test_idx, scaler)
                 else:
+                    init = None
+                    if init_meta is not None:
+                        from .finetune import member_weights
+
+                        init = member_weights(Path(config.init_model), init_meta, k, s)
                     p = train_fold(lesions, x_all, feature_cols, train_idx, test_idx, config, torch_seed, scaler,
                                    weights, out_dir / "checkpoints" / f"{name}.pt", progress,
-                                   f"fold {k + 1}/{len(folds)} seed {s + 1}/{seeds}", callback).val_probability
+                                   f"fold {k + 1}/{len(folds)} seed {s + 1}/{seeds}", callback,
+                                   init).val_probability
             member_prob[s, test_idx] = p
             members.append({"fold": k, "seed": s, "torch_seed": torch_seed,
                             "weights": str(weights.relative_to(out_dir))})
@@ -447,23 +473,32 @@ def write_oof_predictions(path: Path, lesions: LesionSet, cv: CVResult) -> None:
     os.replace(tmp, path)
 
 
+def input_meta(lesions: LesionSet, config: TrainConfig) -> dict:
+    """What model.json says about the network's inputs (the keys finetune.INPUT_KEYS compares)."""
+    return {"feature_names": _columns(lesions, config.method, config)[0],
+            "inputs": config.input_spec().to_dict()}
+
+
 def train(lesions: LesionSet, config: TrainConfig, out_dir: Path, progress: bool = True,
           epoch_callback: EpochCallback | None = None) -> Path:
     """Cross-validate, then write the model directory (model.json, weights/, oof_predictions.tsv)."""
     if config.method not in NETWORK_METHODS + SKLEARN_METHODS + FLOOR_METHODS:
         raise ValueError(f"unknown method {config.method!r}")
+    config = with_data_grid(config, lesions)
+    inputs = input_meta(lesions, config)
+    if config.init_model:
+        from .finetune import check_init_model, read_model_json
+
+        check_init_model(read_model_json(Path(config.init_model)), inputs, config)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    config = with_data_grid(config, lesions)
     cv = cross_validate(lesions, config, out_dir, progress, epoch_callback)
-    feature_names, _ = _columns(lesions, config.method, config)
     meta = {
         "format_version": MODEL_FORMAT,
         "model_id": _model_id(config, out_dir, cv.members),
         "method": config.method,
         "config": config.to_dict(),
-        "feature_names": feature_names,
-        "inputs": config.input_spec().to_dict(),
+        **inputs,
         "protocol": config.protocol,
         "folds": [{"fold": k, "n_train": int(len(tr)), "n_test": int(len(te)),
                    "threshold": cv.fold_thresholds[k], "scaler": cv.scalers[k].to_dict()}

@@ -32,6 +32,7 @@ def collect_lesion_set(output_dir: Path):
     radiomics = find_units(output_dir, "radiomics")
     patches = find_units(output_dir, "patches")
     sets = []
+    undecided = 0  # lesions of annotated units without a rim label (not reviewed, unsure, raters tied)
     for unit in sorted(annotations, key=lambda u: (u.subject, u.session or "")):
         if unit not in radiomics or unit not in patches:
             LOGGER.warning("%s: annotations without features/patches; rerun its participant level", unit.prefix)
@@ -43,6 +44,7 @@ def collect_lesion_set(output_dir: Path):
             raise RuntimeError(f"{patches[unit]} and {radiomics[unit]} list different lesions; rerun {unit.prefix}")
         label = table["lesion_id"].map(labels)
         keep = label.notna().to_numpy()
+        undecided += int((~keep).sum())
         if not keep.any():
             continue
         names = [c for c in table.columns if is_feature_column(c)]
@@ -53,6 +55,9 @@ def collect_lesion_set(output_dir: Path):
             subjects=np.full(int(keep.sum()), unit.participant_id), lesion_ids=table.loc[keep, "lesion_id"].to_numpy(),
             voxel_size_mm=patchset.voxel_size_mm, extent_mm=np.asarray(patchset.grid.extent_mm),
             reference=patchset.reference[keep]))
+    decided = sum(len(part) for part in sets)
+    LOGGER.info("%d lesion(s) with a rim decision used for training; %d without one (not reviewed, unsure "
+                "or raters tied) left out", decided, undecided)
     if not sets:
         return None
     return concat(sets)
