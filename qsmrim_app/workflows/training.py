@@ -17,9 +17,9 @@ import pandas as pd
 
 from .. import derivatives as drv
 from ..config import AppConfig
+from ..derivatives import find_units
 from ..inference import GEOMETRY_COLUMNS
 from ..patches import load_patches
-from .group import find_units
 
 LOGGER = logging.getLogger("qsmrim")
 
