@@ -227,11 +227,15 @@ def build_parser() -> argparse.ArgumentParser:
                            "(or <parent of bids_dir>/qsmrim_work when output_dir is inside bids_dir); "
                            "never inside bids_dir")
     perf.add_argument("--nprocs", "--n-cpus", "--n_cpus", dest="nprocs", type=_positive_int,
-                      default=_available_cpus(), help="processes running at once")
+                      default=_available_cpus(),
+                      help="processes running at once, over all participants/sessions of the run "
+                           "(several units run side by side)")
     perf.add_argument("--omp-nthreads", "--omp_nthreads", dest="omp_nthreads", type=_positive_int,
-                      default=None, help="threads per process (ITK, torch); default: min(8, nprocs)")
+                      default=None, help="threads per process (ITK, torch); default: min(8, nprocs) for one "
+                           "unit, nprocs / units (at least 1) when several units run side by side")
     perf.add_argument("--mem-gb", "--mem_gb", dest="mem_gb", type=_positive_float, default=None,
-                      help="memory limit in GB for the scheduler; default: no limit")
+                      help="memory the run may use, in GB: nodes start only while their estimated memory "
+                           "fits; default: 90%% of the machine's memory")
     perf.add_argument("--use-plugin", "--use_plugin", dest="use_plugin", type=_plugin_file,
                       default=None, metavar="FILE",
                       help="nipype plugin YAML with 'plugin' and optional 'plugin_args'; "
@@ -268,7 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
     train = parser.add_argument_group("Group level: training")
     train.add_argument("--train", action="store_true",
                        help="at the group level, train a model (cross-validated) from the participants' "
-                            "rim annotations (desc-rim_dseg) and write it to <output_dir>/model")
+                            "rim annotations (desc-rim_dseg) and write it to "
+                            "<output_dir>/models/<model-id>/")
     train.add_argument("--method", choices=[*TRAIN_METHODS, "all"], default="qsmrimnet",
                        help="what --train trains: QSMRim-Net, a comparator (aprl-rf, aprl-nn, rimnet), "
                             "an ablation (image-only, image-radiomics = no DeepSMOTE), or all of them "
