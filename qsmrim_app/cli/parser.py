@@ -231,7 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="processes running at once, over all participants/sessions of the run "
                            "(several units run side by side)")
     perf.add_argument("--omp-nthreads", "--omp_nthreads", dest="omp_nthreads", type=_positive_int,
-                      default=None, help="threads per process (ITK, torch); default: min(8, nprocs) for one "
+                      default=None, help="threads per process (torch, BLAS, radiomics workers; ITK steps run "
+                           "single-threaded for repeatable results); default: min(8, nprocs) for one "
                            "unit, nprocs / units (at least 1) when several units run side by side")
     perf.add_argument("--mem-gb", "--mem_gb", dest="mem_gb", type=_positive_float, default=None,
                       help="memory the run may use, in GB: nodes start only while their estimated memory "

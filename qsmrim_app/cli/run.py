@@ -70,14 +70,15 @@ def configure_nipype(verbosity: int) -> None:
 
 
 #: nipype's own error lines about a failed node; our one line per unit (with the crash file) says it.
-_NIPYPE_CRASH_NOISE = ("Saving crash info to", "could not run node:", "***", "Node ")
+_NIPYPE_CRASH_NOISE = ("Saving crash info to", "could not run node:", "***", "[Node] Error on",
+                       "Storing result file without outputs")
 
 
 def _finished_nodes_only(record: logging.LogRecord) -> bool:
     """Default progress: '[Node] Finished "x", elapsed time Ns.' and warnings, without nipype's crash dumps."""
     message = record.getMessage()
-    if record.levelno >= logging.ERROR and message.startswith(_NIPYPE_CRASH_NOISE) and \
-            ("crash" in message or "failed to run" in message or message.startswith(("***", "could not run"))):
+    if record.levelno >= logging.WARNING and (message.startswith(_NIPYPE_CRASH_NOISE) or
+                                              (message.startswith("Node ") and "failed to run" in message)):
         return False
     return record.levelno > logging.INFO or message.startswith("[Node] Finished")
 

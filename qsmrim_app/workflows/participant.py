@@ -57,10 +57,11 @@ def init_participant_wf(config: AppConfig, inputs, classify: bool = True) -> Wor
     uri = lambda path: drv.bids_uri(path, bids_dir)  # noqa: E731 - one-line adapter
 
     qsm_ppb = pe.Node(PrepareQSM(in_file=str(inputs.qsm), units=inputs.qsm_units), name="qsm_ppb")
+    # One ITK thread, like the registration below: N4 with 2 threads differs from 1 thread (7e-4 on
+    # the phantom FLAIR), so results would depend on --nprocs and on how many units share the run.
     n4_kwargs = dict(shrink_factor=pre.n4_shrink_factor, iterations=list(pre.n4_iterations),
-                     convergence=pre.n4_convergence, num_threads=config.omp_nthreads)
-    flair_n4 = pe.Node(N4BiasCorrection(in_file=str(inputs.flair), **n4_kwargs), name="flair_n4",
-                       n_procs=config.omp_nthreads)
+                     convergence=pre.n4_convergence, num_threads=1)
+    flair_n4 = pe.Node(N4BiasCorrection(in_file=str(inputs.flair), **n4_kwargs), name="flair_n4")
     # One thread: ITK's multi-threaded metric sums in a different order each run, so results were
     # not repeatable (lesion voxel counts differed by 1-3 between identical runs with 2 threads).
     register = pe.Node(RegisterFLAIRToQSM(max_metric=pre.registration_max_metric, num_threads=1,
@@ -72,7 +73,7 @@ def init_participant_wf(config: AppConfig, inputs, classify: bool = True) -> Wor
     if inputs.magnitude:
         # The magnitude shares the QSM grid and has FLAIR-like anatomy: a better target than the QSM.
         magnitude_n4 = pe.Node(N4BiasCorrection(in_file=str(inputs.magnitude), **n4_kwargs),
-                               name="magnitude_n4", n_procs=config.omp_nthreads)
+                               name="magnitude_n4")
         wf.connect([(qsm_ppb, magnitude_n4, [("mask_file", "mask_file")]),
                     (magnitude_n4, register, [("out_file", "fixed_file")])])
     else:
