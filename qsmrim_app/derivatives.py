@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -108,13 +109,49 @@ def report_path(root: Path, unit: Unit) -> Path:
 # ---------------------------------------------------------------------------------------------
 # Atomic writes
 # ---------------------------------------------------------------------------------------------
+_HOST = re.sub(r"[^A-Za-z0-9-]", "-", platform.node() or "host")
+
+
+def _writer() -> str:
+    """``host~pid`` of the writing process (at call time: forked workers have their own pid)."""
+    return f"{_HOST}~{os.getpid()}"
+
+_TEMP_RE = re.compile(r"^\..+\.(?P<host>[A-Za-z0-9-]+)~(?P<pid>\d+)\..*tmp")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def remove_stale_temporaries(root: Path) -> int:
+    """Delete temporary files of writers on this host that no longer run (killed jobs); return how many.
+
+    Temporaries of live writers, or of writers on other hosts sharing the folder, are left alone.
+    """
+    removed = 0
+    for path in Path(root).rglob(".*tmp*"):
+        match = _TEMP_RE.match(path.name)
+        if not match or not path.is_file() or match["host"] != _HOST or _pid_alive(int(match["pid"])):
+            continue
+        path.unlink(missing_ok=True)
+        removed += 1
+    return removed
+
+
 @contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; it becomes ``path`` only if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # Keep the real extension at the end so writers that look at it (nibabel, numpy) behave.
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + "".join(path.suffixes[-2:]),
+    # Keep the real extension at the end so writers that look at it (nibabel, numpy) behave; host and
+    # pid in the name let a later run remove what a killed writer left (remove_stale_temporaries).
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_writer()}.", suffix=".tmp" + "".join(path.suffixes[-2:]),
                                dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
@@ -269,6 +306,7 @@ def init_output_dir(output_dir: Path, bids_dir: Path | None) -> None:
     """Dataset-level files; safe when many participant jobs start at once (same content, atomic)."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(output_dir)
     description = json.dumps(dataset_description(bids_dir), indent=2) + "\n"
     _write_if_changed(output_dir / "dataset_description.json", description)
     _write_if_changed(output_dir / ".bidsignore", BIDSIGNORE)
@@ -292,7 +330,8 @@ def versions() -> dict[str, str]:
 def write_run_log(output_dir: Path, level: str, command_line: Sequence[str], config: Mapping,
                   label: str | None = None) -> Path:
     """``logs/`` entry with the command line, configuration and versions of this run."""
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
+    now = datetime.now(timezone.utc)
+    stamp = now.strftime("%Y%m%dT%H%M%S")
     name = f"{label or level}_{stamp}_{os.getpid()}.json"
     return write_json(Path(output_dir) / "logs" / name, {
         "level": level,
@@ -300,8 +339,148 @@ def write_run_log(output_dir: Path, level: str, command_line: Sequence[str], con
         "config": config,
         "versions": versions(),
         "started": stamp,
+        "started_at": now.isoformat(),  # microseconds: orders several runs started within one second
         "host": platform.node(),
+        "status": "running",
     })
+
+
+def finish_run_log(path: Path, status: str, error: str | None = None) -> Path:
+    """Record how a unit's run ended (``done`` / ``failed``) in its ``logs/`` entry."""
+    record = json.loads(Path(path).read_text())
+    record.update({"status": status, "finished_at": datetime.now(timezone.utc).isoformat()})
+    if error:
+        record["error"] = error
+    return write_json(path, record)
+
+
+_LOG_RE = re.compile(r"^(?P<prefix>sub-[A-Za-z0-9]+(?:_ses-[A-Za-z0-9]+)?)_\d{8}T\d{6}_\d+\.json$")
+
+
+def latest_unit_logs(output_dir: Path) -> dict[str, dict]:
+    """The newest finished participant-level log record per unit prefix (``sub-01[_ses-1]``).
+
+    Records still ``running`` belong to runs that were killed or are in progress, and say nothing
+    about the outputs: they are skipped.
+    """
+    latest: dict[str, dict] = {}
+    for path in sorted((Path(output_dir) / "logs").glob("sub-*.json")):
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if record.get("level") != "participant" or record.get("status") not in ("done", "failed"):
+            continue
+        match = _LOG_RE.match(path.name)  # <prefix>_<YYYYmmddTHHMMSS>_<pid>.json
+        if not match:
+            continue
+        prefix = match["prefix"]
+        key = record.get("finished_at", "")
+        if prefix not in latest or key >= latest[prefix].get("finished_at", ""):
+            latest[prefix] = {**record, "log_file": str(path)}
+    return latest
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding outputs, staging and publishing a unit's outputs all at once
+# ---------------------------------------------------------------------------------------------
+_UNIT_RE = re.compile(r"^sub-(?P<sub>[a-zA-Z0-9]+)(?:_ses-(?P<ses>[a-zA-Z0-9]+))?_")
+
+
+def find_units(output_dir: Path, role: str) -> dict[Unit, Path]:
+    """Units that have the output ``role``, found by its BIDS name under ``sub-*/[ses-*/]anat``."""
+    suffix, extension, _ = OUTPUTS[role]
+    found: dict[Unit, Path] = {}
+    for path in sorted(Path(output_dir).glob(f"sub-*/**/sub-*_{suffix}{extension}")):
+        match = _UNIT_RE.match(path.name)
+        if not match:
+            continue
+        unit = Unit(match["sub"], match["ses"])
+        if output_path(output_dir, unit, role) == path:
+            found[unit] = path
+    return found
+
+
+def staging_root(work_dir: Path) -> Path:
+    """Where a unit's derivatives are assembled (a mirror of the output tree) before publishing."""
+    return Path(work_dir) / "staging"
+
+
+def unit_files(root: Path, unit: Unit) -> list[Path]:
+    """Every file of ``unit`` under an output (or staging) root: its folder's files and its report."""
+    folder = unit.folder(root)
+    files = [p for p in folder.glob(f"{unit.prefix}_*") if p.is_file() and not p.name.startswith(".")] \
+        if folder.is_dir() else []
+    report = report_path(root, unit)
+    return sorted(files + ([report] if report.is_file() else []))
+
+
+#: Published last, in this order: the group level takes a unit with a summary (or, without
+#: classification, a radiomics table) as complete, so these must not appear before the rest.
+COMPLETION_ROLES: tuple[str, ...] = ("radiomics", "summary")
+
+
+@contextmanager
+def _locked(directory: Path) -> Iterator[None]:
+    """An exclusive lock on a directory (flock on its descriptor): no lock file is left behind."""
+    import fcntl
+
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def _place(src: Path, dst: Path) -> None:
+    """Atomically make ``dst`` a copy of ``src`` (a hard link when both are on one file system)."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.{_writer()}.publish.tmp")
+    try:
+        try:
+            os.link(src, tmp)
+        except OSError:  # another file system, or links not allowed: copy instead
+            shutil.copyfile(src, tmp)
+            os.chmod(tmp, 0o644)
+        os.replace(tmp, dst)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def publish_unit(staging: Path, output_dir: Path, unit: Unit, files: Sequence[Path]) -> list[Path]:
+    """Replace ``unit``'s outputs in ``output_dir`` by ``files`` (and their sidecars), staged under ``staging``.
+
+    Called only after every node of the unit succeeded, so a failed unit never reaches the output
+    dir and a unit that was complete before keeps its old outputs. The completion files (summary,
+    radiomics table, each with its sidecar) are removed first and written last, and files of an
+    earlier run that the new run did not produce are removed: if the process is killed part way,
+    the unit is incomplete in the group level's eyes and a rerun publishes it again from the cache.
+    """
+    staging, output_dir = Path(staging), Path(output_dir)
+    staged = [Path(f) for f in files]
+    staged += [sidecar_path(f) for f in staged if f.suffix != ".json" and sidecar_path(f).is_file()]
+    new = {p.relative_to(staging): p for p in sorted(set(staged))}
+    if not new:
+        raise FileNotFoundError(f"nothing staged for {unit.prefix} under {staging}")
+    markers = [output_path(Path("."), unit, role) for role in COMPLETION_ROLES]
+    markers += [sidecar_path(m) for m in markers]
+    last = [rel for rel in markers if rel in new]
+    output_dir.mkdir(parents=True, exist_ok=True)
+    with _locked(output_dir):
+        for rel in markers:
+            (output_dir / rel).unlink(missing_ok=True)
+        for rel, src in new.items():
+            if rel not in last:
+                _place(src, output_dir / rel)
+        for old in unit_files(output_dir, unit):
+            if old.relative_to(output_dir) not in new:
+                old.unlink()
+        for rel in last:
+            _place(new[rel], output_dir / rel)
+    return [output_dir / rel for rel in new]
 
 
 # ---------------------------------------------------------------------------------------------

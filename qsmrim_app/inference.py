@@ -1,6 +1,8 @@
 """Participant-level classification: the bundled (or given) ensemble applied to one participant's lesions."""
 from __future__ import annotations
 
+import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,6 +12,7 @@ import pandas as pd
 from .lesions import ID_COLUMNS
 from .patches import load_patches
 
+LOGGER = logging.getLogger("qsmrim")
 GEOMETRY_COLUMNS = ["lesion_id", "voxels", "volume_mm3", "centroid_x_mm", "centroid_y_mm", "centroid_z_mm"]
 #: Columns of the radiomics table that are not features (``split_from``: see lesions.with_split_from).
 NON_FEATURE_COLUMNS = list(ID_COLUMNS)
@@ -32,6 +35,31 @@ def choose_threshold(thresholds: dict[str, float], threshold: float | None, oper
     return float(thresholds[operating_point]), operating_point
 
 
+_ENSEMBLES: dict[tuple, object] = {}
+#: How many times this process read a model directory from disk (tests check it stays at one per model).
+LOADS: dict[str, int] = {}
+
+
+def cached_ensemble(model_dir: Path, device: str = "auto"):
+    """The model of ``model_dir``, read once per process and reused for every unit it classifies.
+
+    A MultiProc worker classifies many units one after another; loading 5-15 networks each time
+    cost more than the inference. The key includes model.json's modification time, so a model
+    retrained in place is read again.
+    """
+    from .model.predict import MODEL_JSON, load_ensemble  # torch is imported only when classification runs
+
+    model_dir = Path(model_dir).resolve()
+    key = (str(model_dir), device, (model_dir / MODEL_JSON).stat().st_mtime_ns)
+    if key not in _ENSEMBLES:
+        _ENSEMBLES.clear()  # one model at a time: a process never needs two
+        _ENSEMBLES[key] = load_ensemble(model_dir, device=device)
+        LOADS[str(model_dir)] = LOADS.get(str(model_dir), 0) + 1
+        LOGGER.info("model %s loaded in process %d (%d members)", model_dir, os.getpid(),
+                    len(_ENSEMBLES[key].members))
+    return _ENSEMBLES[key]
+
+
 def classify_lesions(patches_file: Path, features_file: Path, model_dir: Path, *, threshold: float | None = None,
                      operating_point: str = "f1", device: str = "auto") -> Classification:
     """Probability per lesion = mean over the fold/seed models; rim+ when it reaches the threshold.
@@ -40,13 +68,11 @@ def classify_lesions(patches_file: Path, features_file: Path, model_dir: Path, *
     for every operating point, so `rim+ mask == lesions with probability >= threshold` holds exactly.
     The member votes are kept as a column for review.
     """
-    from .model.predict import load_ensemble  # torch is imported only when classification runs
-
     features = pd.read_csv(features_file, sep="\t", na_values=["n/a"], keep_default_na=False)
     patchset = load_patches(patches_file)
     if list(patchset.lesion_ids) != features["lesion_id"].tolist():
         raise RuntimeError(f"{patches_file} and {features_file} list different lesions")
-    ensemble = load_ensemble(Path(model_dir), device=device)
+    ensemble = cached_ensemble(Path(model_dir), device=device)
     cutoff, point = choose_threshold(ensemble.thresholds, threshold, operating_point)
     from .model.inputs import is_feature_column
 

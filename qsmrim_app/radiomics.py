@@ -13,6 +13,7 @@ import json
 import logging
 import os
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -181,6 +182,88 @@ def lesion_boxes(
     return boxes
 
 
+#: Grey levels (bins) above which a lesion is refused before pyradiomics runs. Real QSM lesions in
+#: ppb span tens of bins of width 25; a ppb map declared ppm (x1000) spans tens of thousands, and
+#: pyradiomics' GLCM (bins x bins x 13 angles, float64) then needs tens of GB per lesion.
+MAX_BINS = 1000
+_GLCM_ANGLES = 13
+
+
+class RadiomicsInputError(ValueError):
+    """A lesion whose values pyradiomics cannot discretise within bounded memory (bad units, mostly)."""
+
+
+class RadiomicsWorkerError(RuntimeError):
+    """A process of the feature-extraction pool died (killed by the kernel, usually for memory)."""
+
+
+def pyradiomics_bins(lo: float, hi: float, bin_width: float) -> int:
+    """Grey levels pyradiomics uses for values in [lo, hi] with a fixed bin width.
+
+    Mirrors ``radiomics.imageoperations.getBinEdges``: edges from ``lo - lo % w`` to ``hi + 2w`` in
+    steps of ``w`` (computed arithmetically, so a huge range costs nothing here).
+    """
+    low = lo - (lo % bin_width)
+    return max(1, int(np.ceil((hi + 2 * bin_width - low) / bin_width)) - 1)
+
+
+def _band_gain(wavelet: str) -> float:
+    """Bound on how much a level-1 3-D band can stretch a value range: the product of the three
+    1-D filters' L1 norms (the largest over low/high pass)."""
+    import pywt
+
+    w = pywt.Wavelet(wavelet)
+    return max(float(np.abs(w.dec_lo).sum()), float(np.abs(w.dec_hi).sum())) ** 3
+
+
+def _exact_band_ranges(image: np.ndarray, mask: np.ndarray, spacing, params: dict[str, Any]):
+    """(band name, min, max) inside the lesion of each wavelet band, computed as pyradiomics does."""
+    from radiomics import imageoperations
+
+    settings = dict(params["setting"])
+    settings.update(params["imageType"].get("Wavelet") or {})
+    sitk_mask = _to_sitk(mask, spacing)
+    for band_image, name, _ in imageoperations.getWaveletImage(_to_sitk(image, spacing), sitk_mask, **settings):
+        import SimpleITK as sitk
+
+        values = np.transpose(sitk.GetArrayFromImage(band_image))[mask > 0]
+        yield name, float(values.min()), float(values.max())
+
+
+def check_discretisation(qsm_ppb: np.ndarray, instances: np.ndarray, boxes: dict[int, tuple[slice, ...]],
+                         spacing, params: dict[str, Any], max_bins: int = MAX_BINS) -> None:
+    """Refuse, before pyradiomics runs, a lesion that would need more than ``max_bins`` grey levels.
+
+    Checks the original image (exact) and the wavelet bands (a cheap bound from the filters'
+    gain; only a lesion over the bound gets its bands computed exactly). ``binCount`` settings fix
+    the number of bins, so they are always safe.
+    """
+    setting = params["setting"]
+    if setting.get("binCount"):
+        return
+    width = float(setting.get("binWidth", 25))
+    wavelet = params["imageType"].get("Wavelet", None) if "Wavelet" in params["imageType"] else None
+    gain = _band_gain((wavelet or {}).get("wavelet", "coif1")) if "Wavelet" in params["imageType"] else 0.0
+    for lesion_id, box in boxes.items():
+        crop = qsm_ppb[box]
+        mask = instances[box] == lesion_id
+        values = crop[mask]
+        lo, hi = float(values.min()), float(values.max())
+        checks = [("original", lo, hi)]
+        if gain and gain * float(crop.max() - crop.min()) / width + 2 > max_bins:
+            checks += list(_exact_band_ranges(np.ascontiguousarray(crop), mask.astype(np.uint8), spacing, params))
+        for band, band_lo, band_hi in checks:
+            bins = pyradiomics_bins(band_lo, band_hi, width)
+            if bins > max_bins:
+                glcm_gb = bins * bins * _GLCM_ANGLES * 8 / 1024**3
+                raise RadiomicsInputError(
+                    f"lesion {lesion_id} ({int(mask.sum())} voxels, crop {'x'.join(map(str, crop.shape))}) would need "
+                    f"{bins} grey levels on the {band} image (values {band_lo:.6g}..{band_hi:.6g} ppb in the lesion "
+                    f"{'' if band == 'original' else '(lesion values ' + f'{lo:.6g}..{hi:.6g} ppb) '}at bin width "
+                    f"{width:g}; pyradiomics' GLCM alone would need {glcm_gb:.1f} GB); real QSM lesions need tens "
+                    f"of bins (the limit is {max_bins})")
+
+
 _WORKER_EXTRACTORS: dict[str, Any] = {}
 
 
@@ -230,12 +313,14 @@ def extract_lesion_features(
     nprocs: int = 1,
     crop: bool = True,
     margin: int = CROP_MARGIN,
+    max_bins: int = MAX_BINS,
 ) -> pd.DataFrame:
     """One row per lesion: ``lesion_id`` then the pyradiomics features named as pyradiomics names them.
 
     ``crop=True`` ships only each lesion's box (bbox + ``margin`` voxels, default :data:`CROP_MARGIN`)
     to pyradiomics, which is what makes this fast; ``crop=False`` is plain whole-volume pyradiomics, kept as the reference.
-    A lesion pyradiomics cannot handle gets NaNs and a warning naming it.
+    A lesion pyradiomics cannot handle gets NaNs and a warning naming it; a lesion that would need
+    more than ``max_bins`` grey levels raises :class:`RadiomicsInputError` before any extraction.
     """
     qsm_ppb = np.asarray(qsm_ppb)
     instances = np.asarray(instances)
@@ -253,10 +338,12 @@ def extract_lesion_features(
 
     if qsm_ppb.dtype == np.float16:
         qsm_ppb = qsm_ppb.astype(np.float32)
+    boxes = lesion_boxes(instances, ids, margin)
+    check_discretisation(qsm_ppb, instances, boxes, spacing, params, max_bins)
 
     def tasks():
         if crop:
-            for lesion_id, box in lesion_boxes(instances, ids, margin).items():
+            for lesion_id, box in boxes.items():
                 mask = (instances[box] == lesion_id).astype(np.uint8)
                 yield lesion_id, np.ascontiguousarray(qsm_ppb[box]), mask, spacing, 1, params, names
         else:
@@ -265,8 +352,13 @@ def extract_lesion_features(
                 yield lesion_id, qsm_ppb, mask, spacing, 1, params, names
 
     if nprocs > 1 and len(ids) > 1:
-        with ProcessPoolExecutor(max_workers=min(nprocs, len(ids))) as pool:
-            results = list(pool.map(_extract_one, tasks(), chunksize=1))
+        try:
+            with ProcessPoolExecutor(max_workers=min(nprocs, len(ids))) as pool:
+                results = list(pool.map(_extract_one, tasks(), chunksize=1))
+        except BrokenProcessPool as err:
+            raise RadiomicsWorkerError(
+                f"a feature-extraction process died ({err}); most likely it ran out of memory: free memory, "
+                "lower --nprocs, or set --mem-gb to the memory this job may use") from None
     else:
         results = [_extract_one(task) for task in tasks()]
 

@@ -2,10 +2,8 @@
 from __future__ import annotations
 
 import gzip
-import hashlib
 import json
 import os
-import shutil
 from pathlib import Path
 
 import nibabel as nib
@@ -22,31 +20,11 @@ from qsmrim_app.bids import (
     validate_dataset,
 )
 from qsmrim_app.config import AppConfig, PreprocConfig
-from qsmrim_app.synthetic import HOWS, break_participant, generate_dataset
+from qsmrim_app.synthetic import HOWS, break_participant
 
 from lesion_layouts import write_lstai_bids, write_lstai_output
 
-_PHANTOM: dict[str, Path] = {}
-
-
-def phantom_dataset(factory: pytest.TempPathFactory) -> Path:
-    """The small 3-subject phantom (qsmrim-synth), generated once per test process; read only."""
-    if "bids" not in _PHANTOM:
-        _PHANTOM["bids"] = Path(factory.mktemp("phantom")) / "bids"
-        generate_dataset(_PHANTOM["bids"], 3, seed=0, size="small")
-    return _PHANTOM["bids"]
-
-
-@pytest.fixture
-def phantom(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The shared phantom; tests must not modify it (use ``phantom_copy``)."""
-    return phantom_dataset(tmp_path_factory)
-
-
-@pytest.fixture
-def phantom_copy(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A private copy of the phantom that a test may break."""
-    return Path(shutil.copytree(phantom_dataset(tmp_path_factory), tmp_path / "ds"))
+from conftest import tree_digest
 
 # Tiny grids that differ like real ones do: QSM 0.5x0.5x2 mm axial, FLAIR 1 mm isotropic.
 QSM_SHAPE = (16, 16, 6)
@@ -119,16 +97,6 @@ def make_config(bids_dir: Path, tmp_path: Path, **kwargs) -> AppConfig:
                     analysis_level="participant", work_dir=(tmp_path / "work").resolve())
     defaults.update(kwargs)
     return AppConfig(**defaults)
-
-
-def tree_digest(root: Path) -> str:
-    """Hash of every path, size and content below root: proves a run wrote nothing there."""
-    digest = hashlib.sha256()
-    for path in sorted(root.rglob("*")):
-        digest.update(str(path.relative_to(root)).encode())
-        if path.is_file():
-            digest.update(path.read_bytes())
-    return digest.hexdigest()
 
 
 # ----------------------------------------------------------------------------------------------

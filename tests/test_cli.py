@@ -13,7 +13,8 @@ import pytest
 from qsmrim_app.cli.parser import build_parser
 from qsmrim_app.cli.run import main
 from qsmrim_app.synthetic import break_participant
-from test_bids import make_dataset, phantom_copy, tree_digest  # noqa: F401 (phantom_copy: fixture)
+from conftest import tree_digest
+from test_bids import make_dataset
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -175,7 +176,8 @@ def test_config_from_options(tmp_path: Path, dataset: Path, dispatched: dict) ->
     assert config.preproc.min_lesion_voxels == 5 and config.preproc.n4_iterations == (10, 10)
     assert config.preproc.n4_shrink_factor == 2 and config.preproc.qsm_units == "ppm"
     assert config.preproc.registration == "affine"
-    assert config.nprocs == 3 and config.omp_nthreads == 3
+    # two units share the 3 processes: one thread each unless --omp-nthreads is given
+    assert config.nprocs == 3 and config.omp_nthreads == 1
     assert config.plugin == "MultiProc" and config.plugin_args == {"n_procs": 3, "memory_gb": 6.0}
     assert config.device == "cpu" and config.training.device == "cpu" and config.verbosity == 2
     assert config.train_methods == ("qsmrimnet", "aprl-rf", "aprl-nn", "rimnet", "image-only", "image-radiomics",

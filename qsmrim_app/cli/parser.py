@@ -243,11 +243,16 @@ def build_parser() -> argparse.ArgumentParser:
                            "(or <parent of bids_dir>/qsmrim_work when output_dir is inside bids_dir); "
                            "never inside bids_dir")
     perf.add_argument("--nprocs", "--n-cpus", "--n_cpus", dest="nprocs", type=_positive_int,
-                      default=_available_cpus(), help="processes running at once")
+                      default=_available_cpus(),
+                      help="processes running at once, over all participants/sessions of the run "
+                           "(several units run side by side)")
     perf.add_argument("--omp-nthreads", "--omp_nthreads", dest="omp_nthreads", type=_positive_int,
-                      default=None, help="threads per process (ITK, torch); default: min(8, nprocs)")
+                      default=None, help="threads per process (torch, BLAS, radiomics workers; ITK steps run "
+                           "single-threaded for repeatable results); default: min(8, nprocs) for one "
+                           "unit, nprocs / units (at least 1) when several units run side by side")
     perf.add_argument("--mem-gb", "--mem_gb", dest="mem_gb", type=_positive_float, default=None,
-                      help="memory limit in GB for the scheduler; default: no limit")
+                      help="memory the run may use, in GB: nodes start only while their estimated memory "
+                           "fits; default: 90%% of the machine's memory")
     perf.add_argument("--use-plugin", "--use_plugin", dest="use_plugin", type=_plugin_file,
                       default=None, metavar="FILE",
                       help="nipype plugin YAML with 'plugin' and optional 'plugin_args'; "

@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 from argparse import Namespace
+from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
@@ -71,9 +72,18 @@ def configure_nipype(verbosity: int) -> None:
         workflow_logger.addFilter(_finished_nodes_only)
 
 
+#: nipype's own error lines about a failed node; our one line per unit (with the crash file) says it.
+_NIPYPE_CRASH_NOISE = ("Saving crash info to", "could not run node:", "***", "[Node] Error on",
+                       "Storing result file without outputs")
+
+
 def _finished_nodes_only(record: logging.LogRecord) -> bool:
-    """Default progress: '[Node] Finished "x", elapsed time Ns.' and anything above INFO."""
-    return record.levelno > logging.INFO or record.getMessage().startswith("[Node] Finished")
+    """Default progress: '[Node] Finished "x", elapsed time Ns.' and warnings, without nipype's crash dumps."""
+    message = record.getMessage()
+    if record.levelno >= logging.WARNING and (message.startswith(_NIPYPE_CRASH_NOISE) or
+                                              (message.startswith("Node ") and "failed to run" in message)):
+        return False
+    return record.levelno > logging.INFO or message.startswith("[Node] Finished")
 
 
 def _is_within(path: Path, parent: Path) -> bool:
@@ -267,11 +277,28 @@ def run_participant_level(config: AppConfig) -> int:
                          "and --bids-filter-file", EXIT_NO_DATA)
     LOGGER.info("%d participant/session unit(s) to process, %d skipped for input problems",
                 len(inputs), len(problems))
+    config = _threads_for_units(config, len(inputs))
     configure_nipype(config.verbosity)
     from ..workflows.participant import run_participants
 
     code = run_participants(config, inputs, problems)
     return max(int(code), EXIT_PARTICIPANT_FAILED if problems else EXIT_OK)
+
+
+def _threads_for_units(config: AppConfig, n_units: int) -> AppConfig:
+    """Several units run side by side: unless --omp-nthreads was given, split --nprocs between them.
+
+    A 2-thread N4 of one unit would otherwise wait for both cores while the other unit's
+    single-threaded registration holds one of them.
+    """
+    given = any(arg.startswith(("--omp-", "--omp_")) for arg in config.command_line)
+    threads = max(1, min(8, config.nprocs // max(1, n_units)))
+    if n_units < 2 or given or threads == config.omp_nthreads:
+        return config
+    LOGGER.info("%d units share %d processes: %d thread(s) per process (set --omp-nthreads to change)",
+                n_units, config.nprocs, threads)
+    _limit_threads(threads)
+    return replace(config, omp_nthreads=threads)
 
 
 def run_group_level(config: AppConfig) -> int:

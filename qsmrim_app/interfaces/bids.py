@@ -27,10 +27,15 @@ class _SinkOutputSpec(TraitedSpec):
 
 
 class DerivativesDataSink(SimpleInterface):
-    """Copy into the derivatives tree atomically, with a JSON sidecar holding ``Sources``."""
+    """Copy into the derivatives tree atomically, with a JSON sidecar holding ``Sources``.
+
+    The participant workflow points it at the unit's staging tree (see ``PublishUnit``); it always
+    runs (a copy), so the staged set is complete even when the staging folder was cleaned.
+    """
 
     input_spec = _SinkInputSpec
     output_spec = _SinkOutputSpec
+    always_run = True
 
     def _run_interface(self, runtime):
         unit = drv.Unit(self.inputs.subject, self.inputs.session or None)
@@ -45,4 +50,37 @@ class DerivativesDataSink(SimpleInterface):
             drv.write_with_sidecar(target, lambda path: drv.copy_file(self.inputs.in_file, path),
                                    sources=list(self.inputs.sources or []), metadata=metadata)
         self._results["out_file"] = str(target)
+        return runtime
+
+
+class _PublishInputSpec(BaseInterfaceInputSpec):
+    staging_directory = Directory(exists=True, mandatory=True, desc="where the unit's outputs were assembled")
+    base_directory = Directory(mandatory=True, desc="the output (derivatives) dataset")
+    subject = traits.Str(mandatory=True)
+    session = traits.Str(desc="session label, if any")
+    staged_files = traits.List(File(exists=True), mandatory=True,
+                               desc="every staged output (orders this node after all the sinks)")
+    report_file = File(exists=True, desc="the staged HTML report, when there is one")
+
+
+class _PublishOutputSpec(TraitedSpec):
+    out_files = traits.List(File(exists=True))
+
+
+class PublishUnit(SimpleInterface):
+    """The unit's last node: move its complete set of outputs into the derivatives dataset at once.
+
+    A real node (not an IdentityInterface, which nipype removes when it flattens the graph), so it
+    waits for every sink; it always runs, because the output dir may have changed since it was cached.
+    """
+
+    input_spec = _PublishInputSpec
+    output_spec = _PublishOutputSpec
+    always_run = True
+
+    def _run_interface(self, runtime):
+        unit = drv.Unit(self.inputs.subject, self.inputs.session or None)
+        files = list(self.inputs.staged_files) + ([self.inputs.report_file] if self.inputs.report_file else [])
+        published = drv.publish_unit(self.inputs.staging_directory, self.inputs.base_directory, unit, files)
+        self._results["out_files"] = [str(p) for p in published]
         return runtime

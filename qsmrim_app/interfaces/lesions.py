@@ -16,6 +16,10 @@ from ._base import InputDataError, load_3d, out_path, save_like
 LOGGER = logging.getLogger("nipype.interface")
 
 
+#: Largest share of the image a lesion mask may mark (lesion loads are a few % of the brain).
+MAX_LESION_FRACTION = 0.5
+
+
 class _PrepareInputSpec(BaseInterfaceInputSpec):
     mask_file = File(exists=True, mandatory=True, desc="lesion file in its own grid (FLAIR or QSM)")
     source_file = traits.Str(desc="the original lesion file, named in messages")
@@ -90,6 +94,11 @@ class LesionInstances(SimpleInterface):
         source = self.inputs.source_file or self.inputs.mask_file
         image = load_3d(self.inputs.mask_file, "lesion mask")
         mask = np.asarray(image.dataobj)
+        covered = float(np.count_nonzero(mask)) / max(1, mask.size)
+        if covered > MAX_LESION_FRACTION:  # e.g. a brain mask or an inverted mask given as the lesion mask
+            raise InputDataError(f"lesion mask {source}: {covered:.0%} of the image is marked as lesion, which no "
+                                 "MS lesion load comes near; give a mask with 1 (or a lesion id) at lesion voxels "
+                                 "and 0 elsewhere, not a brain mask or an inverted mask")
         try:
             found = label_instances(mask, min_voxels=self.inputs.min_voxels,
                                     is_instance_map=self.inputs.is_instance_map)

@@ -9,8 +9,8 @@ from nipype.interfaces.base import (BaseInterfaceInputSpec, File, SimpleInterfac
                                     traits)
 
 from ..derivatives import radiomics_dictionary
-from ..radiomics import extract_lesion_features, load_params
-from ._base import load_3d, out_path
+from ..radiomics import RadiomicsInputError, extract_lesion_features, load_params
+from ._base import InputDataError, load_3d, out_path
 
 
 class _RadiomicsInputSpec(BaseInterfaceInputSpec):
@@ -20,6 +20,8 @@ class _RadiomicsInputSpec(BaseInterfaceInputSpec):
     params_file = File(exists=True, mandatory=True, desc="pyradiomics YAML parameters")
     nprocs = traits.Int(1, usedefault=True)
     extra_features_file = File(exists=True, desc="lesion_id + more feature columns (radial profile) to append")
+    source_file = traits.Str(desc="the input QSM map qsm_file was made from (named in errors)")
+    source_units = traits.Str(desc="the units the input map was read in (named in errors)")
 
 
 class _RadiomicsOutputSpec(TraitedSpec):
@@ -36,9 +38,17 @@ class RadiomicFeatures(SimpleInterface):
         qsm = np.asarray(qsm_image.dataobj, dtype=np.float32)
         instances = np.asarray(load_3d(self.inputs.instances_file, "lesions").dataobj).astype(np.int32)
         geometry = pd.read_csv(self.inputs.geometry_file, sep="\t")
-        features = extract_lesion_features(qsm, instances, tuple(float(z) for z in qsm_image.header.get_zooms()[:3]),
-                                           geometry["lesion_id"].tolist(), load_params(self.inputs.params_file),
-                                           nprocs=self.inputs.nprocs)
+        try:
+            features = extract_lesion_features(qsm, instances, tuple(float(z) for z in qsm_image.header.get_zooms()[:3]),
+                                               geometry["lesion_id"].tolist(), load_params(self.inputs.params_file),
+                                               nprocs=self.inputs.nprocs)
+        except RadiomicsInputError as err:
+            source = self.inputs.source_file or self.inputs.qsm_file
+            units = self.inputs.source_units or "?"
+            fix = ("if the map is stored in ppb, pass --qsm-units ppb" if units == "ppm" else
+                   "check the map's units (--qsm-units) and its reconstruction")
+            raise InputDataError(f"QSM map {source}: {err}. It was read as {units}: its values are probably in "
+                                 f"the wrong unit; {fix}") from None
         table = geometry.merge(features, on="lesion_id", how="left", validate="one_to_one")
         if self.inputs.extra_features_file:
             extra = pd.read_csv(self.inputs.extra_features_file, sep="\t", na_values=["n/a"], keep_default_na=False)

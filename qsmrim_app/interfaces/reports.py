@@ -30,6 +30,7 @@ class _ReportOutputSpec(TraitedSpec):
 class ParticipantReport(SimpleInterface):
     input_spec = _ReportInputSpec
     output_spec = _ReportOutputSpec
+    always_run = True  # it writes into the staging tree, which may have been cleaned since it was cached
 
     def _run_interface(self, runtime):
         from ..reports.participant import write_participant_report

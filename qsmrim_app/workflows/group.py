@@ -7,7 +7,6 @@ the same files with the same content.
 from __future__ import annotations
 
 import logging
-import re
 from pathlib import Path
 
 import numpy as np
@@ -22,21 +21,8 @@ GROUP_TABLE = "group_rimcounts.tsv"
 GROUP_REPORT = "group_report.html"
 GROUP_COLUMNS = ["participant_id", "session", "n_lesions", "n_rimplus", "lesion_volume_mm3",
                  "rimplus_volume_mm3", "model_id", "threshold", "operating_point"]
-_UNIT_RE = re.compile(r"^sub-(?P<sub>[a-zA-Z0-9]+)(?:_ses-(?P<ses>[a-zA-Z0-9]+))?_")
-
-
-def find_units(output_dir: Path, role: str) -> dict[drv.Unit, Path]:
-    """Units that have the output ``role``, found by its BIDS name under ``sub-*/[ses-*/]anat``."""
-    suffix, extension, _ = drv.OUTPUTS[role]
-    found: dict[drv.Unit, Path] = {}
-    for path in sorted(Path(output_dir).glob(f"sub-*/**/sub-*_{suffix}{extension}")):
-        match = _UNIT_RE.match(path.name)
-        if not match:
-            continue
-        unit = drv.Unit(match["sub"], match["ses"])
-        if drv.output_path(output_dir, unit, role) == path:
-            found[unit] = path
-    return found
+# Where outputs are found lives in derivatives.py (training.py needs it too; no import circle).
+find_units = drv.find_units
 
 
 def expected_participants(config: AppConfig) -> list[str]:
@@ -56,12 +42,25 @@ def build_group_table(config: AppConfig) -> tuple[pd.DataFrame, list[tuple[str, 
     table = table.drop_duplicates(subset=["participant_id", "session"], keep="last")
     table = table.sort_values(["participant_id", "session"]).reset_index(drop=True)
     done = {unit.subject for unit in summaries}
-    failed = [(f"sub-{label}", _failure_reason(config, label)) for label in expected_participants(config)
+    logs = drv.latest_unit_logs(config.output_dir)
+    failed = [(f"sub-{label}", _failure_reason(config, label, logs)) for label in expected_participants(config)
               if label not in done]
+    # A unit that was complete before and failed on a later run keeps its earlier outputs (they are in
+    # the table); its latest failure is listed too, so it is not mistaken for an up-to-date result.
+    for unit in sorted(summaries, key=lambda u: (u.subject, u.session or "")):
+        record = logs.get(unit.prefix)
+        if record and record["status"] == "failed":
+            failed.append((unit.prefix, f"latest participant run failed ({record.get('error', '?')}; log: "
+                                        f"{record['log_file']}); the outputs of its earlier complete run are kept"))
     return table, failed
 
 
-def _failure_reason(config: AppConfig, label: str) -> str:
+def _failure_reason(config: AppConfig, label: str, logs: dict[str, dict]) -> str:
+    errors = [f"{prefix}: {record.get('error', '?')} (log: {record['log_file']})"
+              for prefix, record in sorted(logs.items())
+              if record["status"] == "failed" and (prefix == f"sub-{label}" or prefix.startswith(f"sub-{label}_ses-"))]
+    if errors:
+        return "participant level failed: " + "; ".join(errors)
     crash_dirs = sorted((Path(config.work_dir) / "crashes").glob(f"sub-{label}*")) if config.work_dir else []
     crashes = [c for d in crash_dirs for c in d.glob("crash-*")]
     if crashes:

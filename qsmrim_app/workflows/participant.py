@@ -1,9 +1,10 @@
-"""The participant level: one nipype workflow per participant/session, run one unit after another.
+"""The participant level: one nipype workflow per participant/session, all units in one graph.
 
-N4 -> register FLAIR to QSM -> resample -> lesion instances -> patches + radiomics -> classify -> sink.
-Every step is a cached nipype node in the work directory, so an interrupted run resumes where it
-stopped. Derivatives are written only after every processing node of a unit succeeded, so a failed
-participant leaves no partial outputs behind.
+N4 -> register FLAIR to QSM -> resample -> lesion instances -> patches + radiomics -> classify -> sink
+-> publish. Every step is a cached nipype node in the work directory, so an interrupted run resumes
+where it stopped. The sinks write into the work dir's staging tree; the unit's last node publishes the
+complete set into the output dir, so a failed unit leaves nothing there (and keeps what an earlier
+complete run published). With MultiProc, every unit runs in one graph under --nprocs / --mem-gb.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from nipype.pipeline import engine as pe
 
 from .. import derivatives as drv
 from ..config import AppConfig
-from ..interfaces.bids import DerivativesDataSink
+from ..interfaces.bids import DerivativesDataSink, PublishUnit
 from ..interfaces.classify import ClassifyLesions
 from ..interfaces.lesions import LesionInstances, PrepareLesionMask
 from ..interfaces.n4 import N4BiasCorrection
@@ -27,7 +28,8 @@ from ..interfaces.qsm import PrepareQSM
 from ..interfaces.radiomics import RadiomicFeatures
 from ..interfaces.registration import ApplyTransform, RegisterFLAIRToQSM
 from ..interfaces.reports import ParticipantReport
-from .execution import WorkflowError, run_workflow, scheduler_errors
+from .execution import run_units, run_workflow, scheduler_errors
+from .resources import set_memory_estimates
 
 LOGGER = logging.getLogger("qsmrim")
 
@@ -49,15 +51,17 @@ def init_participant_wf(config: AppConfig, inputs, classify: bool = True) -> Wor
     name = unit.prefix.replace("-", "_") + "_wf"
     wf = Workflow(name=name, base_dir=str(config.work_dir))
     out_dir = str(config.output_dir)
+    staging = str(drv.staging_root(config.work_dir))
     pre = config.preproc
     bids_dir = Path(config.bids_dir)
     uri = lambda path: drv.bids_uri(path, bids_dir)  # noqa: E731 - one-line adapter
 
     qsm_ppb = pe.Node(PrepareQSM(in_file=str(inputs.qsm), units=inputs.qsm_units), name="qsm_ppb")
+    # One ITK thread, like the registration below: N4 with 2 threads differs from 1 thread (7e-4 on
+    # the phantom FLAIR), so results would depend on --nprocs and on how many units share the run.
     n4_kwargs = dict(shrink_factor=pre.n4_shrink_factor, iterations=list(pre.n4_iterations),
-                     convergence=pre.n4_convergence, num_threads=config.omp_nthreads)
-    flair_n4 = pe.Node(N4BiasCorrection(in_file=str(inputs.flair), **n4_kwargs), name="flair_n4",
-                       n_procs=config.omp_nthreads)
+                     convergence=pre.n4_convergence, num_threads=1)
+    flair_n4 = pe.Node(N4BiasCorrection(in_file=str(inputs.flair), **n4_kwargs), name="flair_n4")
     # One thread: ITK's multi-threaded metric sums in a different order each run, so results were
     # not repeatable (lesion voxel counts differed by 1-3 between identical runs with 2 threads).
     register = pe.Node(RegisterFLAIRToQSM(max_metric=pre.registration_max_metric, num_threads=1,
@@ -69,7 +73,7 @@ def init_participant_wf(config: AppConfig, inputs, classify: bool = True) -> Wor
     if inputs.magnitude:
         # The magnitude shares the QSM grid and has FLAIR-like anatomy: a better target than the QSM.
         magnitude_n4 = pe.Node(N4BiasCorrection(in_file=str(inputs.magnitude), **n4_kwargs),
-                               name="magnitude_n4", n_procs=config.omp_nthreads)
+                               name="magnitude_n4")
         wf.connect([(qsm_ppb, magnitude_n4, [("mask_file", "mask_file")]),
                     (magnitude_n4, register, [("out_file", "fixed_file")])])
     else:
@@ -108,13 +112,15 @@ def init_participant_wf(config: AppConfig, inputs, classify: bool = True) -> Wor
     wf.connect([(qsm_ppb, patches, [("out_file", "qsm_file"), ("mask_file", "brain_mask_file")]),
                 (flair_in_qsm, patches, [("out_file", "flair_file")]),
                 (lesions, patches, [("instances_file", "instances_file")])])
-    radiomics = pe.Node(RadiomicFeatures(params_file=str(pre.radiomics_params), nprocs=config.nprocs),
-                        name="lesion_radiomics", n_procs=config.nprocs)
+    radiomics = pe.Node(RadiomicFeatures(params_file=str(pre.radiomics_params), nprocs=config.omp_nthreads,
+                                         source_file=str(inputs.qsm), source_units=inputs.qsm_units),
+                        name="lesion_radiomics", n_procs=config.omp_nthreads)
     wf.connect([(qsm_ppb, radiomics, [("out_file", "qsm_file")]),
                 (lesions, radiomics, [("instances_file", "instances_file"), ("geometry_file", "geometry_file")]),
                 (patches, radiomics, [("radial_file", "extra_features_file")])])
 
-    # Gate: sinks read from here, so nothing is written before every processing node succeeded.
+    # Collects the outputs for the sinks. nipype removes IdentityInterface nodes when it flattens the
+    # graph, so this is no gate: the sinks only stage, and ``publish`` (a real node) waits for all of them.
     fields = ["flair", "xfm", "dseg", "dseg_tsv", "radiomics", "radiomics_dict", "patches"]
     if inputs.rim_labels:
         fields.append("annotations")
@@ -172,7 +178,7 @@ def init_participant_wf(config: AppConfig, inputs, classify: bool = True) -> Wor
         if field == "radiomics_dict":
             continue
         role, srcs, meta = sources[field]
-        sink = pe.Node(DerivativesDataSink(base_directory=out_dir, subject=unit.subject,
+        sink = pe.Node(DerivativesDataSink(base_directory=staging, subject=unit.subject,
                                            session=unit.session or "", role=role, sources=srcs,
                                            metadata=meta or {}, write_sidecar=meta is not None),
                        name=f"ds_{role}", run_without_submitting=True)
@@ -181,12 +187,15 @@ def init_participant_wf(config: AppConfig, inputs, classify: bool = True) -> Wor
     wf.connect(done, "radiomics_dict", sinks["radiomics"], "metadata_file")
     wf.connect(register, "sidecar_file", sinks["xfm"], "metadata_file")  # mode and each stage's metric
 
+    gather = pe.Node(Merge(len(sinks)), name="written")
+    for index, sink in enumerate(sinks.values(), start=1):
+        wf.connect(sink, "out_file", gather, f"in{index}")
+    publish = pe.Node(PublishUnit(staging_directory=staging, base_directory=out_dir, subject=unit.subject,
+                                  session=unit.session or ""), name="publish", run_without_submitting=True)
+    wf.connect(gather, "out", publish, "staged_files")
     if classify:
-        gather = pe.Node(Merge(len(sinks)), name="written")
-        for index, sink in enumerate(sinks.values(), start=1):
-            wf.connect(sink, "out_file", gather, f"in{index}")
         report = pe.Node(ParticipantReport(
-            base_directory=out_dir, subject=unit.subject, session=unit.session or "",
+            base_directory=staging, subject=unit.subject, session=unit.session or "",
             qsm_file=str(inputs.qsm), qsm_units=inputs.qsm_units,
             inputs_found={k: str(v) for k, v in _inputs_found(inputs).items()}),
             name="participant_report", run_without_submitting=True)
@@ -194,7 +203,9 @@ def init_participant_wf(config: AppConfig, inputs, classify: bool = True) -> Wor
                     (register, report, [("report_file", "registration_file")]),
                     (qsm_ppb, report, [("warnings", "qsm_messages")]),
                     (lesions, report, [("messages", "lesion_messages")]),
-                    (patches, report, [("messages", "patch_messages")])])
+                    (patches, report, [("messages", "patch_messages")]),
+                    (report, publish, [("out_file", "report_file")])])
+    set_memory_estimates(wf)
     return wf
 
 
@@ -231,34 +242,63 @@ def _inputs_found(inputs) -> dict:
 
 def run_participants(config: AppConfig, inputs: Sequence, problems: Sequence = ()) -> int:
     """Run every unit; a failed unit is reported and skipped, the others complete. Exit code 0/1."""
-    from tqdm import tqdm
-
     drv.init_output_dir(config.output_dir, config.bids_dir)
     classify = config.classify
     if classify and not model_available(config):
         LOGGER.error("no model (model.json) in %s: pass --model with a directory written by "
                      "`group --train`, or --no-classify to run the preprocessing only", config.inference.model_dir)
         return 1
-    outcomes: list[ParticipantOutcome] = []
-    for unit_inputs in tqdm(inputs, desc="participants", unit="unit", disable=None):
-        unit = drv.Unit(unit_inputs.subject, unit_inputs.session)
-        drv.write_run_log(config.output_dir, "participant", config.command_line, _config_record(config),
-                          label=unit.prefix)
+    drv.staging_root(config.work_dir).mkdir(parents=True, exist_ok=True)
+    units = {drv.Unit(i.subject, i.session).prefix: i for i in inputs}
+    logs = {label: drv.write_run_log(config.output_dir, "participant", config.command_line, _config_record(config),
+                                     label=label) for label in units}
+    errors: dict[str, str] = {}
+    built = {}
+    for label, unit_inputs in units.items():
         try:
-            wf = init_participant_wf(config, unit_inputs, classify=classify)
-            run_workflow(wf, config, unit.prefix)
-            final = drv.output_path(config.output_dir, unit, "summary" if classify else "radiomics")
-            if not final.is_file():  # e.g. a scheduler killed a job: no crash file, dependants cancelled
-                raise WorkflowError(f"the workflow ended without writing {final.name}"
-                                    + (f" ({scheduler_errors(wf)})" if scheduler_errors(wf) else ""))
-            outcomes.append(ParticipantOutcome(unit, True))
-            LOGGER.info("%s: done", unit.prefix)
-        except Exception as exc:  # one participant's failure must not stop the others
-            outcomes.append(ParticipantOutcome(unit, False, str(exc)))
-            LOGGER.error("%s: FAILED: %s", unit.prefix, exc)
-    failed = [o for o in outcomes if not o.ok] + list(problems)
+            built[label] = init_participant_wf(config, unit_inputs, classify=classify)
+        except Exception as exc:  # a unit whose graph cannot be built fails alone
+            errors[label] = str(exc)
+
+    def finished(label: str, error: str | None = None) -> None:
+        final = drv.output_path(config.output_dir, drv.Unit(units[label].subject, units[label].session),
+                                "summary" if classify else "radiomics")
+        if error is None and not final.is_file():
+            error = f"the workflow ended without writing {final.name}"
+        drv.finish_run_log(logs[label], "failed" if error else "done", error)
+        if error:
+            errors[label] = error
+            LOGGER.error("%s: FAILED: %s", label, error)
+        else:
+            LOGGER.info("%s: done", label)
+
+    if config.plugin == "MultiProc" and built:
+        done_early: set[str] = set()
+
+        def on_done(label: str) -> None:  # logged (and its run log closed) the moment it is published
+            done_early.add(label)
+            finished(label)
+
+        for label, error in run_units(config, built, on_done=on_done).items():
+            if label not in done_early:
+                finished(label, error)
+    else:
+        for label, wf in built.items():  # schedulers (SLURM, ...) get one unit's graph at a time
+            try:
+                run_workflow(wf, config, label)
+                error = None
+                if not drv.output_path(config.output_dir, drv.Unit(units[label].subject, units[label].session),
+                                       "summary" if classify else "radiomics").is_file() and scheduler_errors(wf):
+                    error = f"the workflow ended without its final output ({scheduler_errors(wf)})"
+            except Exception as exc:  # one participant's failure must not stop the others
+                error = str(exc)
+            finished(label, error)
+    for label in set(units) - set(built):
+        drv.finish_run_log(logs[label], "failed", errors[label])
+        LOGGER.error("%s: FAILED: %s", label, errors[label])
+    failed = len(errors) + len(problems)
     if failed:
-        LOGGER.error("%d of %d participant units failed or were skipped", len(failed), len(outcomes) + len(problems))
+        LOGGER.error("%d of %d participant units failed or were skipped", failed, len(units) + len(problems))
         return 1
     return 0
 

@@ -18,8 +18,8 @@ import pandas as pd
 from .. import derivatives as drv
 from ..config import AppConfig
 from ..model.inputs import is_feature_column
+from ..derivatives import find_units
 from ..patches import load_patches
-from .group import find_units
 
 LOGGER = logging.getLogger("qsmrim")
 
