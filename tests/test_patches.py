@@ -292,3 +292,33 @@ def test_real_flair_and_lesions(shared_data) -> None:
         if lesion_id not in ps.cropped:
             assert volume == pytest.approx(sizes[lesion_id], rel=0.5, abs=6.0), lesion_id
         assert np.median(ps.patches[n, 1][inside]) > 0.5  # the FLAIR hyperintensity is sampled
+
+
+@pytest.mark.slow
+def test_bundled_model_gives_the_same_probability_on_three_grids() -> None:
+    """The bundled model, the full feature path (527 pyradiomics + radial + patches) on one lesion per grid.
+
+    The pyradiomics features are computed on each native grid (as the paper does), so they differ
+    somewhat; the patches and radial features are physical. The model's probability must agree within 0.05.
+    """
+    from qsmrim_app.config import BUNDLED_MODEL_DIR, RADIOMICS_PARAMS
+    from qsmrim_app.model.inputs import is_feature_column
+    from qsmrim_app.model.predict import load_ensemble
+    from qsmrim_app.radial import radial_table
+    from qsmrim_app.radiomics import extract_lesion_features, load_params
+
+    ens = load_ensemble(BUNDLED_MODEL_DIR, "cpu")
+    params = load_params(RADIOMICS_PARAMS)
+    for rim in ("full", "none"):
+        probabilities = {}
+        for name, voxel in GRIDS.items():
+            qsm, flair, inst, affine, _ = phantom(voxel, rim=rim)
+            ps, ref = patch_of(qsm, flair, inst, affine, voxel)
+            table = extract_lesion_features(qsm, inst, voxel, [1], params)
+            radial = radial_table(ps.patches, ref, ps.grid.spacing_mm)
+            names = [c for c in table.columns if is_feature_column(c)] + feature_names() + ["shell_minus_core_ppb"]
+            values = np.concatenate([table[[c for c in table.columns if is_feature_column(c)]].to_numpy(np.float32),
+                                     radial, shell_minus_core_ppb(qsm, inst, [1])[None].astype(np.float32)], axis=1)
+            probabilities[name] = float(ens.predict(ps.patches, values, names, reference=ref).probability[0])
+        spread = max(probabilities.values()) - min(probabilities.values())
+        assert spread <= 0.05, (rim, probabilities)
