@@ -229,7 +229,7 @@ def test_model_is_loaded_once_per_process(tmp_path: Path) -> None:
     first = inference.cached_ensemble(model, device="cpu")
     again = inference.cached_ensemble(model, device="cpu")
     assert again is first and inference.LOADS[key] == 1
-    patches = np.zeros((3, *first.meta["patch_shape"]), np.float32)
+    patches = np.zeros((3, 4, *first.inputs.shape), np.float32)
     features = np.zeros((3, len(first.feature_names)), np.float32)
     for _ in range(3):  # three units' lesions through the one loaded ensemble
         assert len(inference.cached_ensemble(model, device="cpu").predict(patches, features, first.feature_names)) == 3

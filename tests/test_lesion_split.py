@@ -186,7 +186,7 @@ def test_split_from_is_never_a_training_feature(tmp_path) -> None:
     import pandas as pd
 
     from qsmrim_app import derivatives as drv
-    from qsmrim_app.patches import PatchSet, save_patches
+    from qsmrim_app.patches import PatchGrid, PatchSet, save_patches
     from qsmrim_app.workflows.training import collect_lesion_set
 
     unit = drv.Unit("01")
@@ -197,6 +197,7 @@ def test_split_from_is_never_a_training_feature(tmp_path) -> None:
     drv.write_tsv(drv.output_path(tmp_path, unit, "annotations"),
                   pd.DataFrame({"lesion_id": [1, 2], "rim_positive": [0, 1], "agreement": [1.0, 1.0]}))
     save_patches(drv.output_path(tmp_path, unit, "patches"),
-                 PatchSet(np.zeros((2, 2, 4, 4, 2), np.float32), np.array([1, 2])), (1.0, 1.0, 1.0))
+                 PatchSet(np.zeros((2, 4, 4, 4, 4), np.float32), np.array([1, 2]), PatchGrid((4, 4, 4), (1, 1, 1)),
+                          np.tile(np.float32([0, 1]), (2, 1))), (1.0, 1.0, 1.0))
     lesions = collect_lesion_set(tmp_path)
     assert list(lesions.feature_names) == ["original_firstorder_Mean"]
