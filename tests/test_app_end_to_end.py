@@ -166,10 +166,11 @@ def test_broken_participant_is_skipped_and_others_complete(tmp_path, trained_mod
 
     bids = tmp_path / "bids"
     generate_dataset(bids, n_subjects=2, seed=4)
-    break_participant(bids, "02", "nonbinary-mask")
+    # (a soft "nonbinary" mask is no longer broken: it is read as a probability map)
+    break_participant(bids, "02", "mismatched-mask-grid")
     proc = run_app(bids, tmp_path / "out", "participant", "-w", tmp_path / "work", "--model", trained_model,
                    check_code=1)
-    assert "sub-02" in proc.stderr and "desc-lesion_mask" in proc.stderr
+    assert "sub-02" in proc.stderr and "matches neither the FLAIR nor the QSM grid" in proc.stderr
     assert drv.output_path(tmp_path / "out", drv.Unit("01"), "rim_lesions").is_file()
     assert not (tmp_path / "out" / "sub-02").exists(), "a failed participant left outputs behind"
     assert not list((tmp_path / "out").rglob("*.tmp*"))
