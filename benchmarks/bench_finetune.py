@@ -81,6 +81,10 @@ def main() -> int:
     lesions = lesions.subset(np.flatnonzero(np.isin(lesions.subjects, subjects)))
     held_out, pool = subjects[-args.held_out:], subjects[:-args.held_out]
     test = lesions.subset(np.flatnonzero(np.isin(lesions.subjects, held_out)))
+    if int(test.labels.sum()) < 5 or int((test.labels == 0).sum()) < 5:
+        # A trial run with 4 held-out phantoms had 1 rim+ lesion in 42: its AUCs meant nothing.
+        raise SystemExit(f"the held-out participants {held_out} have {int(test.labels.sum())} rim+ and "
+                         f"{int((test.labels == 0).sum())} rim- lesions; use more --held-out participants (>= 5 of each)")
     bundled_meta = json.loads((BUNDLED_MODEL_DIR / "model.json").read_text())
     base = TrainConfig.from_dict(bundled_meta["config"])
     base = replace(base, epochs=args.epochs, folds=args.folds, seeds=1, device="cpu", weights_fp16=False,
