@@ -86,7 +86,8 @@ def test_preprocessing_outputs_every_participant(dataset, preprocessed):
             assert path.is_file(), path
             assert drv.sidecar_path(path).is_file()
         table = drv.read_tsv(drv.output_path(preprocessed, unit, "radiomics"))
-        assert table.shape[1] == 6 + 527
+        # geometry (6) + split_from + 527 pyradiomics + 29 radial-profile features + the floor score
+        assert table.shape[1] == 6 + 1 + 527 + 29 + 1
         qsm = nib.load(next((dataset / f"sub-{label}" / "anat").glob("*_Chimap.nii.gz")))
         dseg = nib.load(drv.output_path(preprocessed, unit, "lesions_dseg"))
         assert dseg.shape == qsm.shape and np.allclose(dseg.affine, qsm.affine, atol=1e-4)

@@ -75,7 +75,9 @@ def make_outputs(root: Path) -> tuple[Path, Path]:
         flair = np.where(instances > 0, 300.0, 100.0).astype(np.float32)
         drv.write_nifti(drv.output_path(out, unit, "flair_preproc"), flair, AFFINE)
         ids = list(range(1, len(lesions) + 1))
-        patches = extract_patches(qsm_ppm * 1000.0, flair, instances, ids)
+        patches = extract_patches(qsm_ppm * 1000.0, flair, instances, ids, AFFINE)
+        patches = type(patches)(patches.patches, patches.lesion_ids, patches.grid,
+                                np.tile(np.float32([0.0, 10.0]), (len(ids), 1)), [])
         save_patches(drv.output_path(out, unit, "patches"), patches, [1.0, 1.0, 2.0])
         table = lesion_geometry(instances, AFFINE)
         table["probability"] = [p for _, p in lesions]

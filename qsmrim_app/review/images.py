@@ -64,7 +64,8 @@ def _qsm_scale_to_ppb(qsm: np.ndarray, lesions: np.ndarray, patches_file) -> flo
         return 1000.0
     from ..patches import load_patches
 
-    patches = load_patches(patches_file).patches[:, 0]
+    raw = load_patches(patches_file).patches
+    patches = raw[:, 0][raw[:, 2] < 0]  # the QSM (ppb) inside each lesion
     in_patch = np.abs(patches[patches != 0])
     in_map = np.abs(qsm[lesions > 0])
     in_map = in_map[np.isfinite(in_map) & (in_map > 0)]
