@@ -87,8 +87,10 @@ def main() -> int:
                          f"{int((test.labels == 0).sum())} rim- lesions; use more --held-out participants (>= 5 of each)")
     bundled_meta = json.loads((BUNDLED_MODEL_DIR / "model.json").read_text())
     base = TrainConfig.from_dict(bundled_meta["config"])
-    base = replace(base, epochs=args.epochs, folds=args.folds, seeds=1, device="cpu", weights_fp16=False,
-                   checkpoint=False, init_model=None)
+    # --epochs counts passes over the few training lesions (the bundled recipe's fixed step budget would
+    # give 3 participants as many steps as 14).
+    base = replace(base, epochs=args.epochs, max_steps=None, folds=args.folds, seeds=1, device="cpu",
+                   weights_fp16=False, checkpoint=False, init_model=None)
     runs: list[dict] = []
     started = time.time()
     for repeat in range(args.repeats):

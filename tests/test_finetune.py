@@ -115,3 +115,22 @@ def test_command_line_refusals(tmp_path):
     assert main([*base, "--method", "all"]) == 64
     assert main([str(bids), str(out), "participant", "--init-model", str(BUNDLED_MODEL_DIR)]) == 64
     assert main([*base[:-1], str(tmp_path)]) == 66  # no model.json there
+
+
+def test_fine_tuning_builds_the_starting_models_network(tmp_path):
+    """`group --train --init-model M` without architecture options trains M's network, whatever the protocol."""
+    from qsmrim_app.cli.parser import build_parser
+    from qsmrim_app.cli.run import build_config
+    from test_bids import make_dataset
+
+    bids = make_dataset(tmp_path / "ds")
+    out = tmp_path / "out"
+    out.mkdir()
+    stored = TrainConfig.from_dict(json.loads((BUNDLED_MODEL_DIR / "model.json").read_text())["config"])
+    argv = [str(bids), str(out), "group", "--train", "--init-model", str(BUNDLED_MODEL_DIR)]
+    for protocol in ("paper", "fast"):
+        cfg = build_config(build_parser().parse_args([*argv, "--protocol", protocol]), argv).training
+        for key in ("width_multiplier", "fusion", "stem_stride", "wide"):
+            assert getattr(cfg, key) == getattr(stored, key), (protocol, key)
+    cfg = build_config(build_parser().parse_args([*argv, "--width-multiplier", "0.5"]), argv).training
+    assert cfg.width_multiplier == 0.5  # explicit wins (and is refused later by check_init_model)

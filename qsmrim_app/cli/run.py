@@ -173,12 +173,14 @@ def build_config(args: Namespace, argv: Sequence[str]) -> AppConfig:
                                     operating_point=args.operating_point)
     init_model = _init_model(args, methods)
     try:
-        training = protocol_config(
-            args.protocol, method=methods[0], epochs=args.epochs, max_steps=args.max_steps,
-            batch_size=args.batch_size, folds=args.folds,
-            seeds=args.seeds, width_multiplier=args.width_multiplier, weights_fp16=args.weights_fp16 or None,
-            input_level=args.inputs, patch_extent_mm=extent, patch_spacing_mm=spacing, device=args.device,
-            init_model=init_model)
+        explicit = dict(method=methods[0], epochs=args.epochs, max_steps=args.max_steps,
+                        batch_size=args.batch_size, folds=args.folds, seeds=args.seeds,
+                        width_multiplier=args.width_multiplier, weights_fp16=args.weights_fp16 or None,
+                        input_level=args.inputs, patch_extent_mm=extent, patch_spacing_mm=spacing,
+                        device=args.device, init_model=init_model)
+        inherited = _init_architecture(init_model)
+        training = protocol_config(args.protocol, **{**inherited, **{k: v for k, v in explicit.items()
+                                                                   if v is not None or k not in inherited}})
         PatchGrid(extent, spacing)
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
@@ -243,6 +245,18 @@ def _init_model(args: Namespace, methods: Sequence[str]) -> str | None:
         raise UsageError(f"--init-model {path} holds no model.json; give a directory written by "
                          "`group --train` (or the bundled model)", EXIT_INPUT_MISSING)
     return str(path)
+
+
+def _init_architecture(init_model: str | None) -> dict:
+    """A fine-tuning run builds the starting model's network (width, stem, wide term, fusion) unless the
+    command line says otherwise (an explicit --width-multiplier wins and is then checked against it)."""
+    from ..model.config import TrainConfig
+    from ..model.finetune import ARCHITECTURE_KEYS, read_model_json
+
+    if init_model is None:
+        return {}
+    stored = TrainConfig.from_dict(read_model_json(Path(init_model)).get("config") or {})
+    return {key: getattr(stored, key) for key in ARCHITECTURE_KEYS}
 
 
 def _validate_dataset(config: AppConfig) -> None:

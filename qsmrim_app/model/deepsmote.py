@@ -13,18 +13,21 @@ from torch import nn
 
 
 def interpolate_minority(z: torch.Tensor, labels: torch.Tensor, k: int = 2,
-                         generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                         generator: torch.Generator | None = None, extra: torch.Tensor | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Append ``k`` synthetic rim+ samples per rim+ sample of the batch.
 
     Returns ``(z_out, labels_out)`` with ``N + k*n`` rows (n = number of rim+ samples). The synthetic
     rows come after the N originals, ordered by source (rim+ samples in batch order) then by neighbour
     rank: row ``N + i*k + j`` is ``a*z_p[i] + (1-a)*z_p[nn_j(i)]``, ``a ~ U(0, 1)`` drawn per synthetic
     sample. Batches with fewer than ``k + 1`` rim+ samples are returned unchanged (no k neighbours).
+    ``extra`` (N, E) rows, when given, are extended with the same sources, neighbours and weights (the
+    wide network's features follow their latent vectors).
     """
     pos = torch.nonzero(labels.reshape(-1) == 1).reshape(-1)
     n = int(pos.numel())
     if k < 1 or n < k + 1:
-        return z, labels
+        return z, labels, extra
     zp = z[pos]
     with torch.no_grad():  # neighbour choice is discrete: no gradient through it
         dist = torch.cdist(zp.detach().float(), zp.detach().float())
@@ -35,14 +38,18 @@ def interpolate_minority(z: torch.Tensor, labels: torch.Tensor, k: int = 2,
     synth = alpha * zp.unsqueeze(1) + (1.0 - alpha) * zp[nb]  # (n, k, D)
     z_out = torch.cat([z, synth.reshape(n * k, z.shape[1])], dim=0)
     labels_out = torch.cat([labels, labels.new_ones(n * k)], dim=0)
-    return z_out, labels_out
+    if extra is not None:
+        ep = extra[pos]
+        a = alpha.to(extra.dtype)
+        extra = torch.cat([extra, (a * ep.unsqueeze(1) + (1.0 - a) * ep[nb]).reshape(n * k, extra.shape[1])], dim=0)
+    return z_out, labels_out, extra
 
 
 class DeepSMOTE(nn.Module):
     """Latent MLP (two Linear-BatchNorm1d-SiLU blocks) followed by in-batch rim+ interpolation.
 
     In eval mode, or when no labels are given, only the MLP runs. ``forward`` always returns
-    ``(features, labels)`` so callers need not know whether samples were added.
+    ``(features, labels, extra)`` so callers need not know whether samples were added.
     """
 
     def __init__(self, dim: int = 512, k: int = 2, hidden: int | None = None) -> None:
@@ -53,9 +60,9 @@ class DeepSMOTE(nn.Module):
             nn.Linear(dim, hidden), nn.BatchNorm1d(hidden), nn.SiLU(inplace=True),
             nn.Linear(hidden, dim), nn.BatchNorm1d(dim), nn.SiLU(inplace=True))
 
-    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None, extra: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         z = self.mlp(x)
         if not self.training or labels is None:
-            return z, labels
-        return interpolate_minority(z, labels, self.k)
+            return z, labels, extra
+        return interpolate_minority(z, labels, self.k, extra=extra)

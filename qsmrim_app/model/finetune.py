@@ -18,7 +18,7 @@ from .config import TrainConfig
 #: model.json keys that define what a network reads (absent from both: nothing to compare).
 INPUT_KEYS: tuple[str, ...] = ("inputs", "patch_shape", "voxel_size_mm", "feature_names")
 #: TrainConfig fields that define the network's architecture (its state dict's shapes).
-ARCHITECTURE_KEYS: tuple[str, ...] = ("width_multiplier", "fusion")
+ARCHITECTURE_KEYS: tuple[str, ...] = ("width_multiplier", "fusion", "stem_stride", "wide")
 #: Methods with the same network (they differ in training only: DeepSMOTE on or off).
 _SAME_NETWORK = {"qsmrimnet": "fused", "image-radiomics": "fused"}
 

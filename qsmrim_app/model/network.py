@@ -59,13 +59,14 @@ class ResNet3D(nn.Module):
     """
 
     def __init__(self, in_channels: int = 2, widths: Sequence[int] = RESNET_WIDTHS,
-                 blocks: Sequence[int] = RESNET18_BLOCKS, strides: Sequence[int] = RESNET_STRIDES) -> None:
+                 blocks: Sequence[int] = RESNET18_BLOCKS, strides: Sequence[int] = RESNET_STRIDES,
+                 stem_stride: Sequence[int] = (1, 1, 1)) -> None:
         super().__init__()
         if not len(widths) == len(blocks) == len(strides):
             raise ValueError("widths, blocks and strides need one entry per stage")
         self.stem = nn.Sequential(
-            nn.Conv3d(in_channels, widths[0], 3, padding=1, bias=False), nn.BatchNorm3d(widths[0]),
-            nn.ReLU(inplace=True))
+            nn.Conv3d(in_channels, widths[0], 3, stride=tuple(int(v) for v in stem_stride), padding=1, bias=False),
+            nn.BatchNorm3d(widths[0]), nn.ReLU(inplace=True))
         stages: list[nn.Module] = []
         channels = widths[0]
         for width, n_blocks, stride in zip(widths, blocks, strides):
@@ -151,7 +152,8 @@ class QSMRimNet(nn.Module):
 
     ``use_image`` / ``use_radiomics`` select the branches (radiomics alone is the APRL-NN comparator);
     ``use_deepsmote`` adds the DeepSMOTE layer (latent MLP + rim+ interpolation) after fusion; without it
-    the fused vector goes straight to the classifier. All latent sizes scale with ``width_multiplier``
+    the fused vector goes straight to the classifier. ``wide`` adds a linear term on the features to the
+    logit (synthetic DeepSMOTE samples get the same interpolation of their sources' features). All latent sizes scale with ``width_multiplier``
     (512 * w embedding, 1024 * w radiomic hidden layer, 128 * w classifier hidden layer) so that both
     branches always produce vectors of the same size; w = 1 is the paper's network.
     """
@@ -159,18 +161,23 @@ class QSMRimNet(nn.Module):
     def __init__(self, n_features: int, in_channels: int = 2, use_image: bool = True,
                  use_radiomics: bool = True, use_deepsmote: bool = True, width_multiplier: float = 1.0,
                  fusion: str = "concat", deepsmote_neighbours: int = 2, radiomics_dropout: float = 0.3,
-                 classifier_dropout: float = 0.5) -> None:
+                 classifier_dropout: float = 0.5, stem_stride: Sequence[int] = (1, 1, 1),
+                 wide: bool = False) -> None:
         super().__init__()
         if not (use_image or use_radiomics):
             raise ValueError("QSMRimNet needs the image branch, the radiomics branch or both")
         widths = tuple(scaled(w, width_multiplier) for w in RESNET_WIDTHS)
         dim = widths[-1]
-        self.image = ResNet3D(in_channels, widths) if use_image else None
+        self.image = ResNet3D(in_channels, widths, stem_stride=stem_stride) if use_image else None
         self.radiomics = (RadiomicsMLP(n_features, scaled(1024, width_multiplier), dim, radiomics_dropout)
                           if use_radiomics else None)
         self.fusion = Fusion(dim, fusion) if (use_image and use_radiomics) else None
         self.deepsmote = DeepSMOTE(dim, deepsmote_neighbours) if use_deepsmote else None
         self.classifier = Classifier(dim, scaled(128, width_multiplier), classifier_dropout)
+        self.wide = nn.Linear(n_features, 1) if (wide and use_radiomics) else None
+        if self.wide is not None:  # start from the deep part alone; the linear term grows as it helps
+            nn.init.zeros_(self.wide.weight)
+            nn.init.zeros_(self.wide.bias)
 
     def forward(self, patches: torch.Tensor, features: torch.Tensor, labels: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -181,9 +188,13 @@ class QSMRimNet(nn.Module):
             z = self.fusion(img, rad)
         else:
             z = img if img is not None else rad
+        extra = features if self.wide is not None else None
         if self.deepsmote is not None:
-            z, labels = self.deepsmote(z, labels)
-        return self.classifier(z), labels
+            z, labels, extra = self.deepsmote(z, labels, extra)
+        logits = self.classifier(z)
+        if self.wide is not None:
+            logits = logits + self.wide(extra).squeeze(1)
+        return logits, labels
 
 
 def vgg_block(in_channels: int, out_channels: int) -> nn.Sequential:
@@ -246,7 +257,7 @@ def _build(config: TrainConfig, n_features: int, in_channels: int) -> nn.Module:
     method = config.method
     common = dict(n_features=n_features, in_channels=in_channels, width_multiplier=config.width_multiplier, fusion=config.fusion,
                   deepsmote_neighbours=config.deepsmote_neighbours, radiomics_dropout=config.radiomics_dropout,
-                  classifier_dropout=config.classifier_dropout)
+                  classifier_dropout=config.classifier_dropout, stem_stride=config.stem_stride, wide=config.wide)
     if method == "qsmrimnet":
         return QSMRimNet(use_image=True, use_radiomics=True, use_deepsmote=config.deepsmote, **common)
     if method == "image-radiomics":
