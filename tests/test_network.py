@@ -178,19 +178,17 @@ def test_strided_stem_gives_isotropic_maps_on_the_default_patch() -> None:
     assert [tuple(m.shape[2:]) for m in maps] == [(16, 16, 16), (8, 8, 8), (4, 4, 4), (4, 4, 4)]
 
 
-def test_wide_term_is_linear_in_the_features_and_starts_at_zero() -> None:
+def test_wide_network_starts_as_its_linear_term() -> None:
+    """Before training the deep part adds nothing: the logit is exactly the (fitted) linear term."""
     torch.manual_seed(0)
-    kw = dict(n_features=7, in_channels=3, width_multiplier=0.0625, stem_stride=(2, 2, 1))
-    wide = QSMRimNet(wide=True, **kw).eval()
-    torch.manual_seed(0)
-    plain = QSMRimNet(wide=False, **kw).eval()
+    net = QSMRimNet(n_features=7, in_channels=3, width_multiplier=0.0625, stem_stride=(2, 2, 1), wide=True).eval()
     x, f = torch.randn(4, 3, 16, 16, 8), torch.randn(4, 7)
     with torch.no_grad():
-        assert torch.allclose(wide(x, f)[0], plain(x, f)[0], atol=1e-6)  # zero-initialised: the deep net alone
-        wide.wide.weight.copy_(torch.arange(7.0).reshape(1, 7))
-        wide.wide.bias.fill_(0.25)  # the deep part is unchanged, the logit moves by exactly w.f + b
-        assert torch.allclose(wide(x, f)[0] - plain(x, f)[0], f @ torch.arange(7.0) + 0.25, atol=1e-5)
-    wide.train()
+        assert torch.equal(net(x, f)[0], torch.zeros(4))
+        net.wide.weight.copy_(torch.arange(7.0).reshape(1, 7))
+        net.wide.bias.fill_(0.25)
+        assert torch.allclose(net(x, f)[0], f @ torch.arange(7.0) + 0.25, atol=1e-5)
+    net.train()
     y = torch.tensor([1, 1, 1, 0])
-    logits, labels = wide(x, f, y)  # DeepSMOTE's synthetic rim+ rows get their interpolated features
+    logits, labels = net(x, f, y)  # DeepSMOTE's synthetic rim+ rows get their interpolated features
     assert logits.shape == labels.shape == (4 + 6,)

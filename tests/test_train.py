@@ -284,3 +284,25 @@ def test_old_models_are_refused_by_name(tmp_path: Path) -> None:
                                                       "patch_shape": [2, 32, 32, 16], "members": []}))
     with pytest.raises(ValueError, match="Retrain it with"):
         load_ensemble(tmp_path)
+
+
+def test_wide_term_is_the_fitted_logistic_regression_frozen(tmp_path: Path) -> None:
+    """The wide network's linear term equals the logreg floor's estimator fitted on the member's training
+    lesions, is not moved by training, and the stored member predicts through it."""
+    from qsmrim_app.model.comparators import fit_comparator
+    from qsmrim_app.model.train import train_fold
+
+    lesions = synthetic_lesions(n_subjects=10, per_subject=10, n_features=6)
+    config = tiny_config(method="qsmrimnet", wide=True, stem_stride=(2, 2, 1), max_steps=6, eval_every=3,
+                         inner_val_fraction=0.2, positive_fraction=0.25)
+    train_idx, val_idx = np.arange(0, 80), np.arange(80, 100)
+    scaler = FeatureScaler.fit(lesions.features[train_idx])
+    x_all = config.input_spec().network_inputs(lesions.patches, lesions.reference)
+    result = train_fold(lesions, x_all, lesions.features, train_idx, val_idx, config, 5, scaler,
+                        tmp_path / "m.pt", progress=False)
+    state = torch.load(tmp_path / "m.pt", weights_only=True)
+    expected = fit_comparator("logreg", scaler.transform(lesions.features[train_idx]), lesions.labels[train_idx], [], 5)
+    assert np.allclose(state["wide.weight"].numpy().ravel(), expected.coef_.ravel(), atol=1e-5)
+    assert np.allclose(state["wide.bias"].numpy(), expected.intercept_, atol=1e-5)
+    assert result.history[-1]["selected_round"] >= -1  # the fitted start is a candidate for early stopping
+    assert np.isfinite(result.val_probability).all() and result.val_probability.shape == (20,)

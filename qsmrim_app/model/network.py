@@ -175,9 +175,11 @@ class QSMRimNet(nn.Module):
         self.deepsmote = DeepSMOTE(dim, deepsmote_neighbours) if use_deepsmote else None
         self.classifier = Classifier(dim, scaled(128, width_multiplier), classifier_dropout)
         self.wide = nn.Linear(n_features, 1) if (wide and use_radiomics) else None
-        if self.wide is not None:  # start from the deep part alone; the linear term grows as it helps
+        if self.wide is not None:  # training sets it from a fitted linear model (train.fit_wide_term)
             nn.init.zeros_(self.wide.weight)
             nn.init.zeros_(self.wide.bias)
+            nn.init.zeros_(self.classifier.net[-1].weight)  # the deep part starts as "no correction"
+            nn.init.zeros_(self.classifier.net[-1].bias)
 
     def forward(self, patches: torch.Tensor, features: torch.Tensor, labels: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:

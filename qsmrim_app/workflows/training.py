@@ -91,7 +91,8 @@ def train_from_derivatives(config: AppConfig) -> int:
     model_dir = Path(config.output_dir) / "models" / f"{primary}-{model_id_for(lesions, base.to_dict() | {'methods': methods})}"
     results: dict[str, pd.DataFrame] = {}
     effective = {k: getattr(base, k) for k in ("protocol", "epochs", "max_steps", "folds", "seeds",
-                                                 "width_multiplier", "batch_size", "learning_rate", "input_level",
+                                                 "width_multiplier", "stem_stride", "wide", "batch_size",
+                                                 "learning_rate", "input_level",
                                                  "patch_extent_mm", "patch_spacing_mm")}
     LOGGER.info("training protocol %s: %s", base.protocol, ", ".join(f"{k}={v}" for k, v in effective.items()))
     for method in methods:
