@@ -230,7 +230,9 @@ def test_without_magnitude_registers_to_the_qsm(tmp_path):
 
     bids, out = tmp_path / "bids", tmp_path / "out"
     generate_dataset(bids, n_subjects=1, seed=31, magnitude=False)
-    run_app(bids, out, "participant", "-w", tmp_path / "work", "--no-classify")
+    proc = run_app(bids, out, "participant", "-w", tmp_path / "work", "--no-classify")
+    # The user is told, once per unit, that the stand-in is the weak path (it failed on the semi-real head).
+    assert proc.stderr.count("sub-01: no magnitude image in the QSM grid") == 1, proc.stderr[-2000:]
     truth = pd.read_csv(tmp_path / "bids_truth" / "lesions.tsv", sep="\t")
     found = drv.read_tsv(drv.output_path(out, drv.Unit("01"), "radiomics"))
     true_xyz = truth[["qsm_centroid_x_mm", "qsm_centroid_y_mm", "qsm_centroid_z_mm"]].to_numpy()
