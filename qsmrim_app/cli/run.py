@@ -179,8 +179,8 @@ def build_config(args: Namespace, argv: Sequence[str]) -> AppConfig:
                         input_level=args.inputs, patch_extent_mm=extent, patch_spacing_mm=spacing,
                         device=args.device, init_model=init_model)
         inherited = _init_architecture(init_model)
-        training = protocol_config(args.protocol, **{**inherited, **{k: v for k, v in explicit.items()
-                                                                   if v is not None or k not in inherited}})
+        # protocol_config drops None values, so an option left unset keeps the inherited architecture.
+        training = protocol_config(args.protocol, **{**inherited, **{k: v for k, v in explicit.items() if v is not None}})
         PatchGrid(extent, spacing)
     except ValueError as exc:
         raise UsageError(str(exc)) from exc

@@ -8,6 +8,7 @@ and RimNet are trained by ``model.train`` and are not here.
 """
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -135,4 +136,6 @@ def fit_comparator(method: str, features: np.ndarray, labels: np.ndarray, featur
                                      random_state=seed)
     else:
         raise ValueError(f"{method!r} is not a comparator (aprl-rf, rf, logreg, shell-core)")
-    return model.fit(x, y)
+    with warnings.catch_warnings():  # sklearn's API-transition notices (FutureWarning) say nothing to a user
+        warnings.simplefilter("ignore", FutureWarning)
+        return model.fit(x, y)

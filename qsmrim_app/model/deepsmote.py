@@ -17,7 +17,7 @@ def interpolate_minority(z: torch.Tensor, labels: torch.Tensor, k: int = 2,
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Append ``k`` synthetic rim+ samples per rim+ sample of the batch.
 
-    Returns ``(z_out, labels_out)`` with ``N + k*n`` rows (n = number of rim+ samples). The synthetic
+    Returns ``(z_out, labels_out, extra_out)`` with ``N + k*n`` rows (n = number of rim+ samples). The synthetic
     rows come after the N originals, ordered by source (rim+ samples in batch order) then by neighbour
     rank: row ``N + i*k + j`` is ``a*z_p[i] + (1-a)*z_p[nn_j(i)]``, ``a ~ U(0, 1)`` drawn per synthetic
     sample. Batches with fewer than ``k + 1`` rim+ samples are returned unchanged (no k neighbours).
@@ -35,14 +35,15 @@ def interpolate_minority(z: torch.Tensor, labels: torch.Tensor, k: int = 2,
         nb = dist.topk(k, dim=1, largest=False).indices  # (n, k)
     alpha = torch.rand((n, k, 1), generator=generator, device="cpu" if generator is not None else z.device,
                        dtype=torch.float32).to(device=z.device, dtype=z.dtype)
-    synth = alpha * zp.unsqueeze(1) + (1.0 - alpha) * zp[nb]  # (n, k, D)
-    z_out = torch.cat([z, synth.reshape(n * k, z.shape[1])], dim=0)
+
+    def extend(rows: torch.Tensor) -> torch.Tensor:
+        """``rows`` followed by its synthetic rows (same sources, neighbours and weights)."""
+        src, a = rows[pos], alpha.to(rows.dtype)
+        synth = a * src.unsqueeze(1) + (1.0 - a) * src[nb]  # (n, k, D)
+        return torch.cat([rows, synth.reshape(n * k, rows.shape[1])], dim=0)
+
     labels_out = torch.cat([labels, labels.new_ones(n * k)], dim=0)
-    if extra is not None:
-        ep = extra[pos]
-        a = alpha.to(extra.dtype)
-        extra = torch.cat([extra, (a * ep.unsqueeze(1) + (1.0 - a) * ep[nb]).reshape(n * k, extra.shape[1])], dim=0)
-    return z_out, labels_out, extra
+    return extend(z), labels_out, None if extra is None else extend(extra)
 
 
 class DeepSMOTE(nn.Module):

@@ -153,8 +153,9 @@ class QSMRimNet(nn.Module):
     ``use_image`` / ``use_radiomics`` select the branches (radiomics alone is the APRL-NN comparator);
     ``use_deepsmote`` adds the DeepSMOTE layer (latent MLP + rim+ interpolation) after fusion; without it
     the fused vector goes straight to the classifier. ``wide`` adds a linear term on the features to the
-    logit (synthetic DeepSMOTE samples get the same interpolation of their sources' features). All latent sizes scale with ``width_multiplier``
-    (512 * w embedding, 1024 * w radiomic hidden layer, 128 * w classifier hidden layer) so that both
+    logit (synthetic DeepSMOTE samples get the same interpolation of their sources' features). All latent
+    sizes scale with ``width_multiplier`` (512 * w embedding, 1024 * w radiomic hidden layer, 128 * w
+    classifier hidden layer) so that both
     branches always produce vectors of the same size; w = 1 is the paper's network.
     """
 

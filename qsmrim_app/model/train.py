@@ -188,12 +188,13 @@ def train_fold(lesions: LesionSet, x_all: np.ndarray, f_all: np.ndarray, train_i
         fit_rel, stop_rel = inner_split(lesions.subjects[train_idx], lesions.labels[train_idx],
                                         config.inner_val_fraction, seed)
         fit_idx, stop_idx = np.asarray(train_idx)[fit_rel], np.asarray(train_idx)[stop_rel]
-        if getattr(net, "wide", None) is not None and init_weights is None:
+        wide = getattr(net, "wide", None)
+        if wide is not None and init_weights is None:
             # Fine-tuning keeps the starting model's linear term (fitted on its own, larger cohort) and lets
             # gradient descent adapt it with the rest; a fresh model fits it here on all the member's
             # training lesions: with ~40 rim+ a fold, leaving the inner split out of the
             # linear model cost 0.08 PR AUC out of fold on the semi-real cohort (README, "Training protocols").
-            fit_wide_term(net.wide, scaler.transform(f_all[train_idx]), lesions.labels[train_idx], seed)
+            fit_wide_term(wide, scaler.transform(f_all[train_idx]), lesions.labels[train_idx], seed)
         net = net.to(device)
         trainable = [q for q in net.parameters() if q.requires_grad]
         if config.optimizer == "adamw":
@@ -235,14 +236,21 @@ def train_fold(lesions: LesionSet, x_all: np.ndarray, f_all: np.ndarray, train_i
             if ckpt.get("best_state") is not None:
                 best = {"auc": float(ckpt["best_auc"]), "round": int(ckpt["best_round"]), "state": ckpt["best_state"]}
 
-        if len(stop_idx) and start_round == 0 and (init_weights is not None or getattr(net, "wide", None) is not None):
+        def inner_check(round_: int) -> tuple[float, float]:
+            """Inner-split AUC and loss of the net as it is now; it becomes ``best`` when it scores higher."""
+            nonlocal best
+            p_stop = predict_probabilities(net, x_stop, f_stop, device, 256, amp)
+            auc, bce = _binary_auc(y_stop, p_stop), _bce(y_stop, p_stop)
+            score = auc if np.isfinite(auc) else -bce
+            if score > best["auc"]:
+                best = {"auc": float(score), "round": round_,
+                        "state": {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}}
+            return auc, bce
+
+        if len(stop_idx) and start_round == 0 and (init_weights is not None or wide is not None):
             # The starting point (the fitted linear term, or the model being fine-tuned) is a candidate too:
             # a member keeps it when no trained round does better on the inner split.
-            p_stop = predict_probabilities(net, x_stop, f_stop, device, 256, amp)
-            score = _binary_auc(y_stop, p_stop)
-            score = score if np.isfinite(score) else -_bce(y_stop, p_stop)
-            best = {"auc": float(score), "round": -1,
-                    "state": {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}}
+            inner_check(-1)
         bar = tqdm(range(start_round, rounds), desc=desc or "train", disable=not progress,
                    initial=start_round, total=rounds, leave=False)
         step_schedule = config.lr_schedule == "onecycle"
@@ -273,13 +281,7 @@ def train_fold(lesions: LesionSet, x_all: np.ndarray, f_all: np.ndarray, train_i
             record = {"epoch": epoch, "loss": float(total) / max(count, 1), "lr": opt.param_groups[0]["lr"],
                       "val_loss": _bce(y_val, p_val), "val_auc": _binary_auc(y_val, p_val)}
             if len(stop_idx):
-                p_stop = predict_probabilities(net, x_stop, f_stop, device, 256, amp)
-                record["inner_auc"] = _binary_auc(y_stop, p_stop)
-                record["inner_loss"] = _bce(y_stop, p_stop)
-                score = record["inner_auc"] if np.isfinite(record["inner_auc"]) else -record["inner_loss"]
-                if score > best["auc"]:
-                    best = {"auc": float(score), "round": epoch,
-                            "state": {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}}
+                record["inner_auc"], record["inner_loss"] = inner_check(epoch)
             history.append(record)
             bar.set_postfix(loss=f"{record['loss']:.4f}", val_auc=f"{record['val_auc']:.3f}")
             if checkpoint_path is not None and config.checkpoint:
@@ -316,13 +318,9 @@ def fit_wide_term(layer: torch.nn.Linear, features: np.ndarray, labels: np.ndarr
     the member's own training lesions, so the deep part only has to learn what it misses."""
     from .comparators import fit_comparator
 
-    import warnings
-
     y = np.asarray(labels).astype(int)
     if np.unique(y).size == 2:
-        with warnings.catch_warnings():  # sklearn's API-transition notices, once per member, say nothing here
-            warnings.simplefilter("ignore", FutureWarning)
-            model = fit_comparator("logreg", features, y, [], seed=seed)
+        model = fit_comparator("logreg", features, y, [], seed=seed)
         with torch.no_grad():
             layer.weight.copy_(torch.as_tensor(model.coef_, dtype=layer.weight.dtype).reshape(layer.weight.shape))
             layer.bias.copy_(torch.as_tensor(model.intercept_, dtype=layer.bias.dtype).reshape(layer.bias.shape))

@@ -62,13 +62,13 @@ def init_participant_wf(config: AppConfig, inputs, classify: bool = True) -> Wor
     n4_kwargs = dict(shrink_factor=pre.n4_shrink_factor, iterations=list(pre.n4_iterations),
                      convergence=pre.n4_convergence, num_threads=1)
     flair_n4 = pe.Node(N4BiasCorrection(in_file=str(inputs.flair), **n4_kwargs), name="flair_n4")
-    # One thread: ITK's multi-threaded metric sums in a different order each run, so results were
-    # not repeatable (lesion voxel counts differed by 1-3 between identical runs with 2 threads).
     if not inputs.magnitude:
         LOGGER.warning("%s: no magnitude image in the QSM grid; registering FLAIR %s to a QSM-derived stand-in, "
                        "which misregistered by 1.8-4.3 mm in our benchmark (README, 'Registration accuracy'): add "
                        "the GRE magnitude (e.g. *_part-mag_echo-1_MEGRE) and check the report's overlay",
                        unit.prefix, inputs.flair)
+    # One thread: ITK's multi-threaded metric sums in a different order each run, so results were
+    # not repeatable (lesion voxel counts differed by 1-3 between identical runs with 2 threads).
     register = pe.Node(RegisterFLAIRToQSM(max_metric=pre.registration_max_metric, num_threads=1,
                                           mode=pre.registration, fixed_is_qsm=not inputs.magnitude,
                                           source_moving=str(inputs.flair), source_fixed=str(inputs.magnitude or inputs.qsm)),
