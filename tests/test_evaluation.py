@@ -82,3 +82,16 @@ def test_write_evaluation_rejects_bad_input(tmp_path) -> None:
         write_evaluation({}, tmp_path)
     with pytest.raises(ValueError, match="probability"):
         write_evaluation({"x": _oof(0, 1.0).drop(columns="probability")}, tmp_path)
+
+
+def test_counts_are_per_scan_when_participants_have_sessions(tmp_path) -> None:
+    """Two sessions of one participant are two scans: their rim+ counts are compared one by one, not summed."""
+    oof = _oof(3, 4.0)
+    two = pd.concat([oof.assign(session="a"), oof.assign(session="b")], ignore_index=True)
+    none = two.assign(session="n/a")
+    per_scan = write_evaluation({"m": two}, tmp_path / "scan")["m"]
+    per_person = write_evaluation({"m": none}, tmp_path / "person")["m"]
+    assert per_scan["n_subjects"] == 50 and per_person["n_subjects"] == 25
+    # Same lesions, same predictions: summing two identical scans doubles every count error, squared x4.
+    assert per_person["count_mse"] == pytest.approx(4 * per_scan["count_mse"])
+    assert per_scan["tp"] == per_person["tp"]

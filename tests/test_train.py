@@ -109,6 +109,7 @@ def test_train_writes_loadable_model_that_beats_chance(tmp_path: Path) -> None:
     rows = list(csv.DictReader((model_dir / "oof_predictions.tsv").open(), delimiter="\t"))
     assert len(rows) == len(lesions)
     assert {r["fold"] for r in rows} == {"0", "1"}
+    assert {r["session"] for r in rows} == {"n/a"}  # the lesion set has no sessions
     assert all(0.0 <= float(r["probability"]) <= 1.0 for r in rows)
 
     ens = load_ensemble(model_dir, device="cpu")

@@ -34,6 +34,7 @@ class LesionSet:
     voxel_size_mm: np.ndarray = field(default_factory=lambda: np.asarray([0.75, 0.75, 1.5], np.float32))
     reference: np.ndarray | None = None  # (N, 2) local reference (median, scale) in ppb
     extent_mm: np.ndarray | None = None  # (3,)
+    sessions: np.ndarray | None = None  # (N,) str, "" without sessions: a count belongs to one scan, not a person
 
     def __post_init__(self) -> None:
         self.patches = np.asarray(self.patches, dtype=np.float32)
@@ -47,6 +48,9 @@ class LesionSet:
             self.labels = np.asarray(self.labels, dtype=np.int64).reshape(-1)
         self.subjects = np.asarray(self.subjects, dtype=str).reshape(-1)
         self.lesion_ids = np.asarray(self.lesion_ids, dtype=np.int64).reshape(-1)
+        if self.sessions is None:
+            self.sessions = np.full(n, "", dtype=object)
+        self.sessions = np.asarray(self.sessions, dtype=str).reshape(-1)
         self.voxel_size_mm = np.asarray(self.voxel_size_mm, dtype=np.float32).reshape(3)
         if self.patches.ndim != 5 or self.patches.shape[1] != PATCH_CHANNELS:
             raise ValueError(f"patches must be (N, {PATCH_CHANNELS}, X, Y, Z) raw patches, got {self.patches.shape}")
@@ -59,7 +63,7 @@ class LesionSet:
         if len(set(self.feature_names)) != len(self.feature_names):
             raise ValueError("feature names must be unique")
         for name, arr in (("subjects", self.subjects), ("lesion_ids", self.lesion_ids),
-                          ("labels", self.labels)):
+                          ("labels", self.labels), ("sessions", self.sessions)):
             if arr is not None and arr.shape[0] != n:
                 raise ValueError(f"{name} has {arr.shape[0]} entries for {n} patches")
         if self.labels is not None and not np.isin(self.labels, (0, 1)).all():
@@ -79,7 +83,7 @@ class LesionSet:
             patches=self.patches[idx], features=self.features[idx], feature_names=list(self.feature_names),
             labels=None if self.labels is None else self.labels[idx], subjects=self.subjects[idx],
             lesion_ids=self.lesion_ids[idx], voxel_size_mm=self.voxel_size_mm.copy(),
-            reference=self.reference[idx], extent_mm=self.extent_mm.copy())
+            reference=self.reference[idx], extent_mm=self.extent_mm.copy(), sessions=self.sessions[idx])
 
     def summary(self) -> dict:
         """Counts stored in model.json so a model says what it was trained on."""
@@ -116,7 +120,8 @@ def concat(sets: Sequence[LesionSet]) -> LesionSet:
         subjects=np.concatenate([s.subjects for s in sets]),
         lesion_ids=np.concatenate([s.lesion_ids for s in sets]),
         voxel_size_mm=sets[0].voxel_size_mm.copy(),
-        reference=np.concatenate([s.reference for s in sets]), extent_mm=sets[0].extent_mm.copy())
+        reference=np.concatenate([s.reference for s in sets]), extent_mm=sets[0].extent_mm.copy(),
+        sessions=np.concatenate([s.sessions for s in sets]))
 
 
 @dataclass

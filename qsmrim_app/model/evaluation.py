@@ -184,7 +184,7 @@ def _validated(method: str, table: pd.DataFrame) -> pd.DataFrame:
     missing = [c for c in REQUIRED_COLUMNS if c not in table.columns]
     if missing:
         raise ValueError(f"results of {method!r} lack column(s) {missing}")
-    table = table.loc[:, list(REQUIRED_COLUMNS)]
+    table = table.loc[:, [*REQUIRED_COLUMNS, *(["session"] if "session" in table.columns else [])]]
     usable = table["label"].notna() & table["probability"].notna()
     if not usable.all():
         LOGGER.warning("%s: %d lesion(s) without label or probability left out", method, int((~usable).sum()))
@@ -192,6 +192,19 @@ def _validated(method: str, table: pd.DataFrame) -> pd.DataFrame:
     if table.empty:
         raise ValueError(f"results of {method!r} have no lesion with both label and probability")
     return table
+
+
+def _count_units(t: pd.DataFrame) -> np.ndarray:
+    """What a rim+ count belongs to: one scan (participant x session), the participant when there are no sessions.
+
+    Folds stay by participant (model/folds.py); counting two sessions of one participant as one sum would
+    compare the sum of two scans' counts.
+    """
+    subject = t["subject"].astype(str)
+    if "session" not in t.columns:
+        return subject.to_numpy()
+    session = t["session"].fillna("n/a").astype(str)
+    return np.where(session.isin(["n/a", ""]), subject, subject + "_ses-" + session)
 
 
 def write_evaluation(
@@ -216,7 +229,7 @@ def write_evaluation(
         y = t["label"].to_numpy().astype(int)
         p = t["probability"].to_numpy(dtype=float)
         fold = t["fold"].to_numpy().astype(int)
-        subj = t["subject"].astype(str).to_numpy()
+        subj = _count_units(t)
         m = lesion_and_subject_metrics(y, p, fold, subj, max_fpr=MAX_FPR)
         m["n_excluded"] = int(len(raw) - len(t))
         metrics[method] = m

@@ -513,11 +513,12 @@ def write_oof_predictions(path: Path, lesions: LesionSet, cv: CVResult) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with tmp.open("w", newline="") as fh:
         w = csv.writer(fh, delimiter="\t", lineterminator="\n")
-        w.writerow(["subject", "lesion_id", "label", "fold", "probability", "vote", "vote_fraction",
+        w.writerow(["subject", "session", "lesion_id", "label", "fold", "probability", "vote", "vote_fraction",
                     "uncertainty"])
         spread = cv.member_probability.std(axis=0)
         for i in range(len(lesions)):
-            w.writerow([lesions.subjects[i], int(lesions.lesion_ids[i]), int(lesions.labels[i]), int(cv.fold[i]),
+            w.writerow([lesions.subjects[i], lesions.sessions[i] or "n/a", int(lesions.lesion_ids[i]),
+                        int(lesions.labels[i]), int(cv.fold[i]),
                         f"{cv.probability[i]:.6f}", int(cv.vote[i]), f"{cv.vote_fraction[i]:.4f}",
                         f"{spread[i]:.6f}"])
     os.replace(tmp, path)

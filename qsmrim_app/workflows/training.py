@@ -54,7 +54,7 @@ def collect_lesion_set(output_dir: Path):
             # Sessions of one participant share a subject id, so folds never split a participant.
             subjects=np.full(int(keep.sum()), unit.participant_id), lesion_ids=table.loc[keep, "lesion_id"].to_numpy(),
             voxel_size_mm=patchset.voxel_size_mm, extent_mm=np.asarray(patchset.grid.extent_mm),
-            reference=patchset.reference[keep]))
+            reference=patchset.reference[keep], sessions=np.full(int(keep.sum()), unit.session or "")))
     decided = sum(len(part) for part in sets)
     LOGGER.info("%d lesion(s) with a rim decision used for training; %d without one (not reviewed, unsure "
                 "or raters tied) left out", decided, undecided)
