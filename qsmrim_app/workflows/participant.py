@@ -64,7 +64,8 @@ def init_participant_wf(config: AppConfig, inputs, classify: bool = True) -> Wor
     flair_n4 = pe.Node(N4BiasCorrection(in_file=str(inputs.flair), **n4_kwargs), name="flair_n4")
     if not inputs.magnitude:
         LOGGER.warning("%s: no magnitude image in the QSM grid; registering FLAIR %s to a QSM-derived stand-in, "
-                       "which misregistered by 1.8-4.3 mm in our benchmark (README, 'Registration accuracy'): add "
+                       "which is not validated and failed (4.25 mm off) on one of three benchmark cases (README, "
+                       "'Registration accuracy'): add "
                        "the GRE magnitude (e.g. *_part-mag_echo-1_MEGRE) and check the report's overlay",
                        unit.prefix, inputs.flair)
     # One thread: ITK's multi-threaded metric sums in a different order each run, so results were
