@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 
 from qsmrim_app import derivatives as drv
+from qsmrim_app.model.evaluation import count_units
 from qsmrim_app.model.metrics import lesion_and_subject_metrics
 
 KEYS = ("roc_auc_pooled", "pauc_fpr_0.1_pooled", "pr_auc_pooled", "f1", "count_mse", "count_pearson_r")
@@ -43,7 +44,7 @@ def by_grid(oof: pd.DataFrame, grids: dict[tuple[str, str], str]) -> dict[str, d
     if missing:
         raise SystemExit(f"no QSM-space lesion map for {missing[:3]} in the output dir")
     grid = np.array([grids[k] for k in keys])
-    units = np.array([f"{s}_ses-{t}" for s, t in keys])
+    units = count_units(oof)  # the scans rim+ counts are compared on, as group --train does
     out = {}
     for name, sel in [("all", np.ones(len(oof), bool)), *[(g, grid == g) for g in sorted(set(grid))]]:
         part = oof[sel]

@@ -183,7 +183,13 @@ def _metric_setup(
     return reg
 
 
-def _evaluate(
+def metric_mask(fixed_mask: sitk.Image) -> sitk.Image:
+    """The fixed mask dilated by ~4 mm, so the metric sees the brain/background edge as well as the inside."""
+    radius = [max(1, int(round(4.0 / s))) for s in fixed_mask.GetSpacing()]
+    return sitk.BinaryDilate(sitk.Cast(fixed_mask, sitk.sitkUInt8), radius)
+
+
+def evaluate_mi(
     fixed: sitk.Image,
     moving: sitk.Image,
     fixed_mask: sitk.Image,
@@ -344,13 +350,11 @@ def _register(
     moving_centre = _mask_centroid(moving_mask)
     com_distance = float(np.linalg.norm(fixed_centre - moving_centre))
 
-    # Dilate by ~4 mm so the metric sees the brain/background edge as well as the inside.
-    radius = [max(1, int(round(4.0 / s))) for s in fixed.GetSpacing()]
-    metric_mask = sitk.BinaryDilate(fixed_mask, radius)
+    sampled = metric_mask(fixed_mask)
 
     header = sitk.Euler3DTransform()
     header.SetCenter(tuple(fixed_centre))
-    header_metric = _evaluate(fixed, moving, metric_mask, header, histogram_bins)
+    header_metric = evaluate_mi(fixed, moving, sampled, header, histogram_bins)
 
     initial, initialisation, metric_before = header, "header", header_metric
     if com_distance > com_tolerance_mm or header_metric > max_metric:
@@ -361,7 +365,7 @@ def _register(
             sitk.CenteredTransformInitializerFilter.MOMENTS,
         )
         com = sitk.Euler3DTransform(com)
-        com_metric = _evaluate(fixed, moving, metric_mask, com, histogram_bins)
+        com_metric = evaluate_mi(fixed, moving, sampled, com, histogram_bins)
         # Choose by the metric, not by the distance alone: a QSM slab that covers part of the brain has its
         # mask centroid far from the whole-brain FLAIR's even when the headers agree.
         if com_metric < header_metric:
@@ -373,7 +377,7 @@ def _register(
 
     common = dict(sampling_fraction=sampling_fraction, seed=seed, bins=histogram_bins)
     rigid, rigid_stage = _run_stage(
-        "rigid", fixed, moving, metric_mask, initial, (4, 2, 1), (2.0, 1.0, 0.0), rigid_iterations, **common
+        "rigid", fixed, moving, sampled, initial, (4, 2, 1), (2.0, 1.0, 0.0), rigid_iterations, **common
     )
     stages = [rigid_stage]
     transform: sitk.Transform = rigid
@@ -383,11 +387,11 @@ def _register(
         start.SetMatrix(rigid.GetMatrix())
         start.SetTranslation(rigid.GetTranslation())
         transform, affine_stage = _run_stage(
-            "affine", fixed, moving, metric_mask, start, (2, 1), (1.0, 0.0), affine_iterations, **common
+            "affine", fixed, moving, sampled, start, (2, 1), (1.0, 0.0), affine_iterations, **common
         )
         stages.append(affine_stage)
 
-    metric_after = _evaluate(fixed, moving, metric_mask, transform, histogram_bins)
+    metric_after = evaluate_mi(fixed, moving, sampled, transform, histogram_bins)
     result = RegistrationResult(
         transform=transform,
         metric_before=metric_before,

@@ -49,7 +49,7 @@ class LesionSet:
         self.subjects = np.asarray(self.subjects, dtype=str).reshape(-1)
         self.lesion_ids = np.asarray(self.lesion_ids, dtype=np.int64).reshape(-1)
         if self.sessions is None:
-            self.sessions = np.full(n, "", dtype=object)
+            self.sessions = np.full(n, "")
         self.sessions = np.asarray(self.sessions, dtype=str).reshape(-1)
         self.voxel_size_mm = np.asarray(self.voxel_size_mm, dtype=np.float32).reshape(3)
         if self.patches.ndim != 5 or self.patches.shape[1] != PATCH_CHANNELS:

@@ -194,7 +194,7 @@ def _validated(method: str, table: pd.DataFrame) -> pd.DataFrame:
     return table
 
 
-def _count_units(t: pd.DataFrame) -> np.ndarray:
+def count_units(t: pd.DataFrame) -> np.ndarray:
     """What a rim+ count belongs to: one scan (participant x session), the participant when there are no sessions.
 
     Folds stay by participant (model/folds.py); counting two sessions of one participant as one sum would
@@ -229,7 +229,7 @@ def write_evaluation(
         y = t["label"].to_numpy().astype(int)
         p = t["probability"].to_numpy(dtype=float)
         fold = t["fold"].to_numpy().astype(int)
-        subj = _count_units(t)
+        subj = count_units(t)
         m = lesion_and_subject_metrics(y, p, fold, subj, max_fpr=MAX_FPR)
         m["n_excluded"] = int(len(raw) - len(t))
         metrics[method] = m
