@@ -95,3 +95,32 @@ def test_counts_are_per_scan_when_participants_have_sessions(tmp_path) -> None:
     # Same lesions, same predictions: summing two identical scans doubles every count error, squared x4.
     assert per_person["count_mse"] == pytest.approx(4 * per_scan["count_mse"])
     assert per_scan["tp"] == per_person["tp"]
+
+
+def test_paired_differences_tell_a_real_gap_from_noise(tmp_path) -> None:
+    good, weak = _oof(0, 4.0), _oof(0, 0.5)
+    noise = np.random.default_rng(9).normal(0, 1, len(good))
+    twin = good.assign(probability=1 / (1 + np.exp(-(4.0 * (good["label"] - 0.5) + noise))))  # same signal
+    write_evaluation({"qsmrimnet": good, "weak": weak, "twin": twin}, tmp_path)
+    paired = pd.read_csv(tmp_path / "paired_differences.tsv", sep="\t")
+    assert set(paired["method"]) == {"weak", "twin"} and (paired["reference"] == "qsmrimnet").all()
+    assert (paired["n_participants"] == 25).all() and (paired["n_lesions"] == 400).all()
+    rows = paired.set_index(["method", "metric"])
+    gap = rows.loc[("weak", "ROC AUC")]
+    assert gap["ci_low"] > 0 and gap["p_value"] < 0.01  # a strong model against a weak one: the CI excludes 0
+    direct = lesion_and_subject_metrics(good["label"], good["probability"], good["fold"], good["subject"])
+    assert gap["reference_value"] == pytest.approx(direct["roc_auc_pooled"], abs=1e-4)
+    noise = rows.loc[("twin", "ROC AUC")]
+    assert noise["ci_low"] < 0 < noise["ci_high"] and noise["p_value"] > 0.05  # equal signal: cannot tell
+    page = (tmp_path / "report.html").read_text()
+    assert "Paired differences against qsmrimnet" in page and "difference [95% CI]" in page
+    # one method alone: nothing to pair
+    write_evaluation({"qsmrimnet": good}, tmp_path / "alone")
+    assert not (tmp_path / "alone" / "paired_differences.tsv").exists()
+
+
+def test_paired_differences_refuse_other_labels(tmp_path) -> None:
+    good = _oof(0, 4.0)
+    other = good.assign(label=1 - good["label"])
+    with pytest.raises(ValueError, match="disagree on lesion labels"):
+        write_evaluation({"a": good, "b": other}, tmp_path)

@@ -258,3 +258,43 @@ def test_lesion_and_subject_metrics_constant_predictions_and_empty_fold() -> Non
     assert out["n_valid_folds"] == 4 and np.isnan(out["fold_roc_auc"][2])
     # constant scores: rim+ folds flag everything (F1 > 0 beats flagging nothing), the empty fold nothing
     assert out["tp"] == y.sum() and out["fp"] == int(((fold != 2) & (y == 0)).sum())
+
+
+def test_bootstrap_aucs_equal_the_reference_ones_with_ties() -> None:
+    rng = np.random.default_rng(3)
+    for _ in range(100):
+        n = int(rng.integers(4, 200))
+        y = (rng.random(n) < 0.2).astype(int)
+        y[:2] = [0, 1]
+        p = np.round(rng.random(n) * rng.integers(2, 40)) / 10  # many ties
+        expected = [M.roc_auc(y, p), M.partial_roc_auc(y, p, max_fpr=0.1), M.pr_auc(y, p)]
+        assert M._three_aucs(y, p, 0.1) == pytest.approx(expected, abs=1e-12)
+    assert np.isnan(M._three_aucs(np.zeros(5, int), np.arange(5.0), 0.1)).all()
+
+
+def test_paired_bootstrap_is_paired_and_by_cluster() -> None:
+    rng = np.random.default_rng(0)
+    clusters = np.repeat(np.arange(30).astype(str), 20)
+    y = (rng.random(clusters.size) < 0.1).astype(int)
+    a = y * 2.0 + rng.normal(size=y.size)
+    same = M.paired_bootstrap(y, a, a, clusters, n_boot=300)
+    assert same["roc_auc"]["difference"] == 0 and same["roc_auc"]["ci_low"] == same["roc_auc"]["ci_high"] == 0
+    assert same["roc_auc"]["p_value"] == 1.0 and same["n_clusters"] == 30
+    # a - b is the negative of b - a, interval mirrored (same replicates: same seed)
+    b = y * 0.5 + rng.normal(size=y.size)
+    ab, ba = M.paired_bootstrap(y, a, b, clusters, n_boot=300), M.paired_bootstrap(y, b, a, clusters, n_boot=300)
+    for m in ("roc_auc", "pauc", "pr_auc"):
+        assert ab[m]["difference"] == pytest.approx(-ba[m]["difference"])
+        assert ab[m]["ci_low"] == pytest.approx(-ba[m]["ci_high"])
+    assert ab["roc_auc"]["a"] == pytest.approx(M.roc_auc(y, a))
+    assert ab["pr_auc"]["b"] == pytest.approx(M.pr_auc(y, b))
+    assert ab["roc_auc"]["ci_low"] > 0
+    # one participant's lesions move together: with all of a cluster's lesions copied 10 times the point
+    # estimate is unchanged but the lesion count no longer narrows the interval (resampling is by cluster)
+    few = np.arange(0, 600, 10)
+    small = M.paired_bootstrap(y[few], a[few], b[few], clusters[few], n_boot=400, seed=1)
+    copied = np.repeat(few, 10)
+    big = M.paired_bootstrap(y[copied], a[copied], b[copied], clusters[copied], n_boot=400, seed=1)
+    width = {k: r["roc_auc"]["ci_high"] - r["roc_auc"]["ci_low"] for k, r in (("small", small), ("big", big))}
+    assert big["roc_auc"]["difference"] == pytest.approx(small["roc_auc"]["difference"])
+    assert width["big"] == pytest.approx(width["small"], rel=1e-9)

@@ -22,12 +22,14 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from .metrics import CVCurves, cv_curve_aucs, lesion_and_subject_metrics, subject_counts
+from .metrics import CVCurves, cv_curve_aucs, lesion_and_subject_metrics, paired_bootstrap, subject_counts
 
 LOGGER = logging.getLogger(__name__)
 REQUIRED_COLUMNS = ("subject", "lesion_id", "label", "fold", "probability")
 MAX_FPR = 0.1
 FIGURES = ("proc", "roc", "pr", "counts")
+PAIRED_BOOTSTRAP = 2000  # replicates of the paired participant bootstrap
+PAIRED_LABELS = {"roc_auc": "ROC AUC", "pauc": f"pROC AUC (FPR<{MAX_FPR:g})", "pr_auc": "PR AUC"}
 TABLE_COLUMNS = (
     "method", "pROC AUC (FPR<0.1)", "PR AUC", "ROC AUC", "F1", "Sensitivity", "Specificity", "PPV",
     "TP", "FP", "FN", "TN", "Count MSE", "Pearson r [95% CI]",
@@ -158,7 +160,27 @@ def _save_figure(fig: Figure, out_dir: Path, stem: str) -> str:
 
 
 # ----------------------------------------------------------------------------- report
-def _html(title: str, table: pd.DataFrame, svgs: Mapping[str, str], notes: list[str]) -> str:
+def _paired_html(paired: pd.DataFrame | None) -> str:
+    if paired is None or paired.empty:
+        return ""
+    shown = pd.DataFrame({
+        "method": paired["method"], "metric": paired["metric"],
+        str(paired["reference"].iloc[0]): paired["reference_value"].map(_fmt),
+        "method value": paired["method_value"].map(_fmt),
+        "difference [95% CI]": [f"{_fmt(d)} [{_fmt(lo)}, {_fmt(hi)}]"
+                                for d, lo, hi in zip(paired["difference"], paired["ci_low"], paired["ci_high"])],
+        "p": paired["p_value"].map(lambda v: _fmt(v, 4))})
+    ref = html.escape(str(paired["reference"].iloc[0]))
+    return (f"<h2>Paired differences against {ref}</h2>\n"
+            f"{shown.to_html(index=False, escape=True, na_rep='n/a', classes='paired')}\n"
+            f"<p>Pooled out-of-fold AUCs on the lesions both methods scored; difference = {ref} minus the "
+            f"method, 95 % interval and two-sided p from {paired['n_participants'].iloc[0]} participants "
+            f"resampled with replacement ({PAIRED_BOOTSTRAP} paired bootstrap replicates). An interval that "
+            f"contains 0 means the table cannot tell the two apart.</p>")
+
+
+def _html(title: str, table: pd.DataFrame, svgs: Mapping[str, str], notes: list[str],
+          paired: pd.DataFrame | None = None) -> str:
     figures = "\n".join(
         f'<figure id="fig-{name}">{svg}<figcaption>{html.escape(caption)}</figcaption></figure>'
         for name, (svg, caption) in svgs.items()
@@ -174,6 +196,7 @@ figure{{display:inline-block;margin:1em;vertical-align:top}}figure svg{{max-widt
 <h2>Lesion- and subject-level metrics (layout of Zhang et al. 2022, Table 2)</h2>
 {table.to_html(index=False, escape=True, na_rep="n/a", classes="table2")}
 <ul>{items}</ul>
+{_paired_html(paired)}
 <h2>Figures</h2>
 {figures}
 </body></html>
@@ -192,6 +215,38 @@ def _validated(method: str, table: pd.DataFrame) -> pd.DataFrame:
     if table.empty:
         raise ValueError(f"results of {method!r} have no lesion with both label and probability")
     return table
+
+
+def paired_differences(results: Mapping[str, pd.DataFrame], reference: str, n_boot: int = PAIRED_BOOTSTRAP,
+                       seed: int = 0) -> pd.DataFrame:
+    """Each other method against ``reference`` on the lesions both scored: pooled AUCs, difference and its
+    participant-bootstrap confidence interval (``metrics.paired_bootstrap``), one row per method and metric."""
+    keys = ["subject", "lesion_id"]
+    ref = _validated(reference, results[reference])
+    if "session" in ref.columns:
+        keys.append("session")
+    ref = ref.assign(**{k: ref[k].astype(str) for k in keys})
+    rows = []
+    for method, raw in results.items():
+        if method == reference:
+            continue
+        other = _validated(method, raw)
+        other = other.assign(**{k: other[k].astype(str) if k in other else "n/a" for k in keys})
+        both = ref.merge(other[[*keys, "label", "probability"]], on=keys, suffixes=("", "_other"))
+        if not (both["label"].astype(int) == both["label_other"].astype(int)).all():
+            raise ValueError(f"{reference!r} and {method!r} disagree on lesion labels: not the same cohort")
+        res = paired_bootstrap(both["label"].to_numpy(int), both["probability"].to_numpy(float),
+                               both["probability_other"].to_numpy(float), both["subject"].to_numpy(),
+                               n_boot=n_boot, seed=seed, max_fpr=MAX_FPR)
+        for metric, label in PAIRED_LABELS.items():
+            r = res[metric]
+            rows.append({"reference": reference, "method": method, "metric": label, "n_lesions": len(both),
+                         "n_participants": res["n_clusters"], "reference_value": r["a"], "method_value": r["b"],
+                         "difference": r["difference"], "ci_low": r["ci_low"], "ci_high": r["ci_high"],
+                         "p_value": r["p_value"]})
+    return pd.DataFrame(rows, columns=["reference", "method", "metric", "n_lesions", "n_participants",
+                                       "reference_value", "method_value", "difference", "ci_low", "ci_high",
+                                       "p_value"])
 
 
 def count_units(t: pd.DataFrame) -> np.ndarray:
@@ -242,6 +297,11 @@ def write_evaluation(
     _write_bytes(out_dir / "metrics.json", (json.dumps(_json_ready(metrics), indent=2) + "\n").encode())
     table = table2(metrics)
     _write_bytes(out_dir / "table2.tsv", table.to_csv(sep="\t", index=False).encode())
+    paired = None
+    if len(results) > 1:  # the first method (the primary one) against each other, same lesions
+        paired = paired_differences(results, next(iter(results)))
+        _write_bytes(out_dir / "paired_differences.tsv",
+                     paired.to_csv(sep="\t", index=False, float_format="%.4f").encode())
 
     svgs = {
         "proc": (_save_figure(_roc_figure(curves, MAX_FPR), out_dir, "proc"),
@@ -269,5 +329,5 @@ def write_evaluation(
             f"high-sensitivity point (sensitivity {_fmt(hs['sensitivity'])}) experts review "
             f"{hs['lesions_to_review']} lesions, saving {_fmt(100 * hs['review_time_saved'], 1)} % of review time."
         )
-    _write_bytes(out_dir / "report.html", _html(title, table, svgs, notes).encode("utf-8"))
+    _write_bytes(out_dir / "report.html", _html(title, table, svgs, notes, paired).encode("utf-8"))
     return metrics

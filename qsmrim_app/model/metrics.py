@@ -463,3 +463,74 @@ def lesion_and_subject_metrics(
         },
     }
     return out
+
+
+# ----------------------------------------------------------------------------- paired comparison
+PAIRED_METRICS = ("roc_auc", "pauc", "pr_auc")
+
+
+def paired_bootstrap(y: np.ndarray, p_a: np.ndarray, p_b: np.ndarray, clusters: Sequence[str],
+                     n_boot: int = 2000, seed: int = 0, max_fpr: float = 0.1, level: float = 0.95) -> dict:
+    """Pooled ROC / pROC / PR AUC of two methods on the same lesions, and a cluster bootstrap of a - b.
+
+    Why: with a few dozen rim+ lesions, AUC differences of 0.01-0.02 between a model and a floor are
+    within noise, and the table alone cannot say so. Lesions of one participant are not independent
+    (same scan, same rater), so whole clusters (participants) are resampled, the same ones for both
+    methods (paired). Returns ``{metric: {a, b, difference, ci_low, ci_high, p_value}}``; the p-value is
+    the two-sided bootstrap one (twice the smaller tail fraction of the differences at or beyond 0, at
+    least 1 / valid replicates). Replicates with one class only are skipped; ``n_valid`` counts the rest.
+    """
+    y, p_a = _check(y, p_a)
+    _, p_b = _check(y, p_b)
+    clusters = np.asarray(clusters).astype(str).ravel()
+    if clusters.shape != y.shape:
+        raise ValueError("clusters must have one entry per lesion")
+    names, inverse = np.unique(clusters, return_inverse=True)
+    members = [np.flatnonzero(inverse == k) for k in range(names.size)]
+    rng = np.random.default_rng(seed)
+    diffs = []
+    for _ in range(n_boot):
+        idx = np.concatenate([members[k] for k in rng.integers(0, names.size, names.size)])
+        yb = y[idx]
+        if _both_classes(yb):
+            diffs.append(_three_aucs(yb, p_a[idx], max_fpr) - _three_aucs(yb, p_b[idx], max_fpr))
+    d_all = np.asarray(diffs, dtype=float).reshape(-1, len(PAIRED_METRICS))
+    full_a, full_b = _three_aucs(y, p_a, max_fpr), _three_aucs(y, p_b, max_fpr)
+    alpha = (1.0 - level) / 2.0
+    out: dict = {"n_clusters": int(names.size), "n_boot": n_boot, "n_valid": int(len(d_all)), "level": level}
+    for j, m in enumerate(PAIRED_METRICS):
+        a, b, d = float(full_a[j]), float(full_b[j]), d_all[:, j]
+        if d.size == 0 or not np.isfinite(a - b):
+            out[m] = {"a": a, "b": b, "difference": a - b, "ci_low": float("nan"), "ci_high": float("nan"),
+                      "p_value": float("nan")}
+            continue
+        tail = min(np.mean(d <= 0.0), np.mean(d >= 0.0))
+        out[m] = {"a": a, "b": b, "difference": a - b, "ci_low": float(np.quantile(d, alpha)),
+                  "ci_high": float(np.quantile(d, 1.0 - alpha)),
+                  "p_value": float(min(1.0, max(2.0 * tail, 1.0 / d.size)))}
+    return out
+
+
+def _three_aucs(y: np.ndarray, p: np.ndarray, max_fpr: float) -> np.ndarray:
+    """ROC AUC, pROC AUC (area / max_fpr) and average precision from one sort: the same values as
+    ``roc_auc``, ``partial_roc_auc`` and ``pr_auc`` (tested), ~20x faster than three sklearn calls,
+    which is what makes a 2000-replicate bootstrap of several methods take seconds. NaN without both classes."""
+    if not _both_classes(y):
+        return np.full(3, np.nan)
+    order = np.argsort(-p, kind="mergesort")
+    ps, ys = p[order], y[order].astype(float)
+    last = np.r_[np.flatnonzero(np.diff(ps) != 0), ps.size - 1]  # last index of each distinct score
+    tps = np.cumsum(ys)[last]
+    fps = (last + 1) - tps
+    n_pos, n_neg = tps[-1], fps[-1]
+    tpr, fpr = np.r_[0.0, tps / n_pos], np.r_[0.0, fps / n_neg]
+    roc = float(np.trapezoid(tpr, fpr))
+    stop = int(np.searchsorted(fpr, max_fpr, side="right"))
+    x, t = fpr[:stop], tpr[:stop]
+    if x[-1] < max_fpr:
+        x0, x1, t0, t1 = fpr[stop - 1], fpr[stop], tpr[stop - 1], tpr[stop]
+        x, t = np.append(x, max_fpr), np.append(t, t0 + (t1 - t0) * (max_fpr - x0) / (x1 - x0))
+    pauc = float(np.trapezoid(t, x)) / max_fpr
+    precision = tps / (tps + fps)
+    ap = float(np.sum(np.diff(np.r_[0.0, tps / n_pos]) * precision))
+    return np.array([roc, pauc, ap])
