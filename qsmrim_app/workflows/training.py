@@ -106,7 +106,7 @@ def train_from_derivatives(config: AppConfig) -> int:
                         estimate["steps_per_member"], estimate["seconds_per_step"])
             if estimate["device"] == "cpu" and estimate["seconds"] > 3600 and base.protocol == "paper":
                 LOGGER.warning("the paper protocol takes hours on a CPU; `--protocol fast` is our CPU recipe "
-                               "(about 30 min for ~1,400 lesions on 2 cores)")
+                               "(about 5 min for ~1,200 lesions on 2 cores)")
         LOGGER.info("method %s -> %s", method, target)
         train(lesions, cfg, target)
         results[method] = drv.read_tsv(target / "oof_predictions.tsv")
