@@ -21,35 +21,27 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from qsmrim_app import derivatives as drv
-from qsmrim_app.model.inputs import FLOOR_COLUMN, is_feature_column
-from qsmrim_app.model.metrics import f1_optimal_threshold, lesion_and_subject_metrics
+from qsmrim_app.model.inputs import FLOOR_COLUMN
+from qsmrim_app.model.metrics import f1_optimal_threshold, lesion_and_subject_metrics, paired_bootstrap
 from qsmrim_app.model.predict import load_ensemble
-from qsmrim_app.patches import load_patches
-from qsmrim_app.workflows.group import find_units
+from qsmrim_app.workflows.training import collect_lesion_set
 
 KEYS = ("roc_auc_pooled", "pauc_fpr_0.1_pooled", "pr_auc_pooled", "f1", "sensitivity", "ppv", "count_mse",
         "count_pearson_r")
 
 
 def collect(output_dir: Path) -> list[dict]:
-    """Per unit: raw patches, references, feature table and labels of its annotated lesions."""
-    annotations = find_units(output_dir, "annotations")
-    radiomics = find_units(output_dir, "radiomics")
-    patches = find_units(output_dir, "patches")
+    """Per scan (participant x session): the annotated lesions as ``group --train`` reads them."""
+    lesions = collect_lesion_set(output_dir)
+    if lesions is None:
+        return []
     units = []
-    for unit in sorted(annotations, key=lambda u: (u.subject, u.session or "")):
-        if unit not in radiomics or unit not in patches:
-            continue
-        labels = drv.read_tsv(annotations[unit]).set_index("lesion_id")["rim_positive"]
-        table = drv.read_tsv(radiomics[unit])
-        ps = load_patches(patches[unit])
-        label = table["lesion_id"].map(labels)
-        keep = label.notna().to_numpy()
-        names = [c for c in table.columns if is_feature_column(c)]
-        units.append({"unit": unit.prefix, "grid": unit.session or "n/a", "patches": ps.patches[keep],
-                      "reference": ps.reference[keep], "features": table.loc[keep, names].to_numpy(np.float32),
-                      "names": names, "labels": label[keep].to_numpy(int)})
+    for subject, session in dict.fromkeys(zip(lesions.subjects, lesions.sessions)):
+        part = lesions.subset(np.flatnonzero((lesions.subjects == subject) & (lesions.sessions == session)))
+        units.append({"unit": f"{subject}_ses-{session}" if session else str(subject), "subject": str(subject),
+                      "grid": session or "n/a",
+                      "patches": part.patches, "reference": part.reference, "features": part.features,
+                      "names": list(part.feature_names), "labels": part.labels})
     return units
 
 
@@ -62,13 +54,14 @@ def _score(units: list[dict], probability: list[np.ndarray], threshold: float) -
                                           "n_units": int(np.unique(ids).size), "threshold": threshold}
 
 
-def evaluate(predict, units: list[dict], threshold: float) -> dict:
+def evaluate(predict, units: list[dict], threshold: float) -> tuple[dict, np.ndarray]:
+    """Scores on all held-out lesions and per grid; and the pooled probabilities (for the paired test)."""
     probs = [predict(u) for u in units]
     out = {"all": _score(units, probs, threshold)}
     for grid in sorted({u["grid"] for u in units}):
         sel = [i for i, u in enumerate(units) if u["grid"] == grid]
         out[grid] = _score([units[i] for i in sel], [probs[i] for i in sel], threshold)
-    return out
+    return out, np.concatenate(probs)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,7 +83,11 @@ def main(argv: list[str] | None = None) -> int:
 
     y_train = np.concatenate([u["labels"] for u in train])
     s_train = np.concatenate([floor(u) for u in train])
-    results = {"floor: shell minus core (training-free)": evaluate(floor, test, f1_optimal_threshold(y_train, s_train))}
+    floor_name = "floor: shell minus core (training-free)"
+    results = {}
+    results[floor_name], p_floor = evaluate(floor, test, f1_optimal_threshold(y_train, s_train))
+    y_test = np.concatenate([u["labels"] for u in test])
+    participants = np.concatenate([[u["subject"]] * len(u["labels"]) for u in test])
     model_dirs = list(args.model)
     if args.comparators:
         model_dirs += [c for m in args.model for c in sorted((m / "comparators").glob("*")) if (c / "model.json").is_file()]
@@ -102,13 +99,22 @@ def main(argv: list[str] | None = None) -> int:
                 return np.zeros(0)
             return ens.predict(u["patches"], u["features"], u["names"], reference=u["reference"]).probability
 
-        results[f"{ens.method} ({model_dir.name})"] = evaluate(predict, test, ens.thresholds["f1"])
+        name = f"{ens.method} ({model_dir.name})"
+        results[name], p_model = evaluate(predict, test, ens.thresholds["f1"])
+        # model minus floor on the same lesions, participants resampled (6 held-out people: a wide interval)
+        results[name]["paired_vs_floor"] = paired_bootstrap(y_test, p_model, p_floor, participants)
     summary = {"train_units": len(train), "train_lesions": int(y_train.size), "train_rimplus": int(y_train.sum()),
                "test_units": len(test), "test_grids": sorted({u["grid"] for u in test}), "results": results}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(summary, indent=1, default=float))
     rows = [{"method": name, **{k: res["all"][k] for k in KEYS}} for name, res in results.items()]
     print(pd.DataFrame(rows).to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    paired = [{"method": name, "metric": m, **{k: res["paired_vs_floor"][m][k] for k in
+                                               ("difference", "ci_low", "ci_high", "p_value")}}
+              for name, res in results.items() if "paired_vs_floor" in res for m in ("roc_auc", "pauc", "pr_auc")]
+    if paired:
+        print("\nmodel minus the floor (pooled, paired bootstrap over held-out participants):")
+        print(pd.DataFrame(paired).to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     return 0
 
 

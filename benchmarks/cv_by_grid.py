@@ -5,7 +5,9 @@ grids and phantoms on two more) can hide a grid on which a model loses to the fl
 model's own out-of-fold predictions (``oof_predictions.tsv``, same folds for every model) by the QSM voxel
 size of the scan each lesion came from (read from the participant level's QSM-space lesion map). Within a
 grid: pooled ROC / pROC (FPR < 0.1) / PR AUC, and F1 and per-scan rim+ count agreement at each model's own
-per-fold F1 thresholds (the thresholds ``group --train`` chose on all grids together).
+per-fold F1 thresholds (the thresholds ``group --train`` chose on all grids together). Then every model
+against the first one on all lesions: pooled AUC differences with a paired participant-bootstrap 95 % interval
+(``evaluation.paired_differences``), since a few dozen rim+ lesions leave differences of 0.01-0.02 in noise.
 
     python benchmarks/cv_by_grid.py --output-dir TRAIN_OUT --model TRAIN_OUT/models/qsmrimnet-* \
         --model TRAIN_OUT/models/logreg-* ... --out benchmarks/results/cv_by_grid.json
@@ -22,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 from qsmrim_app import derivatives as drv
-from qsmrim_app.model.evaluation import count_units
+from qsmrim_app.model.evaluation import count_units, paired_differences
 from qsmrim_app.model.metrics import lesion_and_subject_metrics
 
 KEYS = ("roc_auc_pooled", "pauc_fpr_0.1_pooled", "pr_auc_pooled", "f1", "count_mse", "count_pearson_r")
@@ -63,16 +65,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     grids = unit_grids(args.output_dir)
-    results = {}
+    results, oofs = {}, {}
     for model_dir in args.model:
         meta = json.loads((model_dir / "model.json").read_text())
-        oof = drv.read_tsv(model_dir / "oof_predictions.tsv")
-        results[f"{meta['method']} ({model_dir.name})"] = by_grid(oof, grids)
+        name = f"{meta['method']} ({model_dir.name})"
+        oofs[name] = drv.read_tsv(model_dir / "oof_predictions.tsv")
+        results[name] = by_grid(oofs[name], grids)
+    paired = paired_differences(oofs, next(iter(oofs))) if len(oofs) > 1 else None
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=1, default=float) + "\n")
+    stored = {"by_grid": results, "paired_vs_first": [] if paired is None else paired.to_dict("records")}
+    args.out.write_text(json.dumps(stored, indent=1, default=float) + "\n")
     rows = [{"method": name, "grid": g, **{k: v[k] for k in (*KEYS, "n_lesions", "n_rimplus")}}
             for name, res in results.items() for g, v in res.items()]
     print(pd.DataFrame(rows).to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    if paired is not None:
+        print(f"\npaired against {paired['reference'].iloc[0]} (pooled, participant bootstrap):")
+        print(paired.drop(columns=["reference"]).to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     return 0
 
 

@@ -275,3 +275,8 @@ def test_one_command_trains_every_method_into_one_table(dataset, preprocessed, t
         assert (model_dir / "comparators" / method / "oof_predictions.tsv").is_file()
     html = (model_dir / "report.html").read_text()
     assert "<svg" in html or "data:image/png" in html
+    # every other method against QSMRim-Net on the same lesions, with a participant-bootstrap interval
+    paired = pd.read_csv(model_dir / "paired_differences.tsv", sep="\t")
+    assert set(paired["method"]) >= methods - {"qsmrimnet"} and (paired["reference"] == "qsmrimnet").all()
+    assert (paired["ci_low"] <= paired["ci_high"]).all() and paired["p_value"].between(0, 1).all()
+    assert "Paired differences against qsmrimnet" in html
