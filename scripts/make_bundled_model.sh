@@ -57,19 +57,20 @@ floors() {
     done
 }
 
+latest() { ls -td train_out/models/"$1"-* | head -1; }
+
 heldout() {
+    # the repository's bundled model is compared with what this run trained (it stays only if it does better)
     local models=() m
-    for m in qsmrimnet logreg rf aprl-rf; do
-        models+=(--model "$(ls -td train_out/models/$m-* | head -1)")
-    done
+    for m in qsmrimnet logreg rf aprl-rf; do models+=(--model "$(latest $m)"); done
     "$BIN/python" "$REPO/benchmarks/bench_semireal.py" --train-out train_out --test-out test_out \
-        --model "$REPO/qsmrim_app/data/model" "${models[@]}" --out "$WORK/semireal_heldout.json"
+        "${models[@]}" --model "$REPO/qsmrim_app/data/model" --out "$WORK/semireal_heldout.json"
     "$BIN/python" "$REPO/benchmarks/cv_by_grid.py" --output-dir train_out "${models[@]}" \
-        --out "$WORK/cv_by_grid.json"
+        --model "$(latest shell-core)" --out "$WORK/cv_by_grid.json"
 }
 
 export REPO WORK BIN DATA NPROCS
-export -f generate merge participant train floors heldout
+export -f generate merge participant train floors latest heldout
 for stage in $STAGES; do
     echo "== $stage ($(date -u +%FT%TZ))"
     /usr/bin/time -v -o "$WORK/$stage.time" bash -euo pipefail -c "$stage"
