@@ -221,18 +221,18 @@ def paired_differences(results: Mapping[str, pd.DataFrame], reference: str, n_bo
                        seed: int = 0) -> pd.DataFrame:
     """Each other method against ``reference`` on the lesions both scored: pooled AUCs, difference and its
     participant-bootstrap confidence interval (``metrics.paired_bootstrap``), one row per method and metric."""
-    keys = ["subject", "lesion_id"]
-    ref = _validated(reference, results[reference])
-    if "session" in ref.columns:
-        keys.append("session")
-    ref = ref.assign(**{k: ref[k].astype(str) for k in keys})
+    def keyed(method: str, table: pd.DataFrame) -> pd.DataFrame:  # one scan + lesion id per row
+        t = _validated(method, table)
+        return t.assign(scan=count_units(t), lesion_id=t["lesion_id"].astype(str))
+
+    ref = keyed(reference, results[reference])
     rows = []
     for method, raw in results.items():
         if method == reference:
             continue
-        other = _validated(method, raw)
-        other = other.assign(**{k: other[k].astype(str) if k in other else "n/a" for k in keys})
-        both = ref.merge(other[[*keys, "label", "probability"]], on=keys, suffixes=("", "_other"))
+        other = keyed(method, raw)
+        both = ref.merge(other[["scan", "lesion_id", "label", "probability"]], on=["scan", "lesion_id"],
+                         suffixes=("", "_other"))
         if not (both["label"].astype(int) == both["label_other"].astype(int)).all():
             raise ValueError(f"{reference!r} and {method!r} disagree on lesion labels: not the same cohort")
         res = paired_bootstrap(both["label"].to_numpy(int), both["probability"].to_numpy(float),
@@ -277,10 +277,11 @@ def write_evaluation(
         raise ValueError("no method results to evaluate")
     out_dir = Path(out_dir)
     metrics: dict[str, dict] = {}
+    valid: dict[str, pd.DataFrame] = {}
     curves: dict[str, CVCurves] = {}
     counts: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for method, raw in results.items():
-        t = _validated(method, raw)
+        t = valid[method] = _validated(method, raw)
         y = t["label"].to_numpy().astype(int)
         p = t["probability"].to_numpy(dtype=float)
         fold = t["fold"].to_numpy().astype(int)
@@ -299,7 +300,7 @@ def write_evaluation(
     _write_bytes(out_dir / "table2.tsv", table.to_csv(sep="\t", index=False).encode())
     paired = None
     if len(results) > 1:  # the first method (the primary one) against each other, same lesions
-        paired = paired_differences(results, next(iter(results)))
+        paired = paired_differences(valid, next(iter(valid)))  # validated once, above
         _write_bytes(out_dir / "paired_differences.tsv",
                      paired.to_csv(sep="\t", index=False, float_format="%.4f").encode())
 
