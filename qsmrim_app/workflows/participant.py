@@ -64,7 +64,7 @@ def init_participant_wf(config: AppConfig, inputs, classify: bool = True) -> Wor
     flair_n4 = pe.Node(N4BiasCorrection(in_file=str(inputs.flair), **n4_kwargs), name="flair_n4")
     if not inputs.magnitude:
         LOGGER.warning("%s: no magnitude image in the QSM grid; registering FLAIR %s to a QSM-derived stand-in, "
-                       "which is not validated and failed (4.25 mm off) on one of three benchmark cases (README, "
+                       "which is not validated and failed (4.25 mm off) on one of three benchmark cases (docs/performance.md, "
                        "'Registration accuracy'): add "
                        "the GRE magnitude (e.g. *_part-mag_echo-1_MEGRE) and check the report's overlay",
                        unit.prefix, inputs.flair)
