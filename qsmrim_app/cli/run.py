@@ -14,6 +14,7 @@ import os
 import sys
 from argparse import Namespace
 from dataclasses import replace
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Sequence
 
@@ -277,11 +278,9 @@ def run_participant_level(config: AppConfig) -> int:
     Every selected unit ends with a ``logs/`` record (done, failed or skipped, with its reason) and a
     line in the closing summary; the exit code says the worst that happened (see ``_participant_exit``).
     """
-    from datetime import datetime, timezone
-
     from ..bids import SelectionError, discover
 
-    since = datetime.now(timezone.utc).isoformat()
+    since = datetime.now(timezone.utc)
     try:
         inputs, problems = discover(config)
     except SelectionError as err:
@@ -332,16 +331,18 @@ def _record_refused_units(config: AppConfig, problems: Sequence) -> dict[str, st
     return statuses
 
 
-def _log_unit_summary(config: AppConfig, labels: Sequence[str], since: str) -> None:
+def _log_unit_summary(config: AppConfig, labels: Sequence[str], since: datetime) -> None:
     """The run's closing lines, after nipype's: units done / failed / skipped, each with its reason and log."""
     from .. import derivatives as drv
+
+    def this_run(record: dict | None) -> bool:  # not an earlier run's record of the same unit
+        return bool(record and record.get("started_at")) and datetime.fromisoformat(record["started_at"]) >= since
 
     records = drv.latest_unit_logs(config.output_dir)
     outcome: dict[str, list[str]] = {"done": [], "failed": [], "skipped": [], "not run": []}
     for label in dict.fromkeys(labels):
         record = records.get(label)
-        status = record["status"] if record and record.get("started_at", "") >= since else "not run"
-        outcome[status].append(label)
+        outcome[record["status"] if this_run(record) else "not run"].append(label)
     LOGGER.info("summary: %d done, %d failed, %d skipped for missing inputs%s (of %d participant/session "
                 "units); one record per unit in %s", len(outcome["done"]), len(outcome["failed"]),
                 len(outcome["skipped"]), f", {len(outcome['not run'])} not run" if outcome["not run"] else "",
