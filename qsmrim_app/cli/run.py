@@ -6,8 +6,6 @@ still complete), 16 BIDS validation failed, 18 the selection matched no data, 64
 """
 from __future__ import annotations
 
-import json
-
 import logging
 import os
 import sys
@@ -128,13 +126,12 @@ def _resolve_paths(args: Namespace) -> tuple[Path, Path, Path]:
 
 def _patch_grid(args: Namespace, model_dir: Path) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """The patch extent and spacing (mm): as given, else the model's (model.json), else the defaults."""
-    stored: dict = {}
-    meta_path = Path(model_dir) / "model.json"
-    if meta_path.is_file():
-        try:
-            stored = json.loads(meta_path.read_text()).get("inputs") or {}
-        except (OSError, ValueError):
-            stored = {}
+    from ..model.modeldir import ModelDirError, read_model_json
+
+    try:
+        stored = read_model_json(model_dir).get("inputs") or {}
+    except ModelDirError:  # no model (e.g. --no-classify) or an unreadable one, reported where it is used
+        stored = {}
     extent = args.patch_extent_mm or stored.get("extent_mm") or DEFAULT_EXTENT_MM
     spacing = args.patch_spacing_mm or stored.get("spacing_mm") or DEFAULT_SPACING_MM
     return tuple(float(v) for v in extent), tuple(float(v) for v in spacing)
@@ -228,7 +225,7 @@ def _rim_annotations(args: Namespace, output_dir: Path) -> Path | None:
 
 def _init_model(args: Namespace, methods: Sequence[str]) -> str | None:
     """--init-model: only with --train and one network method, and only a model directory."""
-    from ..model.network import NETWORK_METHODS
+    from ..model.methods import NETWORK_METHODS
 
     if args.init_model is None:
         return None
@@ -251,11 +248,11 @@ def _init_architecture(init_model: str | None) -> dict:
     """A fine-tuning run builds the starting model's network (width, stem, wide term, fusion) unless the
     command line says otherwise (an explicit --width-multiplier wins and is then checked against it)."""
     from ..model.config import TrainConfig
-    from ..model.finetune import ARCHITECTURE_KEYS, read_model_json
+    from ..model.finetune import ARCHITECTURE_KEYS, read_init_model
 
     if init_model is None:
         return {}
-    stored = TrainConfig.from_dict(read_model_json(Path(init_model)).get("config") or {})
+    stored = TrainConfig.from_dict(read_init_model(Path(init_model)).get("config") or {})
     return {key: getattr(stored, key) for key in ARCHITECTURE_KEYS}
 
 
