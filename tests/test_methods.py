@@ -53,3 +53,21 @@ def test_sklearn_builders_fit_through_the_registry() -> None:
         assert p.shape == (40,) and np.all((p >= 0) & (p <= 1)), name
     with pytest.raises(ValueError, match="not a comparator"):
         fit_comparator("qsmrimnet", x, y, [], 0)
+
+
+def test_parser_choices_and_defaults_come_from_their_owners() -> None:
+    """Each choice list and default is defined once, in the module that owns it; the parser imports it."""
+    from qsmrim_app.config import PreprocConfig
+    from qsmrim_app.lesion_split import LESION_THRESHOLD, SPLIT_METHODS
+    from qsmrim_app.lesions import MIN_LESION_VOXELS
+    from qsmrim_app.model.config import PROTOCOLS
+    from qsmrim_app.model.inputs import DEFAULT_LEVEL, LEVELS, PATCH_EXTENT_MM, PATCH_SPACING_MM
+
+    defaults = vars(build_parser().parse_args(["bids", "out", "participant"]))
+    assert _choices("--lesion-split") == list(SPLIT_METHODS) and _choices("--inputs") == list(LEVELS)
+    assert _choices("--protocol") == list(PROTOCOLS)
+    assert defaults["min_lesion_voxels"] == MIN_LESION_VOXELS == PreprocConfig().min_lesion_voxels
+    assert defaults["lesion_threshold"] == LESION_THRESHOLD == PreprocConfig().lesion_threshold
+    assert defaults["lesion_split"] == PreprocConfig().lesion_split and defaults["inputs"] == DEFAULT_LEVEL
+    assert PreprocConfig().patch_extent_mm == TrainConfig().patch_extent_mm == PATCH_EXTENT_MM
+    assert PreprocConfig().patch_spacing_mm == TrainConfig().patch_spacing_mm == PATCH_SPACING_MM

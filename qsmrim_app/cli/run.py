@@ -17,13 +17,14 @@ from typing import Sequence
 from ..config import AppConfig, InferenceConfig, PreprocConfig
 from ..model.config import protocol_config
 from ..patches import DEFAULT_EXTENT_MM, DEFAULT_SPACING_MM, PatchGrid
-from .parser import EXIT_USAGE, TRAIN_METHODS, build_parser
+from ..model.methods import ALL_METHODS, NETWORK_METHODS
+from .common import EXIT_INPUT_MISSING, EXIT_USAGE, container_name
+from .parser import build_parser
 
 EXIT_OK = 0
 EXIT_PARTICIPANT_FAILED = 1
 EXIT_BIDS_INVALID = 16
 EXIT_NO_DATA = 18
-EXIT_INPUT_MISSING = 66
 EXIT_INTERRUPTED = 130
 
 LOGGER = logging.getLogger("qsmrim")
@@ -150,7 +151,7 @@ def build_config(args: Namespace, argv: Sequence[str]) -> AppConfig:
         if args.mem_gb is not None:
             plugin_args.setdefault("memory_gb", args.mem_gb)
     omp_nthreads = args.omp_nthreads or min(8, args.nprocs)
-    methods = TRAIN_METHODS if args.method == "all" else (args.method,)
+    methods = ALL_METHODS if args.method == "all" else (args.method,)
     model_dir = args.model.resolve() if args.model is not None else InferenceConfig().model_dir
     extent, spacing = _patch_grid(args, model_dir)
     preproc = PreprocConfig(
@@ -193,6 +194,8 @@ def build_config(args: Namespace, argv: Sequence[str]) -> AppConfig:
         rim_annotations=_rim_annotations(args, output_dir),
         nprocs=args.nprocs,
         omp_nthreads=omp_nthreads,
+        omp_nthreads_given=args.omp_nthreads is not None,
+        container=container_name(),
         mem_gb=args.mem_gb,
         device=args.device,
         plugin=plugin["plugin"],
@@ -225,8 +228,6 @@ def _rim_annotations(args: Namespace, output_dir: Path) -> Path | None:
 
 def _init_model(args: Namespace, methods: Sequence[str]) -> str | None:
     """--init-model: only with --train and one network method, and only a model directory."""
-    from ..model.methods import NETWORK_METHODS
-
     if args.init_model is None:
         return None
     if not args.train:
@@ -289,11 +290,23 @@ def run_participant_level(config: AppConfig) -> int:
     LOGGER.info("%d participant/session unit(s) to process, %d skipped for input problems",
                 len(inputs), len(problems))
     config = _threads_for_units(config, len(inputs))
+    config = _with_radiomics_params(config)
     configure_nipype(config.verbosity)
     from ..workflows.participant import run_participants
 
     code = run_participants(config, inputs, problems)
     return max(int(code), EXIT_PARTICIPANT_FAILED if problems else EXIT_OK)
+
+
+def _with_radiomics_params(config: AppConfig) -> AppConfig:
+    """The radiomics YAML, read and validated once here; every unit's node gets the result."""
+    from ..radiomics import RadiomicsConfigError, load_params
+
+    try:
+        params = load_params(config.preproc.radiomics_params)
+    except RadiomicsConfigError as err:
+        raise UsageError(str(err), EXIT_INPUT_MISSING) from None
+    return replace(config, preproc=replace(config.preproc, radiomics=params))
 
 
 def _threads_for_units(config: AppConfig, n_units: int) -> AppConfig:
@@ -302,9 +315,8 @@ def _threads_for_units(config: AppConfig, n_units: int) -> AppConfig:
     A 2-thread N4 of one unit would otherwise wait for both cores while the other unit's
     single-threaded registration holds one of them.
     """
-    given = any(arg.startswith(("--omp-", "--omp_")) for arg in config.command_line)
     threads = max(1, min(8, config.nprocs // max(1, n_units)))
-    if n_units < 2 or given or threads == config.omp_nthreads:
+    if n_units < 2 or config.omp_nthreads_given or threads == config.omp_nthreads:
         return config
     LOGGER.info("%d units share %d processes: %d thread(s) per process (set --omp-nthreads to change)",
                 n_units, config.nprocs, threads)
