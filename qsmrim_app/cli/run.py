@@ -7,8 +7,6 @@ Every refusal is one log line naming the path or label and the fix.
 """
 from __future__ import annotations
 
-import json
-
 import logging
 import os
 import sys
@@ -21,9 +19,11 @@ from typing import Sequence
 from ..config import AppConfig, InferenceConfig, PreprocConfig
 from ..model.config import protocol_config
 from ..patches import DEFAULT_EXTENT_MM, DEFAULT_SPACING_MM, PatchGrid
+from ..model.methods import ALL_METHODS, NETWORK_METHODS
+from .common import container_name
 from .exitcodes import (EXIT_BIDS_INVALID, EXIT_INPUT_MISSING, EXIT_INTERRUPTED, EXIT_NO_DATA, EXIT_OK,
                         EXIT_PARTICIPANT_FAILED, EXIT_USAGE)
-from .parser import TRAIN_METHODS, build_parser
+from .parser import build_parser
 
 LOGGER = logging.getLogger("qsmrim")
 
@@ -125,13 +125,12 @@ def _resolve_paths(args: Namespace) -> tuple[Path, Path, Path]:
 
 def _patch_grid(args: Namespace, model_dir: Path) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """The patch extent and spacing (mm): as given, else the model's (model.json), else the defaults."""
-    stored: dict = {}
-    meta_path = Path(model_dir) / "model.json"
-    if meta_path.is_file():
-        try:
-            stored = json.loads(meta_path.read_text()).get("inputs") or {}
-        except (OSError, ValueError):
-            stored = {}
+    from ..model.modeldir import ModelDirError, read_model_json
+
+    try:
+        stored = read_model_json(model_dir).get("inputs") or {}
+    except ModelDirError:  # no model (e.g. --no-classify) or an unreadable one, reported where it is used
+        stored = {}
     extent = args.patch_extent_mm or stored.get("extent_mm") or DEFAULT_EXTENT_MM
     spacing = args.patch_spacing_mm or stored.get("spacing_mm") or DEFAULT_SPACING_MM
     return tuple(float(v) for v in extent), tuple(float(v) for v in spacing)
@@ -150,7 +149,7 @@ def build_config(args: Namespace, argv: Sequence[str]) -> AppConfig:
         if args.mem_gb is not None:
             plugin_args.setdefault("memory_gb", args.mem_gb)
     omp_nthreads = args.omp_nthreads or min(8, args.nprocs)
-    methods = TRAIN_METHODS if args.method == "all" else (args.method,)
+    methods = ALL_METHODS if args.method == "all" else (args.method,)
     model_dir = args.model.resolve() if args.model is not None else InferenceConfig().model_dir
     extent, spacing = _patch_grid(args, model_dir)
     preproc = PreprocConfig(
@@ -193,6 +192,8 @@ def build_config(args: Namespace, argv: Sequence[str]) -> AppConfig:
         rim_annotations=_rim_annotations(args, output_dir),
         nprocs=args.nprocs,
         omp_nthreads=omp_nthreads,
+        omp_nthreads_given=args.omp_nthreads is not None,
+        container=container_name(),
         mem_gb=args.mem_gb,
         device=args.device,
         plugin=plugin["plugin"],
@@ -225,8 +226,6 @@ def _rim_annotations(args: Namespace, output_dir: Path) -> Path | None:
 
 def _init_model(args: Namespace, methods: Sequence[str]) -> str | None:
     """--init-model: only with --train and one network method, and only a model directory."""
-    from ..model.network import NETWORK_METHODS
-
     if args.init_model is None:
         return None
     if not args.train:
@@ -248,11 +247,11 @@ def _init_architecture(init_model: str | None) -> dict:
     """A fine-tuning run builds the starting model's network (width, stem, wide term, fusion) unless the
     command line says otherwise (an explicit --width-multiplier wins and is then checked against it)."""
     from ..model.config import TrainConfig
-    from ..model.finetune import ARCHITECTURE_KEYS, read_model_json
+    from ..model.finetune import ARCHITECTURE_KEYS, read_init_model
 
     if init_model is None:
         return {}
-    stored = TrainConfig.from_dict(read_model_json(Path(init_model)).get("config") or {})
+    stored = TrainConfig.from_dict(read_init_model(Path(init_model)).get("config") or {})
     return {key: getattr(stored, key) for key in ARCHITECTURE_KEYS}
 
 
@@ -293,6 +292,7 @@ def run_participant_level(config: AppConfig) -> int:
     code = EXIT_OK
     if inputs:
         config = _threads_for_units(config, len(inputs))
+        config = _with_radiomics_params(config)
         configure_nipype(config.verbosity)
         from ..workflows.participant import run_participants
 
@@ -320,7 +320,7 @@ def _record_refused_units(config: AppConfig, problems: Sequence) -> dict[str, st
         by_unit.setdefault(_unit_label(problem.subject, problem.session), []).append(problem)
     if not by_unit:
         return {}
-    drv.init_output_dir(config.output_dir, config.bids_dir)
+    drv.init_output_dir(config.output_dir, config.bids_dir, config.container)
     record = drv.config_record(config)
     statuses: dict[str, str] = {}
     for label, found in by_unit.items():
@@ -381,15 +381,25 @@ def _participant_exit(config: AppConfig, code: int, any_ran: bool, problems: Seq
     return EXIT_INPUT_MISSING
 
 
+def _with_radiomics_params(config: AppConfig) -> AppConfig:
+    """The radiomics YAML, read and validated once here; every unit's node gets the result."""
+    from ..radiomics import RadiomicsConfigError, load_params
+
+    try:
+        params = load_params(config.preproc.radiomics_params)
+    except RadiomicsConfigError as err:
+        raise UsageError(str(err), EXIT_INPUT_MISSING) from None
+    return replace(config, preproc=replace(config.preproc, radiomics=params))
+
+
 def _threads_for_units(config: AppConfig, n_units: int) -> AppConfig:
     """Several units run side by side: unless --omp-nthreads was given, split --nprocs between them.
 
     A 2-thread N4 of one unit would otherwise wait for both cores while the other unit's
     single-threaded registration holds one of them.
     """
-    given = any(arg.startswith(("--omp-", "--omp_")) for arg in config.command_line)
     threads = max(1, min(8, config.nprocs // max(1, n_units)))
-    if n_units < 2 or given or threads == config.omp_nthreads:
+    if n_units < 2 or config.omp_nthreads_given or threads == config.omp_nthreads:
         return config
     LOGGER.info("%d units share %d processes: %d thread(s) per process (set --omp-nthreads to change)",
                 n_units, config.nprocs, threads)

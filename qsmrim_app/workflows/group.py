@@ -97,7 +97,7 @@ def lesion_probabilities(output_dir: Path) -> pd.DataFrame:
 
 def run_group(config: AppConfig) -> int:
     output_dir = Path(config.output_dir)
-    drv.init_output_dir(output_dir, config.bids_dir)
+    drv.init_output_dir(output_dir, config.bids_dir, config.container)
     drv.write_run_log(output_dir, "group", config.command_line, {"train": config.train}, label="group")
     if config.train:
         from .training import train_from_derivatives

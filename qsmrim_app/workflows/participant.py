@@ -18,7 +18,7 @@ from nipype.interfaces.utility import IdentityInterface, Merge
 from nipype.pipeline import engine as pe
 
 from .. import derivatives as drv
-from ..config import AppConfig
+from ..config import AppConfig, PreprocConfig
 from ..interfaces.bids import DerivativesDataSink, PublishUnit
 from ..interfaces.classify import ClassifyLesions
 from ..interfaces.lesions import LesionInstances, PrepareLesionMask
@@ -39,6 +39,16 @@ class ParticipantOutcome:
     unit: drv.Unit
     ok: bool
     message: str = ""
+
+
+def radiomics_params(pre: PreprocConfig) -> dict:
+    """The validated radiomics parameters: read once at start by the command line (cli/run.py); a caller
+    that built its configuration itself gets them read here, once per workflow."""
+    if pre.radiomics is not None:
+        return pre.radiomics
+    from ..radiomics import load_params
+
+    return load_params(pre.radiomics_params)
 
 
 def model_available(config: AppConfig) -> bool:
@@ -118,7 +128,7 @@ def init_participant_wf(config: AppConfig, inputs, classify: bool = True) -> Wor
     wf.connect([(qsm_ppb, patches, [("out_file", "qsm_file"), ("mask_file", "brain_mask_file")]),
                 (flair_in_qsm, patches, [("out_file", "flair_file")]),
                 (lesions, patches, [("instances_file", "instances_file")])])
-    radiomics = pe.Node(RadiomicFeatures(params_file=str(pre.radiomics_params), nprocs=config.omp_nthreads,
+    radiomics = pe.Node(RadiomicFeatures(params=radiomics_params(pre), nprocs=config.omp_nthreads,
                                          source_file=str(inputs.qsm), source_units=inputs.qsm_units),
                         name="lesion_radiomics", n_procs=config.omp_nthreads)
     wf.connect([(qsm_ppb, radiomics, [("out_file", "qsm_file")]),
@@ -252,7 +262,7 @@ def run_participants(config: AppConfig, inputs: Sequence, problems: Sequence = (
     Each unit's ``logs/`` record says how it ended (``done`` / ``failed`` with the reason and the crash
     file); ``problems`` (units refused for their inputs) are recorded by the caller.
     """
-    drv.init_output_dir(config.output_dir, config.bids_dir)
+    drv.init_output_dir(config.output_dir, config.bids_dir, config.container)
     classify = config.classify
     if classify and not model_available(config):
         LOGGER.error("no model (model.json) in %s: pass --model with a directory written by "
