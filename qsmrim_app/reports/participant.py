@@ -183,6 +183,7 @@ def _lesion_tile(
 
 
 BRAIN_ERODE_MM = 4.0  # cuts the scalp (as bright as brain on FLAIR) off at the dark skull
+SAGITTAL_OFFSET_MM = 12.0  # the sagittal cut goes through the right hemisphere, not the midline's fissure
 
 
 def _otsu(values: np.ndarray, bins: int = 256) -> float:
@@ -243,7 +244,11 @@ class RegistrationCut:
 
 
 def registration_cuts(qsm: np.ndarray, flair: np.ndarray, affine: np.ndarray) -> list[RegistrationCut]:
-    """Sagittal, coronal and axial cuts through the brain centre, radiological, with the FLAIR's brain."""
+    """Sagittal, coronal and axial cuts through the brain centre, radiological, with the FLAIR's brain.
+
+    The sagittal cut is moved SAGITTAL_OFFSET_MM to the patient's right: through the midline it would cut
+    along the interhemispheric fissure, whose CSF the contour then traces.
+    """
     support = np.isfinite(qsm) & (qsm != 0)
     if not support.any():
         support = flair > 0
@@ -255,7 +260,10 @@ def registration_cuts(qsm: np.ndarray, flair: np.ndarray, affine: np.ndarray) ->
     cuts = []
     for axis in sorted(range(3), key=lambda a: -ornt[a, 0]):
         plane = Plane.from_affine(affine, axis)
-        idx = int(np.clip(round(centre[axis]), 0, qsm.shape[axis] - 1))
+        at = centre[axis]
+        if ornt[axis, 0] == 0:  # the voxel axis along world x: +1 voxel moves ornt[axis, 1] * zoom mm in x
+            at += ornt[axis, 1] * SAGITTAL_OFFSET_MM / zooms[axis]
+        idx = int(np.clip(round(at), 0, qsm.shape[axis] - 1))
         cuts.append(RegistrationCut(names[int(ornt[axis, 0])], plane, idx, plane.take(qsm, idx),
                                     plane.take(flair, idx), plane.take(brain, idx)))
     return cuts
@@ -590,7 +598,8 @@ def write_participant_report(
             + f"{fmt(qsm_window[0])} to {fmt(qsm_window[1])}) with the outline of the brain in the registered "
             "FLAIR (red: its own Otsu threshold, the scalp cut off at the skull; ventricle and sulcal edges "
             "inside). It should follow the QSM's brain edge and ventricles. Bottom: 16 mm checkerboard "
-            "alternating QSM and FLAIR; edges should continue across squares. Cuts through the brain centre; "
+            "alternating QSM and FLAIR; edges should continue across squares. Cuts through the brain centre "
+            f"(sagittal: {SAGITTAL_OFFSET_MM:.0f} mm to the right of it, off the midline); "
             "radiological convention (the patient's right on the image's left, as labelled).</p>"
         )
     else:
