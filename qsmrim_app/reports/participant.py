@@ -54,6 +54,9 @@ SUMMARY_LABELS = {
 }
 
 
+IDENTITY_KEYS = ("participant_id", "session")  # the summary's own copy of what the page title already says
+
+
 def _label(prefix: str, value: str) -> str:
     value = str(value)
     return value if value.startswith(f"{prefix}-") else f"{prefix}-{value}"
@@ -321,7 +324,7 @@ def _summary_section(subject: str, session: str | None, summary: Mapping[str, An
         f" model {esc(fmt(summary.get('model_id')))}).</p>"
     )
     known = [(SUMMARY_LABELS[k], summary[k]) for k in SUMMARY_LABELS if k in summary]
-    extra = [(k, v) for k, v in summary.items() if k not in SUMMARY_LABELS]
+    extra = [(k, v) for k, v in summary.items() if k not in SUMMARY_LABELS and k not in IDENTITY_KEYS]
     ident = [("Participant", subject)] + ([("Session", session)] if session else [])
     return (
         '<section id="summary"><h2>Summary</h2>' + headline

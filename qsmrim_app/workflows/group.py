@@ -110,6 +110,8 @@ def expert_agreement(merged: pd.DataFrame) -> dict:
 def agreement_line(agreement: dict) -> str:
     """The log's one line: numbers where they are defined, the reason where they are not (never 'nan')."""
     n = agreement["n"]
+    if n == 0:
+        return "agreement with expert rim+ counts not computed: no unit with expert counts has model counts"
     if agreement["count_pearson_r"] is None:
         reason = agreement["r_not_computed"].rstrip(".")
         r_text = f"r not computed: {reason[0].lower()}{reason[1:]};"
@@ -155,9 +157,10 @@ def run_group(config: AppConfig) -> int:
     drv.write_json(drv.sidecar_path(output_dir / GROUP_TABLE),
                    {k: v for k, v in drv.SUMMARY_DICTIONARY.items() if k in GROUP_COLUMNS})
 
-    experts = table.merge(expert_counts(output_dir), on=["participant_id", "session"], how="inner")
+    given = expert_counts(output_dir)
+    experts = table.merge(given, on=["participant_id", "session"], how="inner")
     agreement = None
-    if len(experts):
+    if len(given):  # even when none of them has model counts: the report then says so, not "none given"
         agreement = expert_agreement(experts)
         drv.write_json(output_dir / "group_agreement.json", agreement)
         LOGGER.info("%s", agreement_line(agreement))
