@@ -186,6 +186,7 @@ def _lesion_tile(
 
 
 BRAIN_ERODE_MM = 4.0  # cuts the scalp (as bright as brain on FLAIR) off at the dark skull
+CLOSE_MM = 2.0  # sulci narrower than about twice this are filled
 SAGITTAL_OFFSET_MM = 12.0  # the sagittal cut goes through the right hemisphere, not the midline's fissure
 
 
@@ -208,8 +209,8 @@ def flair_brain_mask(flair: np.ndarray, zooms: Sequence[float], seed: Sequence[f
 
     Otsu's threshold over the non-zero voxels separates tissue from CSF, skull and background; an erosion
     of `erode_mm` detaches the scalp, the component at `seed` (voxel indices; the largest one otherwise) is
-    kept and grown back inside the threshold. Ventricles and sulci stay holes, so their edges are traced
-    too. Taken from the FLAIR alone, never from the QSM, so the contour over the QSM shows the alignment.
+    kept and grown back inside the threshold, then closed by CLOSE_MM so thin sulci do not clutter the
+    contour. Ventricles stay holes, so their edges are traced too. Taken from the FLAIR alone, never from the QSM, so the contour over the QSM shows the alignment.
     """
     data = np.nan_to_num(np.asarray(flair, dtype=np.float32))
     values = data[data > 0]
@@ -231,7 +232,10 @@ def flair_brain_mask(flair: np.ndarray, zooms: Sequence[float], seed: Sequence[f
         keep = int(np.argmax(np.bincount(labels.ravel())[1:])) + 1
     grown = (ndimage.distance_transform_edt(labels != keep, sampling=zooms) <= erode_mm + max(zooms)) & tissue
     pieces, _ = ndimage.label(grown)
-    return np.isin(pieces, np.unique(pieces[labels == keep]))
+    brain = np.isin(pieces, np.unique(pieces[labels == keep]))
+    # a closing of CLOSE_MM fills sulci and the fissure (thin CSF) and keeps the ventricles: a readable contour
+    dilated = ndimage.distance_transform_edt(~brain, sampling=zooms) <= CLOSE_MM
+    return ndimage.distance_transform_edt(dilated, sampling=zooms) > CLOSE_MM
 
 
 @dataclass(frozen=True)
@@ -599,7 +603,7 @@ def write_participant_report(
             img_tag(uri, "registration check: FLAIR contour over QSM and QSM/FLAIR checkerboard")
             + '<p class="caption">Top: QSM (' + esc(qsm_units) + ", window "
             + f"{fmt(qsm_window[0])} to {fmt(qsm_window[1])}) with the outline of the brain in the registered "
-            "FLAIR (red: its own Otsu threshold, the scalp cut off at the skull; ventricle and sulcal edges "
+            "FLAIR (red: its own Otsu threshold, the scalp cut off at the skull, sulci closed; ventricle edges "
             "inside). It should follow the QSM's brain edge and ventricles. Bottom: 16 mm checkerboard "
             "alternating QSM and FLAIR; edges should continue across squares. Cuts through the brain centre "
             f"(sagittal: {SAGITTAL_OFFSET_MM:.0f} mm to the right of it, off the midline); "
