@@ -187,6 +187,7 @@ def _lesion_tile(
 
 BRAIN_ERODE_MM = 4.0  # cuts the scalp (as bright as brain on FLAIR) off at the dark skull
 CLOSE_MM = 2.0  # sulci narrower than about twice this are filled
+MASK_VOXEL_MM = 1.5  # the brain mask is found on a grid about this coarse
 SAGITTAL_OFFSET_MM = 12.0  # the sagittal cut goes through the right hemisphere, not the midline's fissure
 
 
@@ -210,14 +211,29 @@ def flair_brain_mask(flair: np.ndarray, zooms: Sequence[float], seed: Sequence[f
     Otsu's threshold over the non-zero voxels separates tissue from CSF, skull and background; an erosion
     of `erode_mm` detaches the scalp, the component at `seed` (voxel indices; the largest one otherwise) is
     kept and grown back inside the threshold, then closed by CLOSE_MM so thin sulci do not clutter the
-    contour. Ventricles stay holes, so their edges are traced too. Taken from the FLAIR alone, never from the QSM, so the contour over the QSM shows the alignment.
+    contour. Ventricles stay holes, so their edges are traced too. Taken from the FLAIR alone, never from
+    the QSM, so the contour over the QSM shows the alignment.
     """
-    data = np.nan_to_num(np.asarray(flair, dtype=np.float32))
+    full = np.nan_to_num(np.asarray(flair, dtype=np.float32))
+    # on a grid of about MASK_VOXEL_MM (a display contour needs no finer; 4 distance maps of a 0.75 mm grid
+    # would take tens of seconds), brought back to the image's grid at the end
+    step = tuple(max(1, int(round(MASK_VOXEL_MM / float(z)))) for z in zooms)
+    data = full[::step[0], ::step[1], ::step[2]]
+    zooms = tuple(float(z) * s for z, s in zip(zooms, step))
+    seed = None if seed is None else tuple(float(c) / s for c, s in zip(seed, step))
+    brain = _brain_mask_on_grid(data, zooms, seed, erode_mm)
+    for axis, s in enumerate(step):
+        brain = np.repeat(brain, s, axis=axis)
+    return brain[: full.shape[0], : full.shape[1], : full.shape[2]]
+
+
+def _brain_mask_on_grid(data: np.ndarray, zooms: tuple[float, ...], seed: tuple[float, ...] | None,
+                        erode_mm: float) -> np.ndarray:
+    """flair_brain_mask's work on one grid."""
     values = data[data > 0]
     if values.size < 100:
         return np.zeros(data.shape, dtype=bool)
     tissue = data > _otsu(values)
-    zooms = tuple(float(z) for z in zooms)
     core = ndimage.distance_transform_edt(tissue, sampling=zooms) > erode_mm
     labels, n = ndimage.label(core)
     if n == 0:
