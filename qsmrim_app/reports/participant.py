@@ -201,7 +201,8 @@ def _otsu(values: np.ndarray, bins: int = 256) -> float:
     with np.errstate(divide="ignore", invalid="ignore"):
         between = (grand * weight - total * mean) ** 2 / (weight * (total - weight))
     between[~np.isfinite(between)] = -1.0
-    return float(centres[int(np.argmax(between))])
+    best = np.flatnonzero(between >= between.max() * (1.0 - 1e-9))  # empty bins between classes tie:
+    return float(edges[1:][int(best[len(best) // 2])])  # take the middle of the gap
 
 
 def flair_brain_mask(flair: np.ndarray, zooms: Sequence[float], seed: Sequence[float] | None = None,
