@@ -219,9 +219,10 @@ def label_edges(rgb: np.ndarray, left: str, right: str, colour: tuple[int, int, 
     draw = ImageDraw.Draw(image)
     draw.fontmode = "1"  # no anti-aliasing: exact colours, crisp when the page scales the tile up
     font = ImageFont.load_default(size=size)
-    for text, x, anchor in ((left, 2, "ld"), (right, width - 2, "rd")):
-        draw.text((x, height - 2), text, fill=colour, font=font, anchor=anchor, stroke_width=1,
-                  stroke_fill=(0, 0, 0))
+    for text, at_left in ((left, True), (right, False)):
+        x0, y0, x1, y1 = draw.textbbox((0, 0), text, font=font, stroke_width=1)  # no anchors: bitmap fonts too
+        x = 2 - x0 if at_left else width - 2 - x1
+        draw.text((x, height - 2 - y1), text, fill=colour, font=font, stroke_width=1, stroke_fill=(0, 0, 0))
     rgb[..., :3] = np.asarray(image)
     return rgb
 
