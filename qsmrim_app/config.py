@@ -13,7 +13,7 @@ BUNDLED_MODEL_DIR = DATA_DIR / "model"
 
 @dataclass(frozen=True)
 class PreprocConfig:
-    """Participant-level preprocessing knobs (defaults documented in the README)."""
+    """Participant-level preprocessing knobs (defaults in `qsmrim --help`; the choices in docs/method.md)."""
 
     n4_shrink_factor: int = 4
     n4_iterations: tuple[int, ...] = (50, 50, 30)

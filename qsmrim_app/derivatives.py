@@ -14,10 +14,10 @@ import re
 import shutil
 import tempfile
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import nibabel as nib
 import numpy as np
@@ -345,13 +345,37 @@ def write_run_log(output_dir: Path, level: str, command_line: Sequence[str], con
     })
 
 
-def finish_run_log(path: Path, status: str, error: str | None = None) -> Path:
-    """Record how a unit's run ended (``done`` / ``failed``) in its ``logs/`` entry."""
+#: How a unit's run can end: published, failed (a step or an unusable input), skipped (an input missing).
+UNIT_STATUSES = ("done", "failed", "skipped")
+
+
+def finish_run_log(path: Path, status: str, error: str | None = None, file: Path | str | None = None) -> Path:
+    """Record how a unit's run ended in its ``logs/`` entry: ``status``, the one-line ``reason`` (also as
+    ``error`` when it failed) and the ``file`` it names (the input at fault or the crash report)."""
+    if status not in UNIT_STATUSES:
+        raise ValueError(f"unit status {status!r} is not one of {UNIT_STATUSES}")
     record = json.loads(Path(path).read_text())
     record.update({"status": status, "finished_at": datetime.now(timezone.utc).isoformat()})
     if error:
-        record["error"] = error
+        record["reason"] = error
+        if status == "failed":
+            record["error"] = error
+    if status != "done":
+        record["file"] = str(file) if file else None
     return write_json(path, record)
+
+
+def write_unit_log(output_dir: Path, label: str, command_line: Sequence[str], config: Mapping, status: str,
+                   reason: str, file: Path | str | None = None) -> Path:
+    """A unit that never reached the workflow (refused for its inputs) still gets its ``logs/`` record."""
+    path = write_run_log(output_dir, "participant", command_line, config, label=label)
+    return finish_run_log(path, status, reason, file)
+
+
+def config_record(config: Any) -> dict:
+    """The run's AppConfig as JSON-ready values, for the ``logs/`` records."""
+    record = asdict(config)
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in record.items()}
 
 
 _LOG_RE = re.compile(r"^(?P<prefix>sub-[A-Za-z0-9]+(?:_ses-[A-Za-z0-9]+)?)_\d{8}T\d{6}_\d+\.json$")
@@ -369,7 +393,7 @@ def latest_unit_logs(output_dir: Path) -> dict[str, dict]:
             record = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
-        if record.get("level") != "participant" or record.get("status") not in ("done", "failed"):
+        if record.get("level") != "participant" or record.get("status") not in UNIT_STATUSES:
             continue
         match = _LOG_RE.match(path.name)  # <prefix>_<YYYYmmddTHHMMSS>_<pid>.json
         if not match:

@@ -7,6 +7,7 @@ Checks that relate options to each other or to the file system live in ``cli/run
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import re
@@ -15,8 +16,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from .. import __version__
-
-EXIT_USAGE = 64
+from .exitcodes import EXIT_USAGE, exit_code_lines
 
 #: The input kinds a ``--bids-filter-file`` may hold a PyBIDS query for.
 FILTER_KINDS: tuple[str, ...] = ("qsm", "flair", "magnitude", "lesion_mask", "rim_labels")
@@ -46,12 +46,36 @@ class QsmrimArgumentParser(argparse.ArgumentParser):
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Show '(default: X)' only where X tells the user something (not None, False or empty)."""
+    """Show '(default: X)' only where X tells the user something (not None, False or empty).
+
+    Each option is listed once: the underscore spellings (``--participant_label``, kept because other
+    BIDS Apps accept them) still parse but are left out of the help. Epilog lines that start with
+    spaces (the exit-code table) are kept as written; other paragraphs are reflowed.
+    """
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
-        if action.default is None or action.default is False or action.default == []:
+        if action.default is None or action.default is False or action.default == [] \
+                or isinstance(action, argparse._CountAction):  # -v: the help says what 0 means
             return action.help
         return super()._get_help_string(action)
+
+    def _format_action_invocation(self, action: argparse.Action) -> str:
+        shown = visible_option_strings(action.option_strings)
+        if shown != list(action.option_strings):
+            action = copy.copy(action)  # the parser keeps every spelling; only the help drops some
+            action.option_strings = shown
+        return super()._format_action_invocation(action)
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        fill = super()._fill_text
+        return "\n".join(indent + line if line.startswith("  ") else fill(line, width, indent) if line else ""
+                         for line in text.split("\n"))
+
+
+def visible_option_strings(option_strings: list[str]) -> list[str]:
+    """The spellings ``--help`` shows: all but the ``--snake_case`` aliases (at least one is kept)."""
+    shown = [s for s in option_strings if not (s.startswith("--") and "_" in s)]
+    return shown or list(option_strings[:1])
 
 
 class _Removed(argparse.Action):
@@ -200,6 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
             "group level gathers the participants' results (and, with --train, trains a model)."
         ),
         formatter_class=_HelpFormatter,
+        epilog=_epilog(),
     )
     parser.add_argument("bids_dir", type=Path,
                         help="the root of the input BIDS dataset (read only; nothing is ever written there)")
@@ -352,5 +377,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     other = parser.add_argument_group("Other")
     other.add_argument("-v", "--verbose", dest="verbose", action="count", default=0,
-                       help="more log output (-v: info, -vv: debug)")
+                       help="more log output; the default is INFO (progress, one line per finished step, "
+                            "warnings); -v adds qsmrim's DEBUG lines and nipype's and pybids' INFO, -vv "
+                            "everything at DEBUG")
     return parser
+
+
+def _epilog() -> str:
+    """Exit codes and companion commands: what a user scripting around qsmrim needs after the options."""
+    return "\n".join([
+        "exit codes:",
+        *exit_code_lines(),
+        "",
+        "companion commands:",
+        "  qsmrim-review OUTPUT_DIR [--rater NAME]",
+        "         review the rim+ candidates in a browser; the decisions are a BIDS",
+        "         dataset for --rim-annotations and group --train",
+        "  qsmrim-synth OUT [--subjects 3]",
+        "         write a phantom BIDS dataset (with rim annotations) to try qsmrim on",
+        "",
+        "Every option also accepts its underscore spelling (e.g. --participant_label), as other BIDS Apps do. "
+        "Each participant/session's outcome is recorded in <output_dir>/logs/.",
+    ])

@@ -89,7 +89,7 @@ class TrainConfig:
         return cls(**known)
 
 
-# Our CPU recipe (README, "Training protocols"): a narrow network whose stem strides 2 in-plane (a step of 32
+# Our CPU recipe (docs/training.md): a narrow network whose stem strides 2 in-plane (a step of 32
 # patches ~0.5 s on 2 CPU cores instead of ~2 s), a fixed budget of optimisation steps independent of the
 # cohort size, one-cycle LR at 1e-3 with AdamW, a quarter of every batch rim+ (DeepSMOTE still
 # interpolates them), a wide linear term fitted on the member's training lesions (the deep part learns a

@@ -193,7 +193,7 @@ def train_fold(lesions: LesionSet, x_all: np.ndarray, f_all: np.ndarray, train_i
             # Fine-tuning keeps the starting model's linear term (fitted on its own, larger cohort) and lets
             # gradient descent adapt it with the rest; a fresh model fits it here on all the member's
             # training lesions: with ~40 rim+ a fold, leaving the inner split out of the
-            # linear model cost 0.08 PR AUC out of fold on the semi-real cohort (README, "Training protocols").
+            # linear model cost 0.08 PR AUC out of fold on the semi-real cohort (docs/training.md).
             fit_wide_term(wide, scaler.transform(f_all[train_idx]), lesions.labels[train_idx], seed)
         net = net.to(device)
         trainable = [q for q in net.parameters() if q.requires_grad]

@@ -49,23 +49,28 @@ def build_group_table(config: AppConfig) -> tuple[pd.DataFrame, list[tuple[str, 
     # the table); its latest failure is listed too, so it is not mistaken for an up-to-date result.
     for unit in sorted(summaries, key=lambda u: (u.subject, u.session or "")):
         record = logs.get(unit.prefix)
-        if record and record["status"] == "failed":
-            failed.append((unit.prefix, f"latest participant run failed ({record.get('error', '?')}; log: "
-                                        f"{record['log_file']}); the outputs of its earlier complete run are kept"))
+        if record and record["status"] in ("failed", "skipped"):
+            failed.append((unit.prefix, f"latest participant run {record['status']} ({_logged_reason(record)}; "
+                                        f"log: {record['log_file']}); the outputs of its earlier complete run are kept"))
     return table, failed
 
 
+def _logged_reason(record: dict) -> str:
+    """The one-line reason a unit's ``logs/`` record gives (older records have only ``error``)."""
+    return record.get("reason") or record.get("error") or "?"
+
+
 def _failure_reason(config: AppConfig, label: str, logs: dict[str, dict]) -> str:
-    errors = [f"{prefix}: {record.get('error', '?')} (log: {record['log_file']})"
-              for prefix, record in sorted(logs.items())
-              if record["status"] == "failed" and (prefix == f"sub-{label}" or prefix.startswith(f"sub-{label}_ses-"))]
-    if errors:
-        return "participant level failed: " + "; ".join(errors)
+    ended = {prefix: record for prefix, record in sorted(logs.items()) if record["status"] in ("failed", "skipped")
+             and (prefix == f"sub-{label}" or prefix.startswith(f"sub-{label}_ses-"))}
+    if ended:  # quoted from the units' own records: "failed" (a step, an unusable input) or "skipped"
+        return "; ".join(f"participant level {record['status']}: {prefix}: {_logged_reason(record)} "
+                         f"(log: {record['log_file']})" for prefix, record in ended.items())
     crash_dirs = sorted((Path(config.work_dir) / "crashes").glob(f"sub-{label}*")) if config.work_dir else []
     crashes = [c for d in crash_dirs for c in d.glob("crash-*")]
     if crashes:
         return f"participant level failed (crash report: {crashes[0]})"
-    return "no participant-level outputs (not run, failed, or skipped for input problems: see its log)"
+    return "no participant-level outputs and no record in logs/: its participant level has not been run"
 
 
 EXPERT_COLUMNS = ["participant_id", "session", "n_labelled", "n_rimplus_expert", "expert_rimplus_found",

@@ -9,7 +9,7 @@ complete run published). With MultiProc, every unit runs in one graph under --np
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -28,7 +28,7 @@ from ..interfaces.qsm import PrepareQSM
 from ..interfaces.radiomics import RadiomicFeatures
 from ..interfaces.registration import ApplyTransform, RegisterFLAIRToQSM
 from ..interfaces.reports import ParticipantReport
-from .execution import run_units, run_workflow, scheduler_errors
+from .execution import crash_file_of, run_units, run_workflow, scheduler_errors
 from .resources import set_memory_estimates
 
 LOGGER = logging.getLogger("qsmrim")
@@ -64,7 +64,7 @@ def init_participant_wf(config: AppConfig, inputs, classify: bool = True) -> Wor
     flair_n4 = pe.Node(N4BiasCorrection(in_file=str(inputs.flair), **n4_kwargs), name="flair_n4")
     if not inputs.magnitude:
         LOGGER.warning("%s: no magnitude image in the QSM grid; registering FLAIR %s to a QSM-derived stand-in, "
-                       "which is not validated and failed (4.25 mm off) on one of three benchmark cases (README, "
+                       "which is not validated and failed (4.25 mm off) on one of three benchmark cases (docs/performance.md, "
                        "'Registration accuracy'): add "
                        "the GRE magnitude (e.g. *_part-mag_echo-1_MEGRE) and check the report's overlay",
                        unit.prefix, inputs.flair)
@@ -247,7 +247,11 @@ def _inputs_found(inputs) -> dict:
 
 
 def run_participants(config: AppConfig, inputs: Sequence, problems: Sequence = ()) -> int:
-    """Run every unit; a failed unit is reported and skipped, the others complete. Exit code 0/1."""
+    """Run every unit; a failed unit is reported and skipped, the others complete. Exit code 0/1.
+
+    Each unit's ``logs/`` record says how it ended (``done`` / ``failed`` with the reason and the crash
+    file); ``problems`` (units refused for their inputs) are recorded by the caller.
+    """
     drv.init_output_dir(config.output_dir, config.bids_dir)
     classify = config.classify
     if classify and not model_available(config):
@@ -256,7 +260,7 @@ def run_participants(config: AppConfig, inputs: Sequence, problems: Sequence = (
         return 1
     drv.staging_root(config.work_dir).mkdir(parents=True, exist_ok=True)
     units = {drv.Unit(i.subject, i.session).prefix: i for i in inputs}
-    logs = {label: drv.write_run_log(config.output_dir, "participant", config.command_line, _config_record(config),
+    logs = {label: drv.write_run_log(config.output_dir, "participant", config.command_line, drv.config_record(config),
                                      label=label) for label in units}
     errors: dict[str, str] = {}
     built = {}
@@ -271,7 +275,7 @@ def run_participants(config: AppConfig, inputs: Sequence, problems: Sequence = (
                                 "summary" if classify else "radiomics")
         if error is None and not final.is_file():
             error = f"the workflow ended without writing {final.name}"
-        drv.finish_run_log(logs[label], "failed" if error else "done", error)
+        drv.finish_run_log(logs[label], "failed" if error else "done", error, crash_file_of(error))
         if error:
             errors[label] = error
             LOGGER.error("%s: FAILED: %s", label, error)
@@ -302,13 +306,6 @@ def run_participants(config: AppConfig, inputs: Sequence, problems: Sequence = (
     for label in set(units) - set(built):
         drv.finish_run_log(logs[label], "failed", errors[label])
         LOGGER.error("%s: FAILED: %s", label, errors[label])
-    failed = len(errors) + len(problems)
-    if failed:
-        LOGGER.error("%d of %d participant units failed or were skipped", failed, len(units) + len(problems))
-        return 1
-    return 0
-
-
-def _config_record(config: AppConfig) -> dict:
-    record = asdict(config)
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in record.items()}
+    # The units refused for their inputs (``problems``) have their own records and exit code (cli/run.py);
+    # the run's closing summary of every unit is written there too.
+    return 1 if errors else 0
