@@ -345,13 +345,30 @@ def write_run_log(output_dir: Path, level: str, command_line: Sequence[str], con
     })
 
 
-def finish_run_log(path: Path, status: str, error: str | None = None) -> Path:
-    """Record how a unit's run ended (``done`` / ``failed``) in its ``logs/`` entry."""
+def finish_run_log(path: Path, status: str, error: str | None = None, extra: Mapping | None = None) -> Path:
+    """Record how a unit's run ended (``done`` / ``failed``) in its ``logs/`` entry (``extra``: more fields,
+    e.g. the registration gate's verdict)."""
     record = json.loads(Path(path).read_text())
     record.update({"status": status, "finished_at": datetime.now(timezone.utc).isoformat()})
     if error:
         record["error"] = error
+    if extra:
+        record.update(extra)
     return write_json(path, record)
+
+
+def registration_gate(sidecar: Path) -> dict | None:
+    """``{"verdict", "value_mm", "threshold_mm", "target"}`` from a transform's sidecar; None when absent
+    (outputs of a version without the gate)."""
+    try:
+        record = json.loads(Path(sidecar).read_text())
+    except (OSError, ValueError):
+        return None
+    if "RegistrationGate" not in record:
+        return None
+    return {"verdict": record["RegistrationGate"], "value_mm": float(record["RegistrationGateValueMM"]),
+            "threshold_mm": float(record["RegistrationGateThresholdMM"]),
+            "target": record.get("RegistrationTarget", "n/a")}
 
 
 _LOG_RE = re.compile(r"^(?P<prefix>sub-[A-Za-z0-9]+(?:_ses-[A-Za-z0-9]+)?)_\d{8}T\d{6}_\d+\.json$")

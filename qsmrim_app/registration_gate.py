@@ -1,0 +1,58 @@
+"""The registration gate: does a finished FLAIR-to-QSM registration agree with the brain outlines?
+
+No truth is needed. From the finished transform, the brain outlines (the QSM's support against the FLAIR's
+brain mask, :mod:`.brain_outline`) are registered once more, independently of the image contrasts; the gate
+value is how far (mean over the QSM brain, mm) that outline answer moves the FLAIR away from the finished one.
+A correct registration already sits where the outlines fit (measured 0.1-0.6 mm); a FLAIR that is 4 mm or more
+off is pulled back by about the error. The threshold is chosen on the one-head benchmark's separation
+(benchmarks/bench_registration.py ``--only onehead``, docs/registration.md).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import SimpleITK as sitk
+
+from .brain_outline import Outlines, flair_brain_mask
+
+#: Gate threshold (mm): a registration whose outline disagreement exceeds it fails. Chosen on the measured
+#: separation of the one-head benchmark (docs/registration.md): correct registrations <= 0.6 mm, every
+#: deliberately wrong one with a lesion error of 4 mm or more >= 2.6 mm.
+GATE_THRESHOLD_MM = 1.5
+
+
+@dataclass(frozen=True)
+class GateResult:
+    """The gate's value (mm), the threshold it was held to and the verdict."""
+
+    value_mm: float
+    threshold_mm: float
+
+    @property
+    def passed(self) -> bool:
+        return self.value_mm <= self.threshold_mm
+
+    @property
+    def verdict(self) -> str:
+        return "pass" if self.passed else "fail"
+
+    def sidecar(self) -> dict:
+        """Flat fields for the transform's sidecar and the report."""
+        return {"RegistrationGateValueMM": round(self.value_mm, 3), "RegistrationGateThresholdMM": self.threshold_mm,
+                "RegistrationGate": self.verdict,
+                "RegistrationGateMeasure": "mean displacement of the QSM brain between the registration and an "
+                                           "independent rigid fit of the brain outlines started from it"}
+
+
+def outline_disagreement_mm(qsm_mask: sitk.Image, flair: sitk.Image, transform: sitk.Transform,
+                            flair_mask: sitk.Image | None = None, outlines: Outlines | None = None) -> float:
+    """Mean distance (mm) over the QSM brain between ``transform`` and the outline fit started from it."""
+    if outlines is None:
+        outlines = Outlines.build(qsm_mask, flair_brain_mask(flair) if flair_mask is None else flair_mask)
+    return outlines.displacement_mm(transform, outlines.register(transform))
+
+
+def registration_gate(qsm_mask: sitk.Image, flair: sitk.Image, transform: sitk.Transform,
+                      threshold_mm: float = GATE_THRESHOLD_MM) -> GateResult:
+    """Score a fixed(QSM)-to-moving(FLAIR) transform without the truth (see the module docstring)."""
+    return GateResult(outline_disagreement_mm(qsm_mask, flair, transform), float(threshold_mm))
