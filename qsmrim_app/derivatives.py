@@ -366,7 +366,8 @@ def registration_gate(sidecar: Path) -> dict | None:
         return None
     if "RegistrationGate" not in record:
         return None
-    return {"verdict": record["RegistrationGate"], "value_mm": float(record["RegistrationGateValueMM"]),
+    value = record.get("RegistrationGateValueMM")
+    return {"verdict": record["RegistrationGate"], "value_mm": float("nan") if value is None else float(value),
             "threshold_mm": float(record["RegistrationGateThresholdMM"]),
             "target": record.get("RegistrationTarget", "n/a")}
 

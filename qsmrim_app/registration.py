@@ -337,7 +337,11 @@ def register_without_magnitude(
     if qsm_mask is None:
         qsm_mask = sitk.Cast(sitk.NotEqual(qsm, 0.0), sitk.sitkUInt8)
     with _itk_threads(threads):
-        outlines = Outlines.build(qsm_mask, flair_brain_mask(flair))
+        try:
+            outlines = Outlines.build(qsm_mask, flair_brain_mask(flair))
+        except ValueError as exc:
+            raise RegistrationError(f"no brain outline to start from without a magnitude image ({exc}); a QSM map "
+                                    "must be zero outside the brain, or give the magnitude") from exc
         start, label = outlines.start()
         outline = outlines.register(start)
     LOGGER.info("no magnitude: %s, then Mattes MI to the QSM-derived stand-in", label)

@@ -295,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "or header (no optimisation: a FLAIR already aligned to the QSM by another tool). "
                           "Every registration is checked by the registration gate")
     pre.add_argument("--registration-gate-mm", "--registration_gate_mm", dest="registration_gate_mm",
-                     type=_positive_float, default=1.5, metavar="MM",
+                     type=_positive_float, default=2.0, metavar="MM",
                      help="registration gate: a unit whose FLAIR alignment disagrees with the brain outlines by "
                           "more than this (mean over the brain, mm) fails the gate; its outputs are written "
                           "for review, the participant level exits 1 and the group level leaves its counts "

@@ -7,8 +7,8 @@ import SimpleITK as sitk
 from nipype.interfaces.base import (BaseInterfaceInputSpec, File, SimpleInterface, TraitedSpec,
                                     traits)
 
-from ..registration import (RegistrationError, read_transform, register_flair_to_qsm, register_without_magnitude,
-                            resample_to_reference, write_transform)
+from ..registration import (RegistrationError, otsu_foreground, read_transform, register_flair_to_qsm,
+                            register_without_magnitude, resample_to_reference, write_transform)
 from ..registration_gate import GATE_THRESHOLD_MM, registration_gate
 from ._base import InputDataError, out_path
 
@@ -61,8 +61,9 @@ class RegisterFLAIRToQSM(SimpleInterface):
             for stage in result.stages:  # flat keys: the report shows them as one table
                 sidecar[f"Stage{stage.name.capitalize()}Metric"] = float(stage.metric)
                 sidecar[f"Stage{stage.name.capitalize()}Iterations"] = int(stage.iterations)
-        if qsm_mask is None:  # the QSM's support: its nonzero voxels (fixed is the QSM itself here)
-            qsm_mask = sitk.Cast(sitk.NotEqual(fixed, 0.0), sitk.sitkUInt8)
+        if qsm_mask is None:  # the QSM's support (nonzero voxels), or the magnitude's foreground
+            qsm_mask = (sitk.Cast(sitk.NotEqual(fixed, 0.0), sitk.sitkUInt8) if self.inputs.fixed_is_qsm
+                        else otsu_foreground(fixed))
         gate = registration_gate(qsm_mask, moving, transform, self.inputs.gate_threshold_mm)
         sidecar = {"RegistrationMode": self.inputs.mode, "RegistrationTarget": target, **sidecar, **gate.sidecar()}
         self._results["transform_file"] = out_path("flair_to_qsm_xfm.txt")

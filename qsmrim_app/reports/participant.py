@@ -184,6 +184,10 @@ def _gate_paragraph(registration: Mapping[str, Any]) -> str:
         return ""
     value, limit = registration.get("RegistrationGateValueMM"), registration.get("RegistrationGateThresholdMM")
     target = esc(str(registration.get("RegistrationTarget", "n/a")))
+    if registration["RegistrationGate"] == "n/a":
+        return (f'<p class="msg-warning">Registration gate not measured: '
+                f'{esc(str(registration.get("RegistrationGateNotMeasured", "")))}; target: {target}. Check the '
+                "overlay below.</p>")
     if registration["RegistrationGate"] == "fail":
         return (f'<p class="msg-error"><strong>Registration gate FAILED</strong>: the registered FLAIR disagrees with the '
                 f"brain outlines by {fmt(value)} mm (threshold {fmt(limit)} mm; target: {target}). Lesion masks and "

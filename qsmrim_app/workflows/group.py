@@ -35,7 +35,8 @@ GATE_DICTIONARY = {
                                      "fail": "above the threshold: counts left out (n/a) unless the group level "
                                              "ran with --keep-failed-registration",
                                      "fail-kept": "above the threshold, counts kept by --keep-failed-registration",
-                                     "n/a": "not recorded (outputs of a version without the gate)"}},
+                                     "n/a": "not measured (no brain outline in the QSM grid, see the transform's "
+                                            "sidecar) or not recorded (outputs of a version without the gate)"}},
 }
 # Where outputs are found lives in derivatives.py (training.py needs it too; no import circle).
 find_units = drv.find_units
