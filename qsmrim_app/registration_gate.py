@@ -3,8 +3,9 @@
 No truth is needed. From the finished transform, the brain outlines (the QSM's support against the FLAIR's
 brain mask, :mod:`.brain_outline`) are registered once more, independently of the image contrasts; the gate
 value is how far (mean over the QSM brain, mm) that outline answer moves the FLAIR away from the finished one.
-A correct registration already sits where the outlines fit (measured 0.20-0.86 mm); a FLAIR that is 4 mm or
-more off is pulled back by about the error (>= 3.98 mm). The threshold is chosen on the one-head benchmark's separation
+A correct registration already sits where the outlines fit (measured 0.20-0.86 mm on whole brains and a 70 mm
+slab); a FLAIR that is 4 mm or more off is pulled back by about the error (>= 3.98 mm). On a 60 mm slab at the
+top of the brain the outline fit itself is 4 mm from the truth, and the gate is wrong both ways there. The threshold is chosen on the one-head benchmark's separation
 (benchmarks/bench_registration.py ``--only onehead``, docs/registration.md).
 """
 from __future__ import annotations
@@ -19,7 +20,7 @@ from .brain_outline import Outlines, flair_brain_mask
 
 #: Gate threshold (mm): a registration whose outline disagreement exceeds it fails. Chosen on the measured
 #: separation of the one-head benchmark (docs/registration.md): correct registrations <= 0.86 mm, every
-#: deliberately wrong one with a mean lesion error of 4 mm or more >= 3.98 mm.
+#: deliberately wrong one with a mean lesion error of 4 mm or more >= 3.98 mm (except the 60 mm top slab).
 GATE_THRESHOLD_MM = 2.0
 LOGGER = logging.getLogger(__name__)
 
