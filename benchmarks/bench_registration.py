@@ -19,10 +19,22 @@
    session the same field, a method error does not (``head_frame`` in each case, pairwise differences in
    ``head_frame_agreement``), and Mattes MI over all masked voxels is reported at the true and the found transform.
 
-Writes benchmarks/results/registration.json. Wall times depend on how busy the machine is (the load
+3. ``onehead`` (``--only onehead``): one head, exact truth. The phantom anatomy of qsmrim-synth rendered into a
+   FLAIR (1 mm sagittal, bright lesions and grey matter, dark CSF and veins), and into a QSM (dipole forward model
+   and TKD: bright deep grey matter and veins, dark white matter, CSF near zero) and a T2*-weighted magnitude on
+   the QSM grid, with a known rigid FLAIR->QSM header offset (up to 10 degrees, 20 mm): grids 0.6x0.6x2,
+   0.75x0.75x3 and 1 mm, whole brain and partial slabs. Each case is registered as the app does with the
+   magnitude (N4 on both, Mattes MI), without it (brain outlines then Mattes MI to the QSM stand-in), and, for
+   comparison, by the stand-in alone (the path before the outline start) and by the outlines alone. Then the
+   registration gate (qsmrim_app.registration_gate) is scored on every answer, at the truth, and at
+   deliberately wrong transforms (the truth shifted 2/4/8 mm, rotated 5/10 degrees). Writes
+   benchmarks/results/registration_onehead.json.
+
+Writes benchmarks/results/registration.json (parts 1 and 2). Wall times depend on how busy the machine is (the load
 average is recorded); CPU seconds summed over ITK threads are the steadier figure.
 
     python benchmarks/bench_registration.py [--data ../shared/data] [--repeats 3] [--only semireal]
+    python benchmarks/bench_registration.py --only onehead [--onehead-cases NAME ...] [--jobs 2]
 """
 from __future__ import annotations
 
@@ -274,6 +286,174 @@ def summarise(rows: list[dict]) -> dict:
     return summary
 
 
+# One-head cases: name -> (QSM grid, slab thickness mm, slab centre shift along z mm, header rotation deg xyz,
+# header shift mm). Whole brain ~110 mm high: 130 mm slabs cover it, 60-70 mm slabs cut it.
+ONEHEAD_GRIDS = {"0.6x0.6x2": (0.6, 0.6, 2.0), "0.75x0.75x3": (0.75, 0.75, 3.0), "1x1x1": (1.0, 1.0, 1.0)}
+ONEHEAD_CASES = {
+    "0.6x0.6x2_whole": ("0.6x0.6x2", 130.0, 0.0, (6.0, -4.0, 8.0), (12.0, -8.0, 15.0)),
+    "0.75x0.75x3_whole": ("0.75x0.75x3", 132.0, 0.0, (-10.0, 5.0, 3.0), (-20.0, 10.0, 8.0)),
+    "1x1x1_whole": ("1x1x1", 130.0, 0.0, (3.0, 8.0, -5.0), (5.0, 20.0, -10.0)),
+    "0.75x0.75x3_slab60_top": ("0.75x0.75x3", 60.0, 20.0, (4.0, -10.0, 6.0), (8.0, 12.0, -20.0)),
+    "0.6x0.6x2_slab70_mid": ("0.6x0.6x2", 70.0, -5.0, (-5.0, 3.0, -10.0), (-15.0, -12.0, 10.0)),
+    "1x1x1_slab60_top": ("1x1x1", 60.0, 15.0, (8.0, 6.0, 2.0), (18.0, -5.0, 12.0)),
+}
+# Deliberately wrong registrations: the truth moved by these (shift mm / rotation deg about the brain centre).
+GATE_PERTURBATIONS = [("shift", 2.0), ("shift", 4.0), ("shift", 8.0), ("rotate", 5.0), ("rotate", 10.0)]
+
+
+def onehead_case(name: str, seed: int = 0):
+    """A phantom session of one head on the case's QSM grid and header offset (qsmrim_app.synthetic)."""
+    import dataclasses
+
+    from scipy.spatial.transform import Rotation
+
+    from qsmrim_app.synthetic.anatomy import SIZES, draw_counts, make_anatomy, rng_for
+    from qsmrim_app.synthetic.simulate import rigid, simulate_session
+
+    grid, slab_mm, z_shift, rotation, shift = ONEHEAD_CASES[name]
+    voxel = ONEHEAD_GRIDS[grid]
+    shape = (int(round(200.0 / voxel[0])), int(round(200.0 / voxel[1])), int(round(slab_mm / voxel[2])))
+    spec = dataclasses.replace(SIZES["full"], qsm_shape=shape, qsm_voxel=voxel)
+    n_lesions, n_rim = draw_counts(rng_for(seed, 0, 0), spec, 0.0425)
+    rng = rng_for(seed, 0, 1)
+    anatomy = make_anatomy(rng, spec, n_lesions, n_rim)
+    deep_iron = float(rng.uniform(0.8, 1.2))
+    header = rigid(Rotation.from_euler("xyz", rotation, degrees=True).as_matrix(), np.array(shift))
+    return simulate_session(anatomy, spec, rng_for(seed, 0, 2), deep_iron, True, flair_to_qsm=header,
+                            qsm_shift_mm=np.array([0.0, 0.0, z_shift]))
+
+
+def _onehead_accuracy(transform: sitk.Transform, session, flair_dseg: sitk.Image, qsm: sitk.Image,
+                      truth: sitk.Transform) -> dict:
+    """Lesion-voxel error (mm) and median per-lesion Dice of ``transform`` against the exact truth."""
+    ijk = np.argwhere(session.flair_lesions > 0).astype(float)
+    pts = (session.flair_affine @ np.c_[ijk, np.ones(len(ijk))].T)[:3].T
+    want = (session.flair_to_qsm @ np.c_[pts, np.ones(len(pts))].T)[:3].T
+    inverse = transform.GetInverse()
+    got = lps_to_ras(np.array([inverse.TransformPoint(tuple(p)) for p in ras_to_lps(pts)]))
+    error = np.linalg.norm(got - want, axis=1)
+    found = sitk.GetArrayFromImage(resample_to_reference(flair_dseg, qsm, transform, "nearest"))
+    true = sitk.GetArrayFromImage(resample_to_reference(flair_dseg, qsm, truth, "nearest"))
+    dice = _lesion_dice(found, true)
+    return {"lesion_voxels": int(len(error)), "lesions": int(len(dice)), "error_mm_mean": float(error.mean()),
+            "error_mm_p95": float(np.percentile(error, 95)), "error_mm_max": float(error.max()),
+            "lesion_dice_median": float(np.median(dice)), "lesion_dice_p10": float(np.percentile(dice, 10))}
+
+
+def _perturbed(truth: sitk.Transform, centre: np.ndarray, kind: str, size: float, rng) -> sitk.Transform:
+    """The truth preceded by a rigid motion of the QSM space about ``centre`` (a wrong registration)."""
+    from qsmrim_app.brain_outline import as_euler
+
+    axis = rng.normal(size=3)
+    axis /= np.linalg.norm(axis)
+    motion = sitk.Euler3DTransform()
+    motion.SetCenter(tuple(centre))
+    if kind == "shift":
+        motion.SetTranslation(tuple(axis * size))
+    else:
+        from scipy.spatial.transform import Rotation
+
+        motion.SetMatrix(tuple(Rotation.from_rotvec(axis * np.deg2rad(size)).as_matrix().ravel()))
+    return as_euler(sitk.CompositeTransform([truth, motion]), centre)
+
+
+def bench_onehead_case(name: str) -> dict:
+    from qsmrim_app.brain_outline import Outlines, flair_brain_mask
+    from qsmrim_app.registration import register_without_magnitude
+    from qsmrim_app.registration_gate import outline_disagreement_mm
+
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
+    start = time.perf_counter()
+    session = onehead_case(name)
+    qsm = array_to_sitk(session.qsm_ppm.astype(np.float32), session.qsm_affine)
+    qsm_mask = array_to_sitk((session.qsm_ppm != 0).astype(np.uint8), session.qsm_affine)
+    magnitude = array_to_sitk(session.magnitude.astype(np.float32), session.qsm_affine)
+    flair = array_to_sitk(session.flair.astype(np.float32), session.flair_affine)
+    flair_dseg = array_to_sitk(session.flair_lesions.astype(np.int32), session.flair_affine)
+    flip = np.diag([-1.0, -1.0, 1.0, 1.0])
+    m = flip @ np.linalg.inv(session.flair_to_qsm) @ flip  # true fixed(QSM)->moving(FLAIR), ITK LPS
+    truth = sitk.AffineTransform(m[:3, :3].ravel().tolist(), m[:3, 3].tolist())
+    flair_n4, _ = n4_correct(flair)
+    mag_n4, _ = n4_correct(magnitude, qsm_mask)
+    outlines = Outlines.build(qsm_mask, flair_brain_mask(flair_n4))
+    row = {"case": name, "qsm_grid": ONEHEAD_CASES[name][0], "qsm_size": list(qsm.GetSize()),
+           "slab_mm": ONEHEAD_CASES[name][1], "header_rotation_deg": list(ONEHEAD_CASES[name][3]),
+           "header_shift_mm": list(ONEHEAD_CASES[name][4]), "simulate_and_n4_seconds": time.perf_counter() - start,
+           "header": _onehead_accuracy(sitk.Euler3DTransform(), session, flair_dseg, qsm, truth), "paths": {}}
+
+    def score(path: str, run) -> None:
+        t0, c0 = time.perf_counter(), time.process_time()
+        try:
+            result = run()
+        except Exception as exc:  # a failed path is a result too
+            row["paths"][path] = {"error": str(exc)}
+            return
+        seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+        transform = getattr(result, "transform", result)
+        entry = {"seconds": seconds, "cpu_seconds": cpu, "initialisation": getattr(result, "initialisation", None),
+                 "metric_after": getattr(result, "metric_after", None),
+                 **_onehead_accuracy(transform, session, flair_dseg, qsm, truth),
+                 "gate_mm": outline_disagreement_mm(qsm_mask, flair_n4, transform, outlines=outlines)}
+        row["paths"][path] = entry
+        print(json.dumps({"case": name, "path": path, **entry}), flush=True)
+
+    score("magnitude", lambda: register_flair_to_qsm(mag_n4, flair_n4, qsm_mask, threads=1))
+    score("no_magnitude", lambda: register_without_magnitude(qsm, flair_n4, qsm_mask, threads=1))
+    score("standin_mi_only", lambda: register_flair_to_qsm(qsm_registration_target(qsm, qsm_mask), flair_n4,
+                                                           qsm_mask, threads=1))
+    score("outlines_only", lambda: outlines.register(outlines.start()[0]))
+
+    rng = np.random.default_rng(sum(map(ord, name)))  # one fixed direction per case
+    gate = [{"kind": "truth", "size": 0.0, "error_mm_mean": 0.0,
+             "gate_mm": outline_disagreement_mm(qsm_mask, flair_n4, truth, outlines=outlines)}]
+    for kind, size in GATE_PERTURBATIONS:
+        wrong = _perturbed(truth, outlines.centre, kind, size, rng)
+        accuracy = _onehead_accuracy(wrong, session, flair_dseg, qsm, truth)
+        gate.append({"kind": kind, "size": size, "error_mm_mean": accuracy["error_mm_mean"],
+                     "lesion_dice_median": accuracy["lesion_dice_median"],
+                     "gate_mm": outline_disagreement_mm(qsm_mask, flair_n4, wrong, outlines=outlines)})
+        print(json.dumps({"case": name, **gate[-1]}), flush=True)
+    row["gate"] = gate
+    row["seconds_total"] = time.perf_counter() - start
+    return row
+
+
+def summarise_onehead(rows: list[dict]) -> dict:
+    """Worst case per path, and the gate's separation: correct answers vs deliberately wrong ones."""
+    summary = {}
+    for path in ("magnitude", "no_magnitude", "standin_mi_only", "outlines_only"):
+        sel = [r["paths"][path] for r in rows if "error_mm_mean" in r["paths"].get(path, {})]
+        failed = sum("error" in r["paths"].get(path, {}) for r in rows)
+        if sel:
+            summary[path] = {"cases": len(sel), "failed": failed,
+                             "worst_mean_error_mm": max(s["error_mm_mean"] for s in sel),
+                             "worst_p95_error_mm": max(s["error_mm_p95"] for s in sel),
+                             "worst_median_lesion_dice": min(s["lesion_dice_median"] for s in sel)}
+    correct = [g["gate_mm"] for r in rows for g in r["gate"] if g["kind"] == "truth"]
+    correct += [p["gate_mm"] for r in rows for k, p in r["paths"].items()
+                if k in ("magnitude", "no_magnitude") and "gate_mm" in p and p["error_mm_mean"] < 1.0]
+    wrong = [g for r in rows for g in r["gate"] if g["kind"] != "truth"]
+    summary["gate"] = {"correct_max_mm": max(correct) if correct else None,
+                       "wrong_4mm_or_more_min_mm": min((g["gate_mm"] for g in wrong if g["error_mm_mean"] >= 4.0),
+                                                       default=None),
+                       "wrong_2mm_or_more_min_mm": min((g["gate_mm"] for g in wrong if g["error_mm_mean"] >= 2.0),
+                                                       default=None)}
+    return summary
+
+
+def bench_onehead(names: list[str], jobs: int, write) -> dict:
+    """Every case (``jobs`` at a time); ``write(report)`` after each, so a long run keeps what it finished."""
+    from multiprocessing import get_context
+
+    rows: list[dict] = []
+    with get_context("fork").Pool(max(1, jobs)) as pool:
+        for row in pool.imap_unordered(bench_onehead_case, names, chunksize=1):
+            rows.append(row)
+            rows.sort(key=lambda r: names.index(r["case"]))
+            write({"cases": rows, "summary": summarise_onehead(rows)})
+    return {"cases": rows, "summary": summarise_onehead(rows)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
@@ -284,9 +464,29 @@ def main() -> None:
     parser.add_argument("--cases", nargs="+", default=None, metavar="PATIENT:GRID",
                         help="semi-real sessions to register (default: " +
                              " ".join(f"{p}:{g}" for p, g in SEMIREAL_CASES) + ")")
-    parser.add_argument("--only", choices=["timing", "semireal"], default=None,
+    parser.add_argument("--only", choices=["timing", "semireal", "onehead"], default=None,
                         help="run one part; the other part's previous results in --out are kept")
+    parser.add_argument("--onehead-cases", nargs="+", choices=sorted(ONEHEAD_CASES), default=None,
+                        help="one-head cases to run (default: all)")
+    parser.add_argument("--onehead-out", type=Path,
+                        default=REPO / "benchmarks" / "results" / "registration_onehead.json")
+    parser.add_argument("--jobs", type=int, default=1, help="one-head cases run in parallel (one thread each)")
     args = parser.parse_args()
+    if args.only == "onehead":
+        names = args.onehead_cases or list(ONEHEAD_CASES)
+        head = {"machine": {"cpus": os.cpu_count(), "load_average_1min_at_start": os.getloadavg()[0],
+                            "python": platform.python_version(), "simpleitk": sitk.Version.VersionString()},
+                "command": "python benchmarks/bench_registration.py --only onehead --jobs "
+                           f"{args.jobs}" + (" --onehead-cases " + " ".join(names) if args.onehead_cases else "")}
+
+        def write(part: dict) -> None:
+            report = {**head, **part}
+            report["machine"]["load_average_1min_at_end"] = os.getloadavg()[0]
+            args.onehead_out.parent.mkdir(parents=True, exist_ok=True)
+            args.onehead_out.write_text(json.dumps(report, indent=2) + "\n")
+
+        print(json.dumps(bench_onehead(names, args.jobs, write)["summary"], indent=2))
+        return
 
     report = json.loads(args.out.read_text()) if args.only and args.out.is_file() else {}
     report["machine"] = {

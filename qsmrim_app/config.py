@@ -33,8 +33,11 @@ class PreprocConfig:
     # A registration whose final Mattes MI is above this (MI is negative, lower is better)
     # did not find a meaningful alignment and is an error for that participant.
     registration_max_metric: float = -0.05
-    # FLAIR-to-QSM registration: "rigid" (one session, one head) or "affine" (rigid then affine).
+    # FLAIR-to-QSM registration: "rigid" (one session, one head), "affine" (rigid then affine) or "header"
+    # (the headers as they are: a FLAIR already aligned by another tool).
     registration: str = "rigid"
+    # Registration gate (registration_gate.py): brain-outline disagreement (mm) above which a unit fails it.
+    registration_gate_mm: float = 2.0  # registration_gate.GATE_THRESHOLD_MM
     # Binary masks and probability maps: confluent lesions split into lesion centres (lesion_split.py)
     # in the mask's own grid ("none": connected components in the QSM grid); probability >= threshold.
     lesion_split: str = SPLIT_METHODS[0]
@@ -80,6 +83,8 @@ class AppConfig:
     verbosity: int = 0
     train: bool = False
     classify: bool = True  # False: participant level stops after preprocessing (--no-classify)
+    # Group level: keep the counts of units whose registration failed the gate (--keep-failed-registration).
+    keep_failed_registration: bool = False
     # What ``--train`` trains (``--method all`` expands to every comparator); training.method is the first.
     train_methods: tuple[str, ...] = ("qsmrimnet",)
     preproc: PreprocConfig = field(default_factory=PreprocConfig)

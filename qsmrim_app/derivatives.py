@@ -292,9 +292,11 @@ def write_run_log(output_dir: Path, level: str, command_line: Sequence[str], con
 UNIT_STATUSES = ("done", "failed", "skipped")
 
 
-def finish_run_log(path: Path, status: str, error: str | None = None, file: Path | str | None = None) -> Path:
+def finish_run_log(path: Path, status: str, error: str | None = None, file: Path | str | None = None,
+                   extra: Mapping | None = None) -> Path:
     """Record how a unit's run ended in its ``logs/`` entry: ``status``, the one-line ``reason`` (also as
-    ``error`` when it failed) and the ``file`` it names (the input at fault or the crash report)."""
+    ``error`` when it failed), the ``file`` it names (the input at fault or the crash report) and ``extra``
+    fields (e.g. the registration gate's verdict)."""
     if status not in UNIT_STATUSES:
         raise ValueError(f"unit status {status!r} is not one of {UNIT_STATUSES}")
     record = json.loads(Path(path).read_text())
@@ -305,6 +307,8 @@ def finish_run_log(path: Path, status: str, error: str | None = None, file: Path
             record["error"] = error
     if status != "done":
         record["file"] = str(file) if file else None
+    if extra:
+        record.update(extra)
     return write_json(path, record)
 
 
@@ -320,6 +324,21 @@ def config_record(config: Any) -> dict:
     record = asdict(config)
     record["preproc"].pop("radiomics", None)  # the parameters themselves: radiomics_params names their file
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in record.items()}
+
+
+def registration_gate(sidecar: Path) -> dict | None:
+    """``{"verdict", "value_mm", "threshold_mm", "target"}`` from a transform's sidecar; None when absent
+    (outputs of a version without the gate)."""
+    try:
+        record = json.loads(Path(sidecar).read_text())
+    except (OSError, ValueError):
+        return None
+    if "RegistrationGate" not in record:
+        return None
+    value = record.get("RegistrationGateValueMM")
+    return {"verdict": record["RegistrationGate"], "value_mm": float("nan") if value is None else float(value),
+            "threshold_mm": float(record["RegistrationGateThresholdMM"]),
+            "target": record.get("RegistrationTarget", "n/a")}
 
 
 _LOG_RE = re.compile(r"^(?P<prefix>sub-[A-Za-z0-9]+(?:_ses-[A-Za-z0-9]+)?)_\d{8}T\d{6}_\d+\.json$")

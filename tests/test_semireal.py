@@ -235,8 +235,11 @@ def test_one_participant_end_to_end_through_the_app(cohort, tmp_path: Path) -> N
     puts the lesions where the truth has them, the rim annotations reach the table."""
     bids, truth = cohort
     out = tmp_path / "out"
+    # The semi-real head is two people: their brain outlines disagree by ~6.5 mm at its truth, so the registration
+    # gate (docs/registration.md) is relaxed here; its value is still recorded.
     proc = subprocess.run([sys.executable, str(REPO / "run.py"), str(bids), str(out), "participant",
-                           "--nprocs", "2", "-w", str(tmp_path / "work")], capture_output=True, text=True,
+                           "--nprocs", "2", "-w", str(tmp_path / "work"), "--registration-gate-mm", "20"],
+                          capture_output=True, text=True,
                           env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-4000:]
     anat = out / SUB / "ses-1x1x1" / "anat"
@@ -254,6 +257,7 @@ def test_one_participant_end_to_end_through_the_app(cohort, tmp_path: Path) -> N
     assert np.median(dice) > 0.7, dice
     sidecar = json.loads((anat / f"{stem}_from-FLAIR_to-QSM_mode-image_xfm.json").read_text())
     assert sidecar["RegistrationMode"] == "rigid" and sidecar["StageRigidMetric"] < -0.05
+    assert sidecar["RegistrationTarget"] == "magnitude" and sidecar["RegistrationGate"] == "pass"
     annotations = pd.read_csv(anat / f"{stem}_space-QSM_desc-annotations_lesions.tsv", sep="\t")
     merged = annotations.merge(lesions, on="lesion_id", suffixes=("_app", "_truth"))
     assert len(merged) == len(lesions)

@@ -18,8 +18,9 @@ EXIT_INTERRUPTED = 130
 #: code -> what it means to the user (the order of --help's epilog).
 EXIT_CODES: dict[int, str] = {
     EXIT_OK: "success: every selected participant/session completed",
-    EXIT_PARTICIPANT_FAILED: "a participant/session failed (an unreadable input or a failed step); "
-                             "the others complete",
+    EXIT_PARTICIPANT_FAILED: "a participant/session failed (an unreadable input, a failed step, or the "
+                             "registration gate: its outputs are written for review, its counts left out of "
+                             "the group analysis unless `--keep-failed-registration`); the others complete",
     EXIT_BIDS_INVALID: "BIDS validation failed (see --skip-bids-validation)",
     EXIT_NO_DATA: "the selection (--participant-label, --session-label, --bids-filter-file) matched no data",
     EXIT_USAGE: "usage error (an option or its value)",

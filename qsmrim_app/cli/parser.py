@@ -231,10 +231,18 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--patch-size", "--patch_size", action=_Removed, dest="removed_patch_size",
                      replacement="patches are now defined in mm (QSM voxel sizes differ between scanners); "
                                  "use --patch-extent-mm and --patch-spacing-mm")
-    pre.add_argument("--registration", choices=["rigid", "affine"], default="rigid",
+    pre.add_argument("--registration", choices=["rigid", "affine", "header"], default="rigid",
                      help="FLAIR-to-QSM/magnitude registration: rigid (default; FLAIR and GRE of one session "
-                          "are one rigid head) or affine (rigid, then 12 parameters; only for data that "
-                          "needs it, e.g. a FLAIR from another session with a different scanner calibration)")
+                          "are one rigid head), affine (rigid, then 12 parameters; only for data that "
+                          "needs it, e.g. a FLAIR from another session with a different scanner calibration) "
+                          "or header (no optimisation: a FLAIR already aligned to the QSM by another tool). "
+                          "Every registration is checked by the registration gate")
+    pre.add_argument("--registration-gate-mm", "--registration_gate_mm", dest="registration_gate_mm",
+                     type=positive_float, default=PreprocConfig.registration_gate_mm, metavar="MM",
+                     help="registration gate: a unit whose FLAIR alignment disagrees with the brain outlines by "
+                          "more than this (mean over the brain, mm) fails the gate; its outputs are written "
+                          "for review, the participant level exits 1 and the group level leaves its counts "
+                          "out (docs/registration.md)")
     pre.add_argument("--lesion-split", "--lesion_split", dest="lesion_split", choices=SPLIT_METHODS,
                      default=PreprocConfig.lesion_split,
                      help="binary masks and probability maps: 'auto' splits confluent lesions into lesion "
@@ -249,6 +257,13 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--n4-iterations", "--n4_iterations", dest="n4_iterations", nargs="+",
                      type=non_negative_int, default=[50, 50, 30], metavar="N",
                      help="N4 iterations per fitting level (one number per level)")
+
+    group = parser.add_argument_group("Group level")
+    group.add_argument("--keep-failed-registration", "--keep_failed_registration", dest="keep_failed_registration",
+                       action="store_true",
+                       help="keep the counts of units whose FLAIR registration failed the registration gate in "
+                            "the group table and analysis (default: such units are listed, marked, and their "
+                            "counts left out)")
 
     train = parser.add_argument_group("Group level: training")
     train.add_argument("--train", action="store_true",

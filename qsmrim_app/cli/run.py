@@ -162,6 +162,7 @@ def build_config(args: Namespace, argv: Sequence[str]) -> AppConfig:
         lesion_threshold=args.lesion_threshold,
         qsm_units=args.qsm_units,
         registration=args.registration,
+        registration_gate_mm=args.registration_gate_mm,
     )
     inference = InferenceConfig(threshold=args.threshold, operating_point=args.operating_point)
     if args.model is not None:
@@ -202,6 +203,7 @@ def build_config(args: Namespace, argv: Sequence[str]) -> AppConfig:
         verbosity=args.verbose,
         train=args.train,
         classify=not args.no_classify,
+        keep_failed_registration=args.keep_failed_registration,
         train_methods=tuple(methods),
         preproc=preproc,
         inference=inference,

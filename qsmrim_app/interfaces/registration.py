@@ -7,8 +7,9 @@ import SimpleITK as sitk
 from nipype.interfaces.base import (BaseInterfaceInputSpec, File, SimpleInterface, TraitedSpec,
                                     traits)
 
-from ..registration import (RegistrationError, qsm_registration_target, read_transform, register_flair_to_qsm, resample_to_reference,
-                            write_transform)
+from ..registration import (RegistrationError, otsu_foreground, read_transform, register_flair_to_qsm,
+                            register_without_magnitude, resample_to_reference, write_transform)
+from ..registration_gate import GATE_THRESHOLD_MM, registration_gate
 from ._base import InputDataError, out_path
 
 
@@ -18,9 +19,12 @@ class _RegisterInputSpec(BaseInterfaceInputSpec):
     fixed_mask_file = File(exists=True, desc="brain mask in the QSM grid")
     max_metric = traits.Float(desc="final Mattes MI above this is a failed registration")
     fixed_is_qsm = traits.Bool(False, usedefault=True,
-                               desc="no magnitude: register to a positive, smoothed stand-in of the QSM")
+                               desc="no magnitude: brain outlines, then Mattes MI to a stand-in of the QSM")
     num_threads = traits.Int(1, usedefault=True)
-    mode = traits.Enum("rigid", "affine", usedefault=True, desc="rigid only, or rigid then affine")
+    mode = traits.Enum("rigid", "affine", "header", usedefault=True,
+                       desc="rigid only, rigid then affine, or the headers as they are (no optimisation)")
+    gate_threshold_mm = traits.Float(GATE_THRESHOLD_MM, usedefault=True,
+                                     desc="registration gate: outline disagreement (mm) above which it fails")
     source_fixed = traits.Str(desc="the input file behind fixed_file, named in errors")
     source_moving = traits.Str(desc="the input file behind moving_file, named in errors")
 
@@ -32,6 +36,8 @@ class _RegisterOutputSpec(TraitedSpec):
     metric_before = traits.Float()
     metric_after = traits.Float()
     initialisation = traits.Str()
+    gate_value_mm = traits.Float(desc="registration gate value: brain-outline disagreement in mm")
+    gate_passed = traits.Bool()
 
 
 class RegisterFLAIRToQSM(SimpleInterface):
@@ -41,37 +47,52 @@ class RegisterFLAIRToQSM(SimpleInterface):
     def _run_interface(self, runtime):
         fixed = sitk.ReadImage(self.inputs.fixed_file, sitk.sitkFloat32)
         moving = sitk.ReadImage(self.inputs.moving_file, sitk.sitkFloat32)
-        kwargs = {"threads": self.inputs.num_threads}
-        if self.inputs.fixed_mask_file:
-            kwargs["fixed_mask"] = sitk.ReadImage(self.inputs.fixed_mask_file, sitk.sitkUInt8)
-        if self.inputs.fixed_is_qsm:
-            fixed = qsm_registration_target(fixed, kwargs.get("fixed_mask"))
-        if self.inputs.max_metric:
-            kwargs["max_metric"] = self.inputs.max_metric
-        try:
-            result = register_flair_to_qsm(fixed, moving, affine=self.inputs.mode == "affine", **kwargs)
-        except RegistrationError as exc:
-            raise InputDataError(
-                f"registration of FLAIR {self.inputs.source_moving or self.inputs.moving_file} to "
-                f"{self.inputs.source_fixed or self.inputs.fixed_file} failed: {exc}; check that both images "
-                "show the same head (same session) and that their headers are sane") from exc
+        qsm_mask = (sitk.ReadImage(self.inputs.fixed_mask_file, sitk.sitkUInt8) if self.inputs.fixed_mask_file
+                    else None)
+        target = "QSM-derived stand-in (no magnitude)" if self.inputs.fixed_is_qsm else "magnitude"
+        if self.inputs.mode == "header":
+            transform, sidecar = sitk.Euler3DTransform(), {"Initialisation": "header"}
+            target = "none (the headers, no optimisation)"
+        else:
+            result = self._register(fixed, moving, qsm_mask)
+            transform = result.transform
+            sidecar = {"Metric": "MattesMutualInformation", "Initialisation": result.initialisation,
+                       "MetricBefore": float(result.metric_before), "MetricAfter": float(result.metric_after)}
+            for stage in result.stages:  # flat keys: the report shows them as one table
+                sidecar[f"Stage{stage.name.capitalize()}Metric"] = float(stage.metric)
+                sidecar[f"Stage{stage.name.capitalize()}Iterations"] = int(stage.iterations)
+        if qsm_mask is None:  # the QSM's support (nonzero voxels), or the magnitude's foreground
+            qsm_mask = (sitk.Cast(sitk.NotEqual(fixed, 0.0), sitk.sitkUInt8) if self.inputs.fixed_is_qsm
+                        else otsu_foreground(fixed))
+        gate = registration_gate(qsm_mask, moving, transform, self.inputs.gate_threshold_mm)
+        sidecar = {"RegistrationMode": self.inputs.mode, "RegistrationTarget": target, **sidecar, **gate.sidecar()}
         self._results["transform_file"] = out_path("flair_to_qsm_xfm.txt")
-        write_transform(result.transform, self._results["transform_file"])
-        sidecar = {"RegistrationMode": self.inputs.mode, "Metric": "MattesMutualInformation",
-                   "Initialisation": result.initialisation, "MetricBefore": float(result.metric_before),
-                   "MetricAfter": float(result.metric_after)}
-        for stage in result.stages:  # flat keys: the report shows them as one table
-            sidecar[f"Stage{stage.name.capitalize()}Metric"] = float(stage.metric)
-            sidecar[f"Stage{stage.name.capitalize()}Iterations"] = int(stage.iterations)
+        write_transform(transform, self._results["transform_file"])
         report = {**sidecar, "FixedImage": self.inputs.fixed_file, "MovingImage": self.inputs.moving_file}
         for key, content in (("report_file", report), ("sidecar_file", sidecar)):
             self._results[key] = out_path(f"registration_{key.split('_')[0]}.json")
             with open(self._results[key], "w") as handle:
                 json.dump(content, handle, indent=2)
-        self._results["metric_before"] = float(result.metric_before)
-        self._results["metric_after"] = float(result.metric_after)
-        self._results["initialisation"] = result.initialisation
+        self._results["metric_before"] = float(sidecar.get("MetricBefore", float("nan")))
+        self._results["metric_after"] = float(sidecar.get("MetricAfter", float("nan")))
+        self._results["initialisation"] = sidecar["Initialisation"]
+        self._results["gate_value_mm"] = gate.value_mm
+        self._results["gate_passed"] = gate.passed
         return runtime
+
+    def _register(self, fixed: sitk.Image, moving: sitk.Image, qsm_mask: sitk.Image | None):
+        kwargs = {"threads": self.inputs.num_threads, "affine": self.inputs.mode == "affine"}
+        if self.inputs.max_metric:
+            kwargs["max_metric"] = self.inputs.max_metric
+        try:
+            if self.inputs.fixed_is_qsm:
+                return register_without_magnitude(fixed, moving, qsm_mask, **kwargs)
+            return register_flair_to_qsm(fixed, moving, qsm_mask, **kwargs)
+        except RegistrationError as exc:
+            raise InputDataError(
+                f"registration of FLAIR {self.inputs.source_moving or self.inputs.moving_file} to "
+                f"{self.inputs.source_fixed or self.inputs.fixed_file} failed: {exc}; check that both images "
+                "show the same head (same session) and that their headers are sane") from exc
 
 
 class _ApplyInputSpec(BaseInterfaceInputSpec):

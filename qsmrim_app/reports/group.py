@@ -25,6 +25,8 @@ PARTICIPANT_COLUMNS: dict[str, tuple[str, int | None]] = {
     "rimplus_volume_mm3": ("rim+ volume (mm³)", 1),
     "model_id": ("model", None),
     "threshold": ("threshold", 3),
+    "registration_gate": ("registration gate", None),
+    "registration_gate_mm": ("gate (mm)", 2),
 }
 AGREEMENT_LABELS = {
     "n": "Participants/sessions with expert counts",

@@ -293,6 +293,25 @@ def registration_cuts(qsm: np.ndarray, flair: np.ndarray, affine: np.ndarray) ->
     return cuts
 
 
+def _gate_paragraph(registration: Mapping[str, Any]) -> str:
+    """The registration gate's verdict and the target used, in words (empty when not recorded)."""
+    if "RegistrationGate" not in registration:
+        return ""
+    value, limit = registration.get("RegistrationGateValueMM"), registration.get("RegistrationGateThresholdMM")
+    target = esc(str(registration.get("RegistrationTarget", "n/a")))
+    if registration["RegistrationGate"] == "n/a":
+        return (f'<p class="msg-warning">Registration gate not measured: '
+                f'{esc(str(registration.get("RegistrationGateNotMeasured", "")))}; target: {target}. Check the '
+                "overlay below.</p>")
+    if registration["RegistrationGate"] == "fail":
+        return (f'<p class="msg-error"><strong>Registration gate FAILED</strong>: the registered FLAIR disagrees with the '
+                f"brain outlines by {fmt(value)} mm (threshold {fmt(limit)} mm; target: {target}). Lesion masks and "
+                "FLAIR patches may sample the wrong tissue; this unit's counts are left out of the group analysis "
+                "unless the group level runs with --keep-failed-registration.</p>")
+    return (f"<p>Registration gate passed: {fmt(value)} mm disagreement with the brain outlines "
+            f"(threshold {fmt(limit)} mm); target: {target}.</p>")
+
+
 def _registration_figure(qsm: np.ndarray, flair: np.ndarray, affine: np.ndarray,
                          qsm_window: tuple[float, float], flair_window: tuple[float, float]) -> str:
     """Three orthogonal cuts through the brain centre: the FLAIR's brain contour over QSM, and a checkerboard."""
@@ -613,7 +632,7 @@ def write_participant_report(
 
     title = f"qsmrim: {subject}" + (f" {session}" if session else "")
     body = _summary_section(subject, session, summary, len(ordered), n_rim, inputs, versions)
-    reg_html = '<section id="registration"><h2>Registration check</h2>'
+    reg_html = '<section id="registration"><h2>Registration check</h2>' + _gate_paragraph(registration or {})
     if qsm_data is not None and flair_data is not None:
         uri = _registration_figure(qsm_data, flair_data, qsm_img.affine, qsm_window, flair_window)
         reg_html += (

@@ -74,13 +74,21 @@ def _centroids(ids: np.ndarray, affine: np.ndarray, n: int) -> np.ndarray:
 
 
 def simulate_session(anat: Anatomy, spec: SizeSpec, rng: np.random.Generator, deep_iron: float,
-                     magnitude: bool = True) -> SessionImages:
-    """Position the head, sample the anatomy into the QSM and FLAIR grids and simulate the images."""
+                     magnitude: bool = True, *, flair_to_qsm: np.ndarray | None = None,
+                     qsm_shift_mm: np.ndarray | None = None) -> SessionImages:
+    """Position the head, sample the anatomy into the QSM and FLAIR grids and simulate the images.
+
+    ``flair_to_qsm`` (4x4 rigid, FLAIR world -> QSM world) replaces the drawn header offset and
+    ``qsm_shift_mm`` moves the QSM grid's centre (a slab covering part of the brain): the registration
+    benchmark's one-head cases. The random draws are the same either way, so datasets do not change.
+    """
     head_to_scanner = rigid(random_rotation(rng, (8, 6, 5)), np.clip(rng.normal(0, 2.5, size=3), -5, 5))
     scanner_to_head = np.linalg.inv(head_to_scanner)
     qsm_dirs = random_rotation(rng, (6, 0, 3))  # slab angulation
-    qsm_affine = grid_affine(qsm_dirs, np.array(spec.qsm_voxel), spec.qsm_shape, rng.uniform(-2, 2, size=3))
-    flair_to_qsm = rigid(random_rotation(rng, (4, 4, 4)), rng.uniform(-5, 5, size=3))
+    qsm_centre = rng.uniform(-2, 2, size=3) + (0.0 if qsm_shift_mm is None else np.asarray(qsm_shift_mm, float))
+    qsm_affine = grid_affine(qsm_dirs, np.array(spec.qsm_voxel), spec.qsm_shape, qsm_centre)
+    drawn = rigid(random_rotation(rng, (4, 4, 4)), rng.uniform(-5, 5, size=3))
+    flair_to_qsm = drawn if flair_to_qsm is None else np.asarray(flair_to_qsm, float)
     flair_affine = grid_affine(FLAIR_AXES, np.full(3, spec.flair_voxel), spec.flair_shape, rng.uniform(-3, 3, size=3))
     gq = Grid(spec.qsm_shape, qsm_affine, scanner_to_head)
     gf = Grid(spec.flair_shape, flair_affine, scanner_to_head @ flair_to_qsm)

@@ -21,6 +21,23 @@ GROUP_TABLE = "group_rimcounts.tsv"
 GROUP_REPORT = "group_report.html"
 GROUP_COLUMNS = ["participant_id", "session", "n_lesions", "n_rimplus", "lesion_volume_mm3",
                  "rimplus_volume_mm3", "model_id", "threshold", "operating_point"]
+# From each unit's transform sidecar: which target its FLAIR was registered to and the gate's verdict.
+GATE_COLUMNS = ["registration_target", "registration_gate_mm", "registration_gate"]
+COUNT_COLUMNS = ["n_lesions", "n_rimplus", "lesion_volume_mm3", "rimplus_volume_mm3"]
+GATE_DICTIONARY = {
+    "registration_target": {"Description": "What the FLAIR was registered to: the magnitude, the QSM-derived "
+                                           "stand-in (no magnitude), or none (--registration header)"},
+    "registration_gate_mm": {"Description": "Registration gate value: mean distance over the brain between the "
+                                            "registration and a fit of the brain outlines started from it",
+                             "Units": "mm"},
+    "registration_gate": {"Description": "Registration gate verdict",
+                          "Levels": {"pass": "at or below the threshold",
+                                     "fail": "above the threshold: counts left out (n/a) unless the group level "
+                                             "ran with --keep-failed-registration",
+                                     "fail-kept": "above the threshold, counts kept by --keep-failed-registration",
+                                     "n/a": "not measured (no brain outline in the QSM grid, see the transform's "
+                                            "sidecar) or not recorded (outputs of a version without the gate)"}},
+}
 # Where outputs are found lives in derivatives.py (training.py needs it too; no import circle).
 find_units = drv.find_units
 
@@ -41,10 +58,12 @@ def build_group_table(config: AppConfig) -> tuple[pd.DataFrame, list[tuple[str, 
     table["session"] = table["session"].fillna("n/a")
     table = table.drop_duplicates(subset=["participant_id", "session"], keep="last")
     table = table.sort_values(["participant_id", "session"]).reset_index(drop=True)
+    table, gate_failed = _apply_registration_gate(config, table)
     done = {unit.subject for unit in summaries}
     logs = drv.latest_unit_logs(config.output_dir)
     failed = [(f"sub-{label}", _failure_reason(config, label, logs)) for label in expected_participants(config)
               if label not in done]
+    failed += gate_failed
     # A unit that was complete before and failed on a later run keeps its earlier outputs (they are in
     # the table); its latest failure is listed too, so it is not mistaken for an up-to-date result.
     for unit in sorted(summaries, key=lambda u: (u.subject, u.session or "")):
@@ -58,6 +77,34 @@ def build_group_table(config: AppConfig) -> tuple[pd.DataFrame, list[tuple[str, 
 def _logged_reason(record: dict) -> str:
     """The one-line reason a unit's ``logs/`` record gives (older records have only ``error``)."""
     return record.get("reason") or record.get("error") or "?"
+
+
+def _apply_registration_gate(config: AppConfig, table: pd.DataFrame) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
+    """Mark each unit's registration gate; a failed unit's counts become n/a unless --keep-failed-registration."""
+    table = table.copy()
+    for column in GATE_COLUMNS:
+        table[column] = "n/a"
+    table["registration_gate_mm"] = np.nan
+    failed = []
+    for index, row in table.iterrows():
+        unit = drv.Unit(row["participant_id"][4:], None if row["session"] == "n/a" else row["session"])
+        gate = drv.registration_gate(drv.sidecar_path(drv.output_path(config.output_dir, unit, "xfm_flair_to_qsm")))
+        if gate is None:
+            continue
+        table.loc[index, ["registration_target", "registration_gate"]] = [gate["target"], gate["verdict"]]
+        table.loc[index, "registration_gate_mm"] = gate["value_mm"]
+        if gate["verdict"] != "fail":
+            continue
+        what = (f"registration gate failed ({gate['value_mm']:.2f} mm > {gate['threshold_mm']:.2f} mm: the FLAIR "
+                "disagrees with the brain outlines; check its report's registration overlay)")
+        if config.keep_failed_registration:
+            table.loc[index, "registration_gate"] = "fail-kept"
+            failed.append((unit.prefix, what + "; counts kept (--keep-failed-registration)"))
+        else:
+            table.loc[index, COUNT_COLUMNS] = np.nan
+            failed.append((unit.prefix, what + "; counts left out of the group table (n/a) and analysis; "
+                                               "--keep-failed-registration keeps them"))
+    return table, failed
 
 
 def _failure_reason(config: AppConfig, label: str, logs: dict[str, dict]) -> str:
@@ -160,13 +207,14 @@ def run_group(config: AppConfig) -> int:
         return 1
     drv.write_tsv(output_dir / GROUP_TABLE, table)
     drv.write_json(drv.sidecar_path(output_dir / GROUP_TABLE),
-                   {k: v for k, v in drv.SUMMARY_DICTIONARY.items() if k in GROUP_COLUMNS})
+                   {**{k: v for k, v in drv.SUMMARY_DICTIONARY.items() if k in GROUP_COLUMNS}, **GATE_DICTIONARY})
 
     given = expert_counts(output_dir)
     experts = table.merge(given, on=["participant_id", "session"], how="inner")
     agreement = None
     if len(given):  # even when none of them has model counts: the report then says so, not "none given"
-        agreement = expert_agreement(experts)
+        # units whose counts the registration gate left out (n/a) are not compared
+        agreement = expert_agreement(experts.dropna(subset=["n_rimplus"]))
         drv.write_json(output_dir / "group_agreement.json", agreement)
         LOGGER.info("%s", agreement_line(agreement))
 
@@ -182,5 +230,5 @@ def run_group(config: AppConfig) -> int:
     for participant, reason in failed:
         LOGGER.warning("%s: %s", participant, reason)
     LOGGER.info("group table: %s (%d units, %d rim+ lesions); report: %s", output_dir / GROUP_TABLE,
-                len(table), int(table["n_rimplus"].sum()), output_dir / GROUP_REPORT)
+                len(table), int(np.nansum(table["n_rimplus"].to_numpy(float))), output_dir / GROUP_REPORT)
     return 1 if failed else 0

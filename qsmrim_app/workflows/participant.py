@@ -73,15 +73,15 @@ def init_participant_wf(config: AppConfig, inputs, classify: bool = True) -> Wor
                      convergence=pre.n4_convergence, num_threads=1)
     flair_n4 = pe.Node(N4BiasCorrection(in_file=str(inputs.flair), **n4_kwargs), name="flair_n4")
     if not inputs.magnitude:
-        LOGGER.warning("%s: no magnitude image in the QSM grid; registering FLAIR %s to a QSM-derived stand-in, "
-                       "which is not validated and failed (4.25 mm off) on one of three benchmark cases (docs/performance.md, "
-                       "'Registration accuracy'): add "
-                       "the GRE magnitude (e.g. *_part-mag_echo-1_MEGRE) and check the report's overlay",
+        LOGGER.warning("%s: no magnitude image in the QSM grid; registering FLAIR %s by its brain outline, then to "
+                       "a QSM-derived stand-in (validated on one-head phantoms only, docs/registration.md): the "
+                       "registration gate checks it; the GRE magnitude (e.g. *_part-mag_echo-1_MEGRE) is better",
                        unit.prefix, inputs.flair)
     # One thread: ITK's multi-threaded metric sums in a different order each run, so results were
     # not repeatable (lesion voxel counts differed by 1-3 between identical runs with 2 threads).
     register = pe.Node(RegisterFLAIRToQSM(max_metric=pre.registration_max_metric, num_threads=1,
                                           mode=pre.registration, fixed_is_qsm=not inputs.magnitude,
+                                          gate_threshold_mm=pre.registration_gate_mm,
                                           source_moving=str(inputs.flair), source_fixed=str(inputs.magnitude or inputs.qsm)),
                        name="flair_to_qsm_xfm")
     wf.connect([(flair_n4, register, [("out_file", "moving_file")]),
@@ -273,6 +273,7 @@ def run_participants(config: AppConfig, inputs: Sequence, problems: Sequence = (
     logs = {label: drv.write_run_log(config.output_dir, "participant", config.command_line, drv.config_record(config),
                                      label=label) for label in units}
     errors: dict[str, str] = {}
+    gate_failed: list[str] = []
     built = {}
     for label, unit_inputs in units.items():
         try:
@@ -285,10 +286,18 @@ def run_participants(config: AppConfig, inputs: Sequence, problems: Sequence = (
                                 "summary" if classify else "radiomics")
         if error is None and not final.is_file():
             error = f"the workflow ended without writing {final.name}"
-        drv.finish_run_log(logs[label], "failed" if error else "done", error, crash_file_of(error))
+        gate = None if error else registration_gate_record(config.output_dir, units[label])
+        drv.finish_run_log(logs[label], "failed" if error else "done", error, crash_file_of(error),
+                           extra={"registration_gate": gate} if gate else None)
         if error:
             errors[label] = error
             LOGGER.error("%s: FAILED: %s", label, error)
+        elif gate and gate["verdict"] == "fail":
+            gate_failed.append(label)
+            LOGGER.error("%s: registration gate FAILED: the FLAIR disagrees with the brain outlines by %.2f mm "
+                         "(threshold %.2f mm); outputs written for review (check the report's registration "
+                         "overlay), its counts are left out of the group analysis unless "
+                         "--keep-failed-registration", label, gate["value_mm"], gate["threshold_mm"])
         else:
             LOGGER.info("%s: done", label)
 
@@ -318,4 +327,14 @@ def run_participants(config: AppConfig, inputs: Sequence, problems: Sequence = (
         LOGGER.error("%s: FAILED: %s", label, errors[label])
     # The units refused for their inputs (``problems``) have their own records and exit code (cli/run.py);
     # the run's closing summary of every unit is written there too.
-    return 1 if errors else 0
+    if gate_failed:
+        LOGGER.error("%d of %d participant units failed the registration gate: %s", len(gate_failed),
+                     len(units) + len(problems), ", ".join(sorted(gate_failed)))
+    return 1 if errors or gate_failed else 0
+
+
+def registration_gate_record(output_dir: Path, inputs) -> dict | None:
+    """The registration gate's verdict of a published unit, from its transform's sidecar (None: not recorded)."""
+    sidecar = drv.sidecar_path(drv.output_path(output_dir, drv.Unit(inputs.subject, inputs.session),
+                                               "xfm_flair_to_qsm"))
+    return drv.registration_gate(sidecar)

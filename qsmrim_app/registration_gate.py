@@ -1,0 +1,77 @@
+"""The registration gate: does a finished FLAIR-to-QSM registration agree with the brain outlines?
+
+No truth is needed. From the finished transform, the brain outlines (the QSM's support against the FLAIR's
+brain mask, :mod:`.brain_outline`) are registered once more, independently of the image contrasts; the gate
+value is how far (mean over the QSM brain, mm) that outline answer moves the FLAIR away from the finished one.
+A correct registration already sits where the outlines fit (measured 0.20-0.86 mm on whole brains and a 70 mm
+slab); a FLAIR that is 4 mm or more off is pulled back by about the error (>= 3.98 mm). On a 60 mm slab at the
+top of the brain the outline fit itself is 4 mm from the truth, and the gate is wrong both ways there. The threshold is chosen on the one-head benchmark's separation
+(benchmarks/bench_registration.py ``--only onehead``, docs/registration.md).
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import SimpleITK as sitk
+
+from .brain_outline import Outlines, flair_brain_mask
+
+#: Gate threshold (mm): a registration whose outline disagreement exceeds it fails. Chosen on the measured
+#: separation of the one-head benchmark (docs/registration.md): correct registrations <= 0.86 mm, every
+#: deliberately wrong one with a mean lesion error of 4 mm or more >= 3.98 mm (except the 60 mm top slab).
+GATE_THRESHOLD_MM = 2.0
+LOGGER = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GateResult:
+    """The gate's value (mm), the threshold it was held to and the verdict."""
+
+    value_mm: float
+    threshold_mm: float
+
+    reason: str = ""  # why no value could be measured (value_mm is NaN)
+
+    @property
+    def passed(self) -> bool:
+        """True unless the value exceeds the threshold (a gate that could not measure does not fail a unit)."""
+        return not self.value_mm > self.threshold_mm
+
+    @property
+    def verdict(self) -> str:
+        if math.isnan(self.value_mm):
+            return "n/a"
+        return "pass" if self.passed else "fail"
+
+    def sidecar(self) -> dict:
+        """Flat fields for the transform's sidecar and the report."""
+        value = None if math.isnan(self.value_mm) else round(self.value_mm, 3)
+        extra = {"RegistrationGateNotMeasured": self.reason} if self.reason else {}
+        return {"RegistrationGateValueMM": value, "RegistrationGateThresholdMM": self.threshold_mm,
+                "RegistrationGate": self.verdict, **extra,
+                "RegistrationGateMeasure": "mean displacement of the QSM brain between the registration and an "
+                                           "independent rigid fit of the brain outlines started from it"}
+
+
+def outline_disagreement_mm(qsm_mask: sitk.Image, flair: sitk.Image, transform: sitk.Transform,
+                            flair_mask: sitk.Image | None = None, outlines: Outlines | None = None) -> float:
+    """Mean distance (mm) over the QSM brain between ``transform`` and the outline fit started from it."""
+    if outlines is None:
+        outlines = Outlines.build(qsm_mask, flair_brain_mask(flair) if flair_mask is None else flair_mask)
+    return outlines.displacement_mm(transform, outlines.register(transform))
+
+
+def registration_gate(qsm_mask: sitk.Image, flair: sitk.Image, transform: sitk.Transform,
+                      threshold_mm: float = GATE_THRESHOLD_MM) -> GateResult:
+    """Score a fixed(QSM)-to-moving(FLAIR) transform without the truth (see the module docstring).
+
+    A QSM support that has no outline inside its grid (an unmasked map) or an empty FLAIR cannot be scored:
+    the verdict is then ``n/a`` with the reason, and the unit is not failed for it.
+    """
+    try:
+        return GateResult(outline_disagreement_mm(qsm_mask, flair, transform), float(threshold_mm))
+    except (ValueError, RuntimeError) as exc:
+        LOGGER.warning("registration gate not measured: %s", exc)
+        return GateResult(float("nan"), float(threshold_mm), reason=str(exc).strip().splitlines()[-1])
