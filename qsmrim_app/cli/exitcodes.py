@@ -20,7 +20,7 @@ EXIT_CODES: dict[int, str] = {
     EXIT_OK: "success: every selected participant/session completed",
     EXIT_PARTICIPANT_FAILED: "a participant/session failed (an unreadable input, a failed step, or the "
                              "registration gate: its outputs are written for review, its counts left out of "
-                             "the group analysis unless `--keep-failed-registration`); the others complete",
+                             "the group analysis unless --keep-failed-registration); the others complete",
     EXIT_BIDS_INVALID: "BIDS validation failed (see --skip-bids-validation)",
     EXIT_NO_DATA: "the selection (--participant-label, --session-label, --bids-filter-file) matched no data",
     EXIT_USAGE: "usage error (an option or its value)",
