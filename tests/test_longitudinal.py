@@ -123,3 +123,50 @@ def test_tracks_through_the_command_line_with_a_failed_session(tmp_path):
                         "--window-size=1200,1600", f"--screenshot={shot}",
                         drv.tracks_report_path(out, drv.Unit("01")).as_uri()], capture_output=True, timeout=120)
         assert shot.is_file() and np.asarray(Image.open(shot)).std() > 10
+
+
+def test_review_shows_the_other_sessions_and_decides_for_a_whole_track(tmp_path, monkeypatch):
+    import test_review as tr
+
+    from qsmrim_app.workflows.longitudinal import track_participant
+
+    box = (slice(5, 9), slice(5, 9), slice(3, 6))
+    moved = (slice(6, 10), slice(5, 9), slice(3, 6))  # the same lesion, one voxel on, at the follow-up
+    monkeypatch.setattr(tr, "LESIONS", {
+        drv.Unit("03", "1"): [(box, 0.9), ((slice(20, 25), slice(20, 24), slice(8, 11)), 0.3)],
+        drv.Unit("03", "2"): [(moved, 0.8), ((slice(30, 34), slice(8, 12), slice(12, 15)), 0.7)],
+    })
+    bids, out = tr.make_outputs(tmp_path)
+    result = track_participant(out, bids, "03", register=False)  # one scanner frame here: nothing to register
+    tracks = drv.read_tsv(drv.tracks_path(out, drv.Unit("03")))
+    assert list(tracks["status"]) == ["persistent rim+", "rim- throughout", "new rim+"]
+    assert result.counts["n_persistent"] == 1 and result.counts["n_new"] == 1
+    running = tr.start(bids, out, tmp_path / "review")
+    try:
+        status, detail = running.json("/api/lesion?participant=sub-03&session=1&lesion_id=1")
+        assert status == 200
+        track = detail["track"]
+        assert track["track_id"] == 1 and track["status"] == "persistent rim+"
+        assert [(s["session"], s["lesion_ids"], s["current"]) for s in track["sessions"]] == [
+            ("1", [1], True), ("2", [1], False)]
+        assert track["sessions"][1]["probability"] == pytest.approx(0.8)
+        status, _ = running.json("/api/decision", {"participant": "sub-03", "session": "1", "lesion_id": 1,
+                                                   "decision": "rimpos", "track": "yes"})
+        assert status == 400
+        status, saved = running.json("/api/decision", {"participant": "sub-03", "session": "1", "lesion_id": 1,
+                                                       "decision": "rimpos", "track": True})
+        assert status == 200 and saved["applied"] == [{"session": "1", "lesion_id": 1}, {"session": "2", "lesion_id": 1}]
+        for ses in ("1", "2"):
+            decisions = drv.read_tsv(drv.review_path(tmp_path / "review", drv.Unit("03", ses), "rim_decisions"))
+            assert decisions[["lesion_id", "decision"]].values.tolist() == [[1, "rimpos"]]
+        _, detail = running.json("/api/lesion?participant=sub-03&session=2&lesion_id=1")
+        assert detail["decision"] == "rimpos" and detail["track"]["sessions"][0]["decision"] == "rimpos"
+        # without "track" only the lesion itself changes
+        running.json("/api/decision", {"participant": "sub-03", "session": "2", "lesion_id": 1, "decision": "rimneg"})
+        _, detail = running.json("/api/lesion?participant=sub-03&session=1&lesion_id=1")
+        assert detail["decision"] == "rimpos"
+        # the follow-up's new lesion is a track of its own
+        _, detail = running.json("/api/lesion?participant=sub-03&session=2&lesion_id=2")
+        assert detail["track"]["track_id"] == 3
+    finally:
+        running.close()
