@@ -178,15 +178,14 @@ def main(argv: list[str] | None = None) -> int:
                 inst_cluster.append(sub)
                 inst_index.append(s_index)
         # per track: rim+ in any covered session, from the track probability or one session alone
-        for t in result.tracks.itertuples():
-            ids = result.assignments[result.assignments["track_id"] == t.track_id]
+        for t in result.tracks.to_dict("records"):
+            ids = result.assignments[result.assignments["track_id"] == t["track_id"]]
             ys = [truth_rim.get((r.session, int(r.lesion_id)), 0) for r in ids.itertuples()]
             trk_y.append(int(max(ys)))
-            trk_p.append(float(t.probability_track))
-            first = getattr(t, "_asdict")().get(f"probability_ses-{sessions[0]}")
-            trk_first.append(0.0 if first is None or not np.isfinite(first) else float(first))
-            last = t._asdict().get(f"probability_ses-{sessions[-1]}")
-            trk_last.append(0.0 if last is None or not np.isfinite(last) else float(last))
+            trk_p.append(float(t["probability_track"]))
+            first, last = t[f"probability_ses-{sessions[0]}"], t[f"probability_ses-{sessions[-1]}"]
+            trk_first.append(0.0 if not np.isfinite(first) else float(first))  # not seen there: not rim+ there
+            trk_last.append(0.0 if not np.isfinite(last) else float(last))
             trk_cluster.append(sub)
         per_participant.append({"participant": f"sub-{sub}", "sessions": sessions, "missing": result.missing,
                                 "tracks": int(len(result.tracks)), **result.counts})

@@ -691,7 +691,7 @@ def track_dictionary(sessions: Sequence[str]) -> dict:
 
 GROUP_TRACKS_DICTIONARY = {
     "participant_id": {"Description": "Participant label"},
-    "sessions_covered": {"Description": "Sessions the tracks cover (comma-separated labels, in order)"},
+    "sessions_covered": {"Description": "Sessions the tracks cover (comma-separated, e.g. ses-01,ses-02, in order)"},
     "sessions_missing": {"Description": "Sessions of the participant not covered (no outputs, a failed run, or "
                                         "a failed registration; the track table's sidecar says which)"},
     "n_tracks": {"Description": "Lesion tracks"},

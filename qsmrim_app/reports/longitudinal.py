@@ -184,16 +184,20 @@ def tracks_section(group_tracks: pd.DataFrame | None, reports: Mapping[str, str]
     body = head + (f"<p>Over {len(group_tracks)} participant(s): <b>{total['persistent']}</b> persistent rim+, "
                    f"<b>{total['new']}</b> new rim+, <b>{total['resolved']}</b> resolved, {total['rimneg']} rim- "
                    f"throughout and {total['uncertain']} uncertain track(s). Intervals: 95%, Poisson-binomial over "
-                   "tracks from the rim+ probabilities (as good as their calibration).</p>")
+                   "tracks from the rim+ probabilities (as good as their calibration). Statuses are over the "
+                   "sessions each participant's tracks cover.</p>")
     rows = []
     for _, r in group_tracks.iterrows():
         href = safe_href((reports or {}).get(str(r["participant_id"]), ""))
         link = f'<a href="{esc(href)}">tracks</a>' if href else "no page"
         rows.append([esc(r["participant_id"]), esc(r["sessions_covered"]), esc(fmt(r["sessions_missing"])),
                      esc(fmt(r["n_tracks"]))]
-                    + [f"{esc(fmt(r[f'n_{k}']))} [{esc(fmt(r[f'{k}_ci_low']))}-{esc(fmt(r[f'{k}_ci_high']))}]"
+                    + [f"{esc(fmt(r[f'n_{k}']))} (expected {esc(fixed(r[f'{k}_expected'], 1))}, "
+                       f"{esc(fmt(r[f'{k}_ci_low']))}-{esc(fmt(r[f'{k}_ci_high']))})"
                        for k in ("persistent", "new", "resolved")]
                     + [esc(fmt(r["n_uncertain"])), link])
-    body += table(["participant", "sessions", "not covered", "tracks", "persistent rim+ [95%]", "new rim+ [95%]",
-                   "resolved [95%]", "uncertain", "page"], rows)
+    body += table(["participant", "sessions", "not covered", "tracks", "persistent rim+", "new rim+",
+                   "resolved", "uncertain", "page"], rows)
+    body += ('<p class="caption">Each count is by the sessions\' calls (uncertain tracks not counted); in brackets '
+             "the expected count from the probabilities and its 95% interval.</p>")
     return body + "</section>"

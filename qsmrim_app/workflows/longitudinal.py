@@ -183,6 +183,10 @@ def _write_outputs(output_dir: Path, result: ParticipantTracks, transforms: dict
     path = drv.tracks_path(output_dir, subject)
     table = result.tracks if not result.tracks.empty else pd.DataFrame(columns=list(drv.track_dictionary(result.sessions)))
     drv.write_with_sidecar(path, lambda p: drv.write_tsv(p, table), sources=sources, metadata=meta)
+    written = {drv.session_transform_path(output_dir, subject, s, result.sessions[0]) for s in transforms}
+    for old in drv.Unit(result.subject).folder(output_dir).glob(f"sub-{result.subject}_from-ses*_to-ses*_mode-image_xfm.*"):
+        if old.with_suffix(".txt") not in written:  # an earlier run's transform this run did not make
+            old.unlink(missing_ok=True)
     for s, (transform, reg) in transforms.items():
         xfm = drv.session_transform_path(output_dir, subject, s, result.sessions[0])
         drv.write_with_sidecar(
@@ -203,6 +207,8 @@ def _write_outputs(output_dir: Path, result: ParticipantTracks, transforms: dict
 
         figures = track_figures(result, context)
         result.report = write_tracks_report(drv.tracks_report_path(output_dir, subject), result, figures)
+    else:
+        drv.tracks_report_path(output_dir, subject).unlink(missing_ok=True)
 
 
 def run_longitudinal(config: AppConfig) -> list[ParticipantTracks]:
@@ -235,8 +241,8 @@ def group_track_table(results: list[ParticipantTracks]) -> pd.DataFrame:
     for r in results:
         counts = r.counts or trk.participant_counts(r.tracks if not r.tracks.empty
                                                     else pd.DataFrame(columns=["status"]))
-        rows.append({"participant_id": f"sub-{r.subject}", "sessions_covered": ",".join(r.sessions),
-                     "sessions_missing": ",".join(sorted(r.missing)) or "n/a", **counts})
+        rows.append({"participant_id": f"sub-{r.subject}", "sessions_covered": ",".join(f"ses-{s}" for s in r.sessions),
+                     "sessions_missing": ",".join(f"ses-{s}" for s in sorted(r.missing)) or "n/a", **counts})
     return pd.DataFrame(rows, columns=list(drv.GROUP_TRACKS_DICTIONARY))
 
 
