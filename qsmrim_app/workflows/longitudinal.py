@@ -41,6 +41,7 @@ class ParticipantTracks:
     counts: dict = field(default_factory=dict)
     report: Path | None = None
     assignments: pd.DataFrame | None = None  # session, lesion_id, track_id of every lesion
+    maps: dict[str, np.ndarray] | None = None  # session -> lesion map on the common grid (keep_maps only)
 
 
 def expected_sessions(bids_dir: Path | None, subject: str, found: list[str]) -> list[str]:
@@ -100,11 +101,13 @@ def _failed_sessions(output_dir: Path, subject: str) -> dict[str, str]:
 
 def track_participant(output_dir: Path, bids_dir: Path | None, subject: str, *, register: bool = True,
                       write: bool = True, min_overlap: float = trk.MIN_OVERLAP,
-                      shift_mm: float = trk.SHIFT_MM) -> ParticipantTracks | None:
+                      shift_mm: float = trk.SHIFT_MM, keep_maps: bool = False) -> ParticipantTracks | None:
     """Tracks of one participant from its sessions' derivatives; writes the outputs when ``write``.
 
     ``register=False`` trusts the scanner coordinates instead of registering (the obvious alternative,
-    kept for the benchmark). Returns None when fewer than two sessions can be covered.
+    kept for the benchmark); ``keep_maps`` keeps the common-grid lesion maps in the result (benchmark only:
+    the group level keeps no arrays between participants). Returns None when fewer than two sessions can be
+    covered.
     """
     import SimpleITK as sitk
 
@@ -159,7 +162,8 @@ def track_participant(output_dir: Path, bids_dir: Path | None, subject: str, *, 
     assignments = trk.match_sessions(per_session, COMMON_SPACING_MM, min_overlap, shift_mm)
     tracks = trk.track_table(assignments, tables, covered)
     result = ParticipantTracks(subject, covered, missing, tracks, trk.participant_counts(tracks),
-                               assignments=assignments)
+                               assignments=assignments,
+                               maps={p.session: p.labels for p in per_session} if keep_maps else None)
     if write:
         _write_outputs(output_dir, result, transforms, {
             "units": units, "bids_dir": bids_dir, "output_dir": output_dir, "per_session": per_session,
