@@ -9,8 +9,9 @@ the sessions' scanner coordinates trusted instead of registered. Measures:
   track" against "same true lesion" (each app lesion is the true lesion it overlaps most in its QSM grid),
   also without the true lesions that are new or gone where, in the session without them, a neighbour's
   mask covers their place (a split and a new neighbour are then the same images: `ambiguous_truth`);
-- status (persistent / new / resolved / rim- throughout) per true class, from the model's calls and, to
-  separate matching from classification, from the expert (truth) rim labels carried onto the lesions;
+- status (persistent / new / resolved / rim- throughout) per true class, from the model's calls (as run, and
+  at the bundled model's high-sensitivity threshold) and, to separate matching from classification, from
+  the expert (truth) rim labels carried onto the lesions;
 - the track-level rim+ probability (mean over the sessions) against the session's own probability, PR AUC
   with the paired participant bootstrap, per lesion-session (label: rim+ in that session) and per session.
 
@@ -133,6 +134,17 @@ def expert_tables(out: Path, subject: str, sessions: list[str], truth_rim: dict)
     return tables
 
 
+def rethresholded_tables(out: Path, subject: str, sessions: list[str], threshold: float) -> dict[str, pd.DataFrame]:
+    """The sessions' rim tables called at another threshold (e.g. the model's high-sensitivity point)."""
+    tables = {}
+    for s in sessions:
+        table = drv.read_tsv(drv.output_path(out, drv.Unit(subject, s), "rim_lesions")).copy()
+        table["rim_positive"] = (table["probability"] >= threshold).astype(int)
+        table["threshold"] = threshold
+        tables[s] = table
+    return tables
+
+
 def status_accuracy(pairs: list[tuple[str, str]]) -> dict:
     out = {}
     for cls in TRUTH_CLASSES:
@@ -165,7 +177,9 @@ def main(argv: list[str] | None = None) -> int:
     match = {name: {"tp": 0, "fp": 0, "fn": 0} for name in ("registered", "registered_identifiable",
                                                              "scanner_coordinates", "scanner_coordinates_identifiable")}
     n_ambiguous = 0
-    statuses_model, statuses_expert, statuses_alt = [], [], []
+    statuses_model, statuses_expert, statuses_alt, statuses_hs = [], [], [], []
+    model_meta = json.loads((REPO / "qsmrim_app" / "data" / "model" / "model.json").read_text())
+    high_sensitivity = float(model_meta["thresholds"]["high-sensitivity"])
     inst_y, inst_track, inst_session, inst_cluster, inst_index = [], [], [], [], []
     trk_y, trk_p, trk_first, trk_last, trk_cluster = [], [], [], [], []
     per_participant, seconds = [], []
@@ -195,10 +209,14 @@ def main(argv: list[str] | None = None) -> int:
         alt = app_status_of_truth(alternative.assignments, alternative.tracks, truth_id)
         expert_tracks = trk.track_table(result.assignments, expert_tables(args.out, sub, sessions, truth_rim), sessions)
         expert = app_status_of_truth(result.assignments, expert_tracks, truth_id)
+        hs_tracks = trk.track_table(result.assignments, rethresholded_tables(args.out, sub, sessions, high_sensitivity),
+                                    sessions)
+        hs = app_status_of_truth(result.assignments, hs_tracks, truth_id)
         for g, st in truth_status.items():
             statuses_model.append((st, app.get(g, "missed")))
             statuses_expert.append((st, expert.get(g, "missed")))
             statuses_alt.append((st, alt.get(g, "missed")))
+            statuses_hs.append((st, hs.get(g, "missed")))
         # track-level probability vs the session's own, per lesion-session
         ptrack = result.tracks.set_index("track_id")["probability_track"].to_dict()
         for s_index, s in enumerate(sessions):
@@ -251,6 +269,7 @@ def main(argv: list[str] | None = None) -> int:
         "status_model_calls": status_accuracy(statuses_model),
         "status_expert_labels": status_accuracy(statuses_expert),
         "status_model_calls_scanner_coordinates": status_accuracy(statuses_alt),
+        "status_model_high_sensitivity": {"threshold": high_sensitivity, **status_accuracy(statuses_hs)},
         "track_probability": probability,
         "cpu_seconds_per_participant": {"mean": float(np.mean(seconds)) if seconds else None,
                                         "max": float(np.max(seconds)) if seconds else None},
@@ -268,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"matching (registered): precision {m['registered']['precision']:.3f} recall {m['registered']['recall']:.3f}; "
           f"scanner coordinates: precision {m['scanner_coordinates']['precision']:.3f} "
           f"recall {m['scanner_coordinates']['recall']:.3f}")
-    for key in ("status_model_calls", "status_expert_labels"):
+    for key in ("status_model_calls", "status_model_high_sensitivity", "status_expert_labels"):
         print(key, {k: (v["n"], round(v["accuracy"], 3) if v.get("accuracy") == v.get("accuracy") else None)
                     for k, v in results[key].items() if k in TRUTH_CLASSES},
               "overall", round(results[key]["overall"]["accuracy"], 3))
