@@ -172,3 +172,30 @@ def test_review_shows_the_other_sessions_and_decides_for_a_whole_track(tmp_path,
         assert detail["track"]["track_id"] == 3
     finally:
         running.close()
+
+
+def test_a_session_without_outputs_is_listed_and_stale_files_go(tmp_path, monkeypatch):
+    import test_review as tr
+
+    from qsmrim_app.workflows.longitudinal import track_participant
+
+    box = (slice(5, 9), slice(5, 9), slice(3, 6))
+    monkeypatch.setattr(tr, "LESIONS", {drv.Unit("04", "1"): [(box, 0.9)], drv.Unit("04", "2"): [(box, 0.2)]})
+    bids, out = tr.make_outputs(tmp_path)
+    (bids / "sub-04" / "ses-3" / "anat").mkdir(parents=True)  # in the raw dataset, never run
+    stale = drv.session_transform_path(out, drv.Unit("04"), "3", "1")
+    drv.write_text(stale, "an earlier run's transform")
+    drv.write_json(drv.sidecar_path(stale), {})
+    result = track_participant(out, bids, "04", register=False)
+    assert result.sessions == ["1", "2"] and result.missing == {"3": "no participant-level outputs"}
+    sidecar = json.loads(drv.sidecar_path(drv.tracks_path(out, drv.Unit("04"))).read_text())
+    assert sidecar["SessionsMissing"] == {"ses-3": "no participant-level outputs"}
+    assert not stale.exists() and not drv.sidecar_path(stale).exists()
+    assert list(result.tracks["status"]) == ["resolved"]
+    # one session left: a table that says so, no tracks, no page
+    drv.output_path(out, drv.Unit("04", "2"), "rim_lesions").unlink()
+    result = track_participant(out, bids, "04", register=False)
+    assert result.sessions == ["1"] and result.tracks.empty
+    sidecar = json.loads(drv.sidecar_path(drv.tracks_path(out, drv.Unit("04"))).read_text())
+    assert sidecar["SessionsCovered"] == ["ses-1"] and set(sidecar["SessionsMissing"]) == {"ses-2", "ses-3"}
+    assert not drv.tracks_report_path(out, drv.Unit("04")).exists()
