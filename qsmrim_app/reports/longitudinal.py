@@ -144,8 +144,8 @@ def write_tracks_report(out_file: Path, result, figures: Mapping[int, str]) -> P
     body += ('<section id="rimtracks"><h2>Rim+ tracks, session by session</h2><p class="caption">One axial cut '
              "per session (left to right: " + esc(", ".join(f"ses-{s}" for s in sessions)) + ") through the same "
              f"world point of the common grid (ses-{esc(sessions[0])}'s space; later sessions registered rigidly "
-             f"onto it), QSM in ppb, window {QSM_WINDOW_PPB[0]:g} to {QSM_WINDOW_PPB[1]:g}, neurological "
-             "convention. Red: the track's lesion in that session (no outline: not seen there); blue: other "
+             f"onto it), QSM in ppb, window {QSM_WINDOW_PPB[0]:g} to {QSM_WINDOW_PPB[1]:g}, radiological "
+             "convention as in the participant reports (patient left on screen right, anterior up). Red: the track's lesion in that session (no outline: not seen there); blue: other "
              "lesions.</p>")
     if shown.empty:
         body += "<p>No track is rim+ in any session.</p>"

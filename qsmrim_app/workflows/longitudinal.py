@@ -94,8 +94,9 @@ def _failed_sessions(output_dir: Path, subject: str) -> dict[str, str]:
     out = {}
     for prefix, record in drv.latest_unit_logs(output_dir).items():
         match = re.match(rf"^sub-{re.escape(subject)}_ses-(?P<ses>[A-Za-z0-9]+)$", prefix)
-        if match and record.get("status") == "failed":
-            out[match["ses"]] = f"participant level failed ({record.get('error', '?')})"
+        if match and record.get("status") in ("failed", "skipped"):
+            why = record.get("reason") or record.get("error") or "?"
+            out[match["ses"]] = f"participant level {record['status']} ({why})"
     return out
 
 
