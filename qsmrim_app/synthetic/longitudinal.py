@@ -34,8 +34,8 @@ class Rates:
 
     new: float = 0.12  # share of lesions that appear after the first session (onset drawn uniformly)
     vanish: float = 0.04  # per interval: a lesion is no longer seen (stays gone)
-    rim_persist: float = 0.8  # per interval: a rim+ lesion keeps its rim (else it fades, for good)
-    rim_appear: float = 0.06  # per interval: a rim- lesion of a rim-capable kind acquires a rim
+    rim_persist: float = 0.8  # per interval: a rim+ lesion keeps its rim (else it fades)
+    rim_appear: float = 0.06  # per interval: a rim- lesion of a rim-capable kind (iso, hypo, faded rim+) gets one
     log_volume_sd: float = 0.2  # per interval: random volume change, log scale
     rim_growth: float = 0.1  # per interval: extra relative volume growth of rim+ lesions (slow expansion)
     rater_scale: tuple[float, float] = (0.94, 1.06)  # per session: linear scale of every drawn mask
