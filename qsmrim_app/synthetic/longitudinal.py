@@ -176,7 +176,6 @@ def generate_longitudinal(out_dir: Path, n_subjects: int, sessions: int = 3, see
             rim_lut = np.array([0] + [2 if tracks[k].rim[s] else 1 for k in mask_tracks], np.uint8)
             images.flair_lesions, images.rim_dseg = mask, rim_lut[mask]
             write_session(out_dir, sub, ses, images)
-            track_map = np.zeros(true_q.shape, np.int32)
             lut = np.array([0] + [k + 1 for k in true_tracks], np.int32)
             track_map = lut[true_q]
             _write_nifti(truth_dir / f"sub-{sub}" / f"ses-{ses}" / f"sub-{sub}_ses-{ses}_space-QSM_desc-tracks_dseg.nii.gz",
