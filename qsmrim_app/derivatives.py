@@ -620,3 +620,92 @@ def init_review_dir(review_dir: Path, output_dir: Path, container: str | None = 
     }
     _write_if_changed(review_dir / "dataset_description.json", json.dumps(description, indent=2) + "\n")
     _write_if_changed(review_dir / ".bidsignore", REVIEW_BIDSIGNORE)
+
+
+# ---------------------------------------------------------------------------------------------
+# Lesion tracks across a participant's sessions (group level: workflows/longitudinal.py)
+# ---------------------------------------------------------------------------------------------
+def tracks_path(root: Path, subject: Unit) -> Path:
+    """``sub-X/anat/sub-X_desc-rimtracks_lesions.tsv``: one row per lesion track over the sessions."""
+    return Unit(subject.subject).folder(root) / bids_name(Unit(subject.subject), "lesions", ".tsv", desc="rimtracks")
+
+
+def session_transform_path(root: Path, subject: Unit, moving: str, fixed: str) -> Path:
+    """``sub-X/anat/sub-X_from-ses<moving>_to-ses<fixed>_mode-image_xfm.txt`` (ITK, resamples moving onto fixed)."""
+    unit = Unit(subject.subject)
+    return unit.folder(root) / bids_name(unit, "xfm", ".txt", from_=f"ses{moving}", to=f"ses{fixed}", mode="image")
+
+
+def tracks_report_path(root: Path, subject: Unit) -> Path:
+    return Path(root) / f"sub-{subject.subject}_rimtracks.html"
+
+
+def write_itk_transform(path: Path, transform) -> Path:
+    """An ITK text transform (SimpleITK), written atomically like every other output."""
+    import SimpleITK as sitk
+
+    with atomic_path(path) as tmp:
+        sitk.WriteTransform(transform, str(tmp))
+    return Path(path)
+
+
+TRACK_SESSION_COLUMNS = {
+    "lesion_id": "Lesion id(s) of the track in this session (its space-QSM desc-lesions dseg); several joined "
+                 "by '+' when the lesion is split there (or two lesions of another session merged into it); "
+                 "n/a when the track's lesion is not seen in this session",
+    "volume_mm3": "Volume of the track's lesion(s) in this session (mm^3, summed over pieces)",
+    "probability": "Rim+ probability of the lesion in this session (the largest over its pieces)",
+    "uncertainty": "Ensemble spread (standard deviation) of that probability",
+    "rim_positive": "The session's call: 1 rim+, 0 rim- (rim+ if any piece is rim+)",
+}
+
+
+def track_dictionary(sessions: Sequence[str]) -> dict:
+    """Data dictionary of the track table for the covered ``sessions``."""
+    out: dict = {"track_id": {"Description": "Lesion track: the same lesion across the participant's sessions; "
+                                             "numbered by the first session it is seen in, then its lesion id "
+                                             "there (stable across reruns on the same inputs)"}}
+    for s in sessions:
+        for column, text in TRACK_SESSION_COLUMNS.items():
+            out[f"{column}_ses-{s}"] = {"Description": f"ses-{s}: {text}"}
+    out.update({
+        "sessions_present": {"Description": "Number of covered sessions the track's lesion is seen in"},
+        "split_or_merge": {"Description": "1 if some session holds more than one lesion of the track"},
+        "status": {"Description": "Rim course over the covered sessions (first to last)", "Levels": {
+            "persistent rim+": "rim+ in the first and last session and wherever seen between",
+            "new rim+": "not rim+ in the first session (rim- or not there yet), rim+ from some session to the last",
+            "resolved": "rim+ in the first session, then rim- (rim faded) or no longer seen, to the last",
+            "rim- throughout": "never rim+",
+            "uncertain": "a rim that comes and goes, or a status resting on a first/last-session call whose "
+                         "probability lies within its ensemble spread (uncertainty) of the threshold"}},
+        "volume_change_mm3": {"Description": "Volume in the last session the lesion is seen in minus the first",
+                              "Units": "mm^3"},
+        "volume_change_percent": {"Description": "volume_change_mm3 relative to the first volume", "Units": "%"},
+        "probability_track": {"Description": "Track-level rim+ probability: mean of the sessions' probabilities "
+                                             "over the sessions the lesion is seen in"},
+        "p_persistent": {"Description": "p_first x p_last (p = rim+ probability, 0 where not seen): the "
+                                        "probability of persistent rim+ used for the group count intervals"},
+        "p_new": {"Description": "(1 - p_first) x p_last"},
+        "p_resolved": {"Description": "p_first x (1 - p_last)"},
+    })
+    return out
+
+
+GROUP_TRACKS_DICTIONARY = {
+    "participant_id": {"Description": "Participant label"},
+    "sessions_covered": {"Description": "Sessions the tracks cover (comma-separated, e.g. ses-01,ses-02, in order)"},
+    "sessions_missing": {"Description": "Sessions of the participant not covered (no outputs, a failed run, or "
+                                        "a failed registration; the track table's sidecar says which)"},
+    "n_tracks": {"Description": "Lesion tracks"},
+    "n_persistent": {"Description": "Tracks with status persistent rim+"},
+    "n_new": {"Description": "Tracks with status new rim+"},
+    "n_resolved": {"Description": "Tracks with status resolved"},
+    "n_rimneg": {"Description": "Tracks with status rim- throughout"},
+    "n_uncertain": {"Description": "Tracks with status uncertain"},
+    **{f"{key}_{part}": {"Description": text.format(key=key)}
+       for key in ("persistent", "new", "resolved")
+       for part, text in (("expected", "Expected number of {key} rim+ tracks from the probabilities (sum of p_{key})"),
+                          ("ci_low", "Lower end of the 95% interval of the {key} count (Poisson-binomial over "
+                                     "tracks; assumes calibrated, independent probabilities)"),
+                          ("ci_high", "Upper end of that interval"))},
+}

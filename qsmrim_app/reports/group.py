@@ -191,12 +191,14 @@ def write_group_report(
     agreement: Mapping[str, Any] | None,
     versions: Mapping[str, str],
     experts: pd.DataFrame | None = None,
+    extra_sections: Sequence[tuple[str, str, str]] = (),
 ) -> Path:
     """Write the group HTML page to `out_file` and return its path.
 
     `participant_reports` maps `report_key(participant_id, session)` to a link relative to `out_file`.
     `experts` (the group table joined with workflows.group.expert_counts) gives the per-participant
-    model vs expert table of the agreement section.
+    model vs expert table of the agreement section. `extra_sections` are (id, navigation title, HTML
+    section) added before the versions (e.g. lesion tracks).
     """
     n_ok, n_failed = len(group_table), len(failed)
     n_lesions = pd.to_numeric(group_table.get("n_lesions", pd.Series(dtype=float)), errors="coerce").sum()
@@ -225,8 +227,10 @@ def write_group_report(
              + _participants_table(group_table, participant_reports) + "</section>")
     body += _failed_section(failed, participant_reports)
     body += _agreement_section(agreement, experts, participant_reports)
+    body += "".join(html for _, _, html in extra_sections)
     body += ('<section id="versions"><h2>Software versions</h2>' + kv_table(versions, "No versions were recorded.")
              + "</section>")
     nav = [("overview", "Overview"), ("distributions", "Distributions"), ("participants", "Participants"),
-           ("failed", "Failed"), ("agreement", "Agreement"), ("versions", "Versions")]
+           ("failed", "Failed"), ("agreement", "Agreement")]
+    nav += [(sid, title) for sid, title, _ in extra_sections] + [("versions", "Versions")]
     return write_text(Path(out_file), page("qsmrim: group report", nav, body))

@@ -11,7 +11,7 @@ import json
 import logging
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
@@ -57,6 +57,8 @@ class Catalog:
     lesions: pd.DataFrame  # one row per lesion, queue order
     operating_point: str
     models: dict[str, Path]  # model_id -> model directory
+    #: (subject, session, lesion_id) -> its lesion track (group level's desc-rimtracks table), when there is one
+    tracks: dict[tuple[str, str, int], "Track"] = field(default_factory=dict)
 
     def unit(self, participant: str, session: str | None) -> ReviewUnit | None:
         return self.units.get(drv.Unit(participant, session))
@@ -179,6 +181,35 @@ def _threshold(meta: dict, operating_point: str, model_dir: Path) -> float:
     return float(thresholds[operating_point])
 
 
+@dataclass(frozen=True)
+class Track:
+    """One lesion track over a participant's sessions: its id, status and lesion ids per session."""
+
+    subject: str
+    track_id: int
+    status: str
+    lesions: tuple[tuple[str, tuple[int, ...]], ...]  # (session, lesion ids) in session order
+
+
+def read_tracks(output_dir: Path) -> dict[tuple[str, str, int], Track]:
+    """Every lesion that belongs to a track of the group level's ``*_desc-rimtracks_lesions.tsv``."""
+    out: dict[tuple[str, str, int], Track] = {}
+    for folder in sorted(Path(output_dir).glob("sub-*")):
+        path = drv.tracks_path(output_dir, drv.Unit(folder.name[4:]))
+        if not folder.is_dir() or not path.is_file():
+            continue
+        table = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
+        columns = [c for c in table.columns if c.startswith("lesion_id_ses-")]
+        for row in table.to_dict("records"):
+            lesions = tuple((c[len("lesion_id_ses-"):], tuple(int(i) for i in row[c].split("+")))
+                            for c in columns if row[c] not in ("", "n/a"))
+            track = Track(folder.name[4:], int(row["track_id"]), row.get("status", "n/a"), lesions)
+            for session, ids in lesions:
+                for lid in ids:
+                    out[(track.subject, session, lid)] = track
+    return out
+
+
 def build_catalog(config: ReviewConfig) -> Catalog:
     """Read every classified unit of ``config.output_dir``; raises CatalogError with the fix."""
     output_dir = config.output_dir
@@ -234,7 +265,7 @@ def build_catalog(config: ReviewConfig) -> Catalog:
                                   ascending=[False, False, True, True, True], na_position="last")
     lesions = lesions.reset_index(drop=True)
     return Catalog(units=units, lesions=lesions, operating_point=config.operating_point,
-                   models={ru.model_id: ru.model_dir for ru in units.values()})
+                   models={ru.model_id: ru.model_dir for ru in units.values()}, tracks=read_tracks(output_dir))
 
 
 def field_of_view_mm(volume_mm3: float) -> float:

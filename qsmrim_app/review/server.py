@@ -122,7 +122,24 @@ class ReviewApp:
                 "scale_bar_mm": scale_bar_mm(fov), "orientation": ORIENTATION, "model_id": unit.model_id,
                 "qsm_available": volumes.qsm_ppb is not None, "qsm_problem": volumes.qsm_message,
                 "default_window_ppb": volumes.qsm_window,
-                "flair_available": unit.flair is not None}
+                "flair_available": unit.flair is not None,
+                "track": self._track(unit.unit, int(row["lesion_id"]))}
+
+    def _track(self, unit, lesion_id: int) -> dict | None:
+        """The lesion's track over the sessions (group level), each session's lesion with its probability."""
+        track = self.catalog.tracks.get((unit.subject, unit.session or "", lesion_id))
+        if track is None:
+            return None
+        sessions = []
+        for session, ids in track.lesions:
+            other = self.catalog.unit(track.subject, session)
+            row = self.catalog.row(other.unit, ids[0]) if other is not None else None
+            mine = self.store.decisions(other.unit).get(ids[0], {}).get(self.rater) if other is not None else None
+            sessions.append({"session": session, "lesion_ids": list(ids), "reviewable": row is not None,
+                             "probability": _number(row["probability"]) if row is not None else None,
+                             "volume_mm3": _number(row["volume_mm3"]) if row is not None else None,
+                             "current": session == (unit.session or "") and lesion_id in ids, "decision": mine})
+        return {"track_id": track.track_id, "status": track.status, "sessions": sessions}
 
     def image(self, query: dict[str, str]) -> bytes:
         unit, row = self.lookup(query.get("participant"), query.get("session"), query.get("lesion_id"))
@@ -146,15 +163,32 @@ class ReviewApp:
     def decide(self, body: Any) -> dict:
         if not isinstance(body, dict):
             raise RequestError(HTTPStatus.BAD_REQUEST, "the body must be a JSON object")
-        unknown = set(body) - {"participant", "session", "lesion_id", "decision"}
+        unknown = set(body) - {"participant", "session", "lesion_id", "decision", "track"}
         if unknown:
             raise RequestError(HTTPStatus.BAD_REQUEST, f"unknown fields {sorted(unknown)}")
         decision = body.get("decision")
         if decision is not None and decision not in DECISIONS:
             raise RequestError(HTTPStatus.BAD_REQUEST, f"decision must be one of {', '.join(DECISIONS)} or null")
+        whole_track = body.get("track", False)
+        if not isinstance(whole_track, bool):
+            raise RequestError(HTTPStatus.BAD_REQUEST, "track must be true or false")
         unit, row = self.lookup(body.get("participant"), body.get("session"), body.get("lesion_id"))
+        track = self.catalog.tracks.get((unit.unit.subject, unit.unit.session or "", int(row["lesion_id"])))
+        if whole_track and track is None:
+            raise RequestError(HTTPStatus.BAD_REQUEST, f"{unit.unit.prefix} lesion {int(row['lesion_id'])} is in "
+                                                       "no lesion track (run the group level on 2+ sessions)")
         calls = self.store.decide(unit, int(row["lesion_id"]), self.rater, decision, float(row["probability"]))
-        return self._item(row, calls.get(self.rater))
+        applied = [{"session": unit.unit.session, "lesion_id": int(row["lesion_id"])}]
+        if whole_track:  # the same call on the track's lesions of every session (each one decision row)
+            for session, ids in track.lesions:
+                other = self.catalog.unit(track.subject, session)
+                for lid in ids:
+                    other_row = self.catalog.row(other.unit, lid) if other is not None else None
+                    if other_row is None or (other.unit == unit.unit and lid == int(row["lesion_id"])):
+                        continue
+                    self.store.decide(other, lid, self.rater, decision, float(other_row["probability"]))
+                    applied.append({"session": session, "lesion_id": lid})
+        return {**self._item(row, calls.get(self.rater)), "applied": applied}
 
 
 KEYS = {"rimpos": "1", "rimneg": "2", "unsure": "3", "clear": "0", "next": "ArrowRight / j",

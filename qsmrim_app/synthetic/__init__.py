@@ -34,6 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--rimplus-fraction", type=float, default=0.0425,
                         help="expected share of rim+ lesions (default 0.0425, as in Zhang et al. 2022)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing phantom dataset in OUT")
+    parser.add_argument("--longitudinal", action="store_true",
+                        help="lesions followed over --sessions (>= 2) sessions: grown/shrunk, new, no longer seen, "
+                             "rims persisting/fading/appearing, masks redrawn per session; track truth in the "
+                             "truth folder (synthetic/longitudinal.py)")
     semi = parser.add_argument_group("semi-real cohort (real COSMOS QSM, real lesion masks and FLAIR)")
     semi.add_argument("--semi-real", action="store_true",
                       help="one participant per Ljubljana patient, one session per QSM grid (needs --data-dir)")
@@ -71,10 +75,28 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--rimplus-fraction must be within [0, 1]")
     if args.semi_real:
         return _semireal(parser, args)
+    if args.longitudinal:
+        return _longitudinal(parser, args)
     try:
         truth = generate_dataset(args.out, args.subjects, seed=args.seed, size=args.size, sessions=args.sessions,
                                  magnitude=not args.no_magnitude, truth_dir=args.truth_dir,
                                  rimplus_fraction=args.rimplus_fraction, overwrite=args.overwrite)
+    except FileExistsError as exc:
+        print(f"qsmrim-synth: {exc}", file=sys.stderr)
+        return 1
+    print(f"wrote {args.out} (truth: {truth})")
+    return 0
+
+
+def _longitudinal(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from .longitudinal import generate_longitudinal
+
+    if args.sessions < 2:
+        parser.error("--longitudinal needs --sessions 2 or more")
+    try:
+        truth = generate_longitudinal(args.out, args.subjects, sessions=args.sessions, seed=args.seed, size=args.size,
+                                      magnitude=not args.no_magnitude, truth_dir=args.truth_dir,
+                                      rimplus_fraction=args.rimplus_fraction, overwrite=args.overwrite)
     except FileExistsError as exc:
         print(f"qsmrim-synth: {exc}", file=sys.stderr)
         return 1

@@ -52,7 +52,9 @@ def expected_participants(config: AppConfig) -> list[str]:
 
 def build_group_table(config: AppConfig) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
     summaries = find_units(config.output_dir, "summary")
-    rows = [drv.read_tsv(path) for _, path in sorted(summaries.items(), key=lambda kv: (kv[0].subject, kv[0].session or ""))]
+    # the session label comes from the unit, not the TSV: read back, "01" would become the number 1
+    rows = [drv.read_tsv(path).assign(session=unit.session or "n/a")
+            for unit, path in sorted(summaries.items(), key=lambda kv: (kv[0].subject, kv[0].session or ""))]
     table = pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(columns=GROUP_COLUMNS)
     table = table.reindex(columns=GROUP_COLUMNS)
     table["session"] = table["session"].fillna("n/a")
@@ -219,6 +221,9 @@ def run_group(config: AppConfig) -> int:
         LOGGER.info("%s", agreement_line(agreement))
 
     from ..reports.group import write_group_report
+    from .longitudinal import longitudinal_section, run_longitudinal
+
+    extra = [longitudinal_section(output_dir, run_longitudinal(config))]
 
     reports = {}
     for _, row in table.iterrows():
@@ -226,7 +231,7 @@ def run_group(config: AppConfig) -> int:
         reports[unit.prefix] = drv.report_path(output_dir, unit).name
     write_group_report(output_dir / GROUP_REPORT, group_table=table, probabilities=lesion_probabilities(output_dir),
                        failed=failed, participant_reports=reports, agreement=agreement, versions=drv.versions(),
-                       experts=experts)
+                       experts=experts, extra_sections=extra)
     for participant, reason in failed:
         LOGGER.warning("%s: %s", participant, reason)
     LOGGER.info("group table: %s (%d units, %d rim+ lesions); report: %s", output_dir / GROUP_TABLE,
