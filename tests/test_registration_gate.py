@@ -26,10 +26,11 @@ from qsmrim_app.utils.images import lps_to_ras, ras_to_lps
 REPO = Path(__file__).resolve().parent.parent
 
 # register_flair_to_qsm(magnitude, FLAIR, QSM support, threads=1) on sub-01 of the small phantom (seed 0), as
-# computed by qsmrim before the no-magnitude path and the gate were added (commit f510647): Euler angles (rad),
-# translation (mm), centre (mm). The magnitude path must give the same transform.
-MAGNITUDE_PATH_BEFORE = (0.016926755153235735, -0.024352613026171904, 0.016095069628833083,
-                         4.726718992850422, 4.463572184622668, -5.496586992075698)
+# computed by qsmrim before the no-magnitude path and the gate were added (commit df40939, whose phantom keeps
+# lesions in one hemisphere): Euler angles (rad), translation (mm), centre (mm). The magnitude path must give
+# the same transform.
+MAGNITUDE_PATH_BEFORE = (0.021894125688814128, 0.02523726154603125, -0.020398599147373773,
+                         4.616727357249705, 4.533003651008131, -5.2925316199886305)
 MAGNITUDE_CENTRE_BEFORE = (-0.3700757475592411, 0.9305350120466187, -2.532859810498991)
 
 
