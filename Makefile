@@ -24,9 +24,9 @@ demo: $(STAMP)
 	$(BIN)/qsmrim example/bids example/derivatives/qsmrim group
 	@echo "Results: example/derivatives/qsmrim (reports: example/derivatives/qsmrim/sub-*.html, group_rimcounts.tsv)"
 
-# Every test, slow ones included (what CI runs).
+# Every test, slow ones included (what CI runs); the ten slowest are listed at the end of the log.
 test: $(STAMP)
-	$(BIN)/python -m pytest -n 2 $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n 2 --durations=10 $(PYTEST_ARGS)
 
 # The quick inner loop: everything not marked slow.
 test-fast: $(STAMP)
