@@ -32,7 +32,7 @@ from scipy import fft, ndimage
 
 from .. import __version__
 from .anatomy import random_rotation, rng_for
-from .dataset import BIDS_VERSION, DERIV_NAME, FLAIR_SIDECAR, MAG_SIDECAR, _write_json, _write_pair
+from .dataset import BIDS_VERSION, DERIV_NAME, FLAIR_SIDECAR, MAG_SIDECAR, _write_json, _write_pair, write_truth
 from .physics import b0_in_grid, bias_field, dipole_kernel, rician
 from .semireal_head import PATIENTS, Head, Volume, load_head
 from .semireal_lesions import COUNTED_VOXELS, LesionDesign, PatientLesions, design_patient, in_arc, rim_band
@@ -588,9 +588,7 @@ def generate_semireal(out_dir: Path, data_dir: Path, patients: list[int] | None 
     _write_json(out_dir / "derivatives" / DERIV_NAME / "dataset_description.json", {
         "Name": "Lesion instances and rim labels (semi-real ground truth)", "BIDSVersion": BIDS_VERSION,
         "DatasetType": "derivative", "GeneratedBy": generated, "DatasetLinks": {"raw": "../../"}})
-    pd.DataFrame(lesion_rows).to_csv(truth_dir / "lesions.tsv", sep="\t", index=False, float_format="%.4f")
-    pd.DataFrame(session_rows).to_csv(truth_dir / "sessions.tsv", sep="\t", index=False)
-    _write_json(truth_dir / "transforms.json", {
+    write_truth(truth_dir, lesion_rows, ("sessions", session_rows), {
         "convention": ("flair_to_qsm_world is a 4x4 rigid matrix M with x_qsm = M @ [x_flair, 1] (RAS+ mm, NIfTI "
                        "world of each image); FLAIR voxel -> QSM voxel is inv(qsm_affine) @ M @ flair_affine. "
                        "head_to_qsm_world places the brain-centred head frame in the scanner; "
