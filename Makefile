@@ -25,9 +25,9 @@ demo: $(STAMP)
 	@echo "Results: example/derivatives/qsmrim. Open group_report.html first: its 'Agreement with expert counts'"
 	@echo "table puts the model's rim+ counts beside the example's truth; then sub-01.html. What to expect: docs/demo.md"
 
-# Every test, slow ones included (what CI runs).
+# Every test, slow ones included (what CI runs); the ten slowest are listed at the end of the log.
 test: $(STAMP)
-	$(BIN)/python -m pytest -n 2 $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n 2 --durations=10 $(PYTEST_ARGS)
 
 # The quick inner loop: everything not marked slow.
 test-fast: $(STAMP)

@@ -510,119 +510,144 @@ def _units_of_work(config: AppConfig, datasets: Sequence[_Dataset]) -> list[tupl
     return units
 
 
-def _discover_one(config: AppConfig, datasets: Sequence[_Dataset], subject: str, session: str | None,
-                  rim_datasets: Sequence[_Dataset] | None = None
-                  ) -> tuple[ParticipantInputs | None, list[InputProblem]]:
-    """Find and check every input of one unit; every problem found is reported, not just the first."""
-    problems: list[InputProblem] = []
-    notes: list[str] = []
-    filters = config.bids_filters
+@dataclass
+class _UnitSearch:
+    """One unit's input search: each input found and checked in turn, every problem and note kept."""
 
-    def problem(file: Path | None, message: str, missing: bool = False) -> None:
-        problems.append(InputProblem(subject, session, file, message, missing))
+    config: AppConfig
+    datasets: Sequence[_Dataset]
+    subject: str
+    session: str | None
+    problems: list[InputProblem] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
-    def first_match(queries: Iterable[dict[str, Any]], kind: str,
-                    within: Sequence[_Dataset] = datasets) -> list[Path]:
+    def problem(self, file: Path | None, message: str, missing: bool = False) -> None:
+        self.problems.append(InputProblem(self.subject, self.session, file, message, missing))
+
+    def first_match(self, queries: Iterable[dict[str, Any]], kind: str,
+                    within: Sequence[_Dataset] | None = None) -> list[Path]:
         for query in queries:
-            paths = _find(within, query, filters.get(kind, {}), subject, session)
+            paths = _find(self.datasets if within is None else within, query,
+                          self.config.bids_filters.get(kind, {}), self.subject, self.session)
             if paths:
                 return paths
         return []
 
-    filter_hint = " (with the --bids-filter-file query)" if filters else ""
+    def unique(self, paths: list[Path], what: str) -> Path | None:
+        return _unique(paths, what, self.subject, self.session, self.problems)
 
-    # QSM: the primary input; data loaded for NaN and unit checks.
-    qsm_paths = first_match(_QSM_QUERIES, "qsm")
-    qsm_path = _unique(qsm_paths, "QSM", subject, session, problems) if qsm_paths else None
-    qsm_grid: Grid | None = None
-    qsm_units = config.preproc.qsm_units or "ppm"
-    if not qsm_paths:
-        problem(None, f"no QSM (*_Chimap.nii[.gz]) found{filter_hint} in the dataset or its "
-                      "derivatives; add one or point -d at the QSM pipeline's output", missing=True)
-    elif qsm_path is not None:
+    @property
+    def filter_hint(self) -> str:
+        return " (with the --bids-filter-file query)" if self.config.bids_filters else ""
+
+    def qsm(self) -> tuple[Path | None, Grid | None, str]:
+        """The primary input; its data loaded for NaN and unit checks. (path, grid, units)"""
+        qsm_paths = self.first_match(_QSM_QUERIES, "qsm")
+        qsm_path = self.unique(qsm_paths, "QSM") if qsm_paths else None
+        units = self.config.preproc.qsm_units or "ppm"
+        if not qsm_paths:
+            self.problem(None, f"no QSM (*_Chimap.nii[.gz]) found{self.filter_hint} in the dataset or its "
+                               "derivatives; add one or point -d at the QSM pipeline's output", missing=True)
+        if qsm_path is None:
+            return None, None, units
         img, error = _header(qsm_path)
-        if error:
-            problem(qsm_path, error)
-        else:
+        data = None
+        if not error:
             data, error = _load_data(img)
-            if error:
-                problem(qsm_path, error)
-            elif not np.isfinite(data).any() or not np.any(data[np.isfinite(data)]):
-                problem(qsm_path, "holds no finite non-zero value (all NaN or zero); "
-                                  "re-run the QSM reconstruction")
-            else:
-                qsm_grid = Grid.from_image(img)
-                qsm_units = _qsm_units(qsm_path, config.preproc.qsm_units)
-                doubt = unit_doubt(np.asarray(data, dtype=np.float32), qsm_units)
-                if doubt:
-                    LOGGER.warning("sub-%s%s: %s: %s", subject, f" ses-{session}" if session else "",
-                                   qsm_path, doubt)
-                    notes.append(f"{qsm_path.name}: {doubt}")
+        if not error and (not np.isfinite(data).any() or not np.any(data[np.isfinite(data)])):
+            error = "holds no finite non-zero value (all NaN or zero); re-run the QSM reconstruction"
+        if error:
+            self.problem(qsm_path, error)
+            return qsm_path, None, units
+        units = _qsm_units(qsm_path, self.config.preproc.qsm_units)
+        doubt = unit_doubt(np.asarray(data, dtype=np.float32), units)
+        if doubt:
+            LOGGER.warning("sub-%s%s: %s: %s", self.subject, f" ses-{self.session}" if self.session else "",
+                           qsm_path, doubt)
+            self.notes.append(f"{qsm_path.name}: {doubt}")
+        return qsm_path, Grid.from_image(img), units
 
-    # FLAIR: header plus a gzip integrity check.
-    flair_grid: Grid | None = None
-    flair_paths = first_match(_FLAIR_QUERIES, "flair")
-    flair_path = _unique(flair_paths, "FLAIR", subject, session, problems) if flair_paths else None
-    if not flair_paths:
-        problem(None, f"no FLAIR (*_FLAIR.nii[.gz]) found{filter_hint}; qsmrim needs a FLAIR "
-                      "image of this participant/session", missing=True)
-    elif flair_path is not None:
+    def flair(self) -> tuple[Path | None, Grid | None]:
+        """Header plus a gzip integrity check. (path, grid)"""
+        flair_paths = self.first_match(_FLAIR_QUERIES, "flair")
+        flair_path = self.unique(flair_paths, "FLAIR") if flair_paths else None
+        if not flair_paths:
+            self.problem(None, f"no FLAIR (*_FLAIR.nii[.gz]) found{self.filter_hint}; qsmrim needs a FLAIR "
+                               "image of this participant/session", missing=True)
+        if flair_path is None:
+            return None, None
         img, error = _header(flair_path)
         error = error or _data_intact(flair_path, img)
         if error:
-            problem(flair_path, error)
-        else:
-            flair_grid = Grid.from_image(img)
+            self.problem(flair_path, error)
+            return flair_path, None
+        return flair_path, Grid.from_image(img)
 
-    # Optional magnitude: only one in the QSM's grid is used.
-    magnitude: Path | None = None
-    if qsm_grid is not None:
-        for path in first_match(_MAGNITUDE_QUERIES, "magnitude"):
+    def magnitude(self, qsm_grid: Grid | None) -> Path | None:
+        """Optional: only one in the QSM's grid is used."""
+        if qsm_grid is None:
+            return None
+        for path in self.first_match(_MAGNITUDE_QUERIES, "magnitude"):
             img, error = _header(path)
             error = error or _data_intact(path, img)
             if error:
-                notes.append(f"magnitude {path.name} not used: {error}")
+                self.notes.append(f"magnitude {path.name} not used: {error}")
             elif not Grid.from_image(img).matches(qsm_grid):
-                notes.append(f"magnitude {path.name} not used: its grid differs from the QSM's")
+                self.notes.append(f"magnitude {path.name} not used: its grid differs from the QSM's")
             else:
-                magnitude = path
+                return path
+        return None
+
+    def lesion_mask(self, flair_grid: Grid | None, qsm_grid: Grid | None) -> tuple[Path | None, str, str | None]:
+        """Instances (dseg) preferred over binary masks, then probability maps, then LST-AI's bare outputs
+        (docs/inputs.md lists every pattern). (path, kind, space)"""
+        lesion_mask, mask_kind = None, "binary"
+        mask_filter = self.config.bids_filters.get("lesion_mask", {})
+        for query in _MASK_QUERIES:
+            paths = _find(self.datasets, query, mask_filter, self.subject, self.session)
+            if paths:
+                lesion_mask = self.unique(paths, "lesion mask")
+                mask_kind = _mask_kind(lesion_mask) if lesion_mask is not None else "binary"
                 break
-
-    # Lesion mask: instances (dseg) preferred over binary masks, then probability maps, then
-    # LST-AI's bare outputs (docs/inputs.md lists every pattern).
-    lesion_mask, mask_kind, mask_space = None, "binary", None
-    mask_filter = filters.get("lesion_mask", {})
-    for query in _MASK_QUERIES:
-        paths = _find(datasets, query, mask_filter, subject, session)
-        if paths:
-            lesion_mask = _unique(paths, "lesion mask", subject, session, problems)
-            mask_kind = _mask_kind(lesion_mask) if lesion_mask is not None else "binary"
-            break
-    else:
-        lstai = find_lstai(datasets, mask_filter, subject, session)
-        if lstai is not None:
-            lesion_mask, mask_kind = lstai
         else:
-            problem(None, f"no lesion mask found{filter_hint} (derivatives *_desc-lesion_dseg, "
-                          "*_desc-lesion_mask, *_label-lesion_mask, *_label-lesion_probseg, LST-AI's "
-                          "space-flair_seg-lst.nii.gz in sub-<label>[/ses-<label>]/ or raw "
-                          "*_label-lesion_roi); add one or point -d at it", missing=True)
-    if lesion_mask is not None:
-        mask_space, mask_kind = _check_lesion_file(lesion_mask, mask_kind, flair_grid, qsm_grid, problem,
-                                                   notes)
+            lstai = find_lstai(self.datasets, mask_filter, self.subject, self.session)
+            if lstai is not None:
+                lesion_mask, mask_kind = lstai
+            else:
+                self.problem(None, f"no lesion mask found{self.filter_hint} (derivatives *_desc-lesion_dseg, "
+                                   "*_desc-lesion_mask, *_label-lesion_mask, *_label-lesion_probseg, LST-AI's "
+                                   "space-flair_seg-lst.nii.gz in sub-<label>[/ses-<label>]/ or raw "
+                                   "*_label-lesion_roi); add one or point -d at it", missing=True)
+        if lesion_mask is None:
+            return None, mask_kind, None
+        mask_space, mask_kind = _check_lesion_file(lesion_mask, mask_kind, flair_grid, qsm_grid, self.problem,
+                                                   self.notes)
+        return lesion_mask, mask_kind, mask_space
 
-    # Rim annotations: optional; when present they must be usable.
-    rim_labels, rim_space = None, None
-    # --rim-annotations: that dataset alone, so a review folder never competes with other desc-rim_dseg.
-    rim_paths = first_match(_RIM_QUERIES, "rim_labels", rim_datasets if rim_datasets is not None else datasets)
-    if rim_paths:
-        rim_labels = _unique(rim_paths, "rim annotation", subject, session, problems)
-        if rim_labels is not None:
-            rim_space = _check_label_image(rim_labels, "rim annotation", flair_grid, qsm_grid, problem,
-                                           allowed={0, 1, 2}, allow_empty=True)
+    def rim_labels(self, rim_datasets: Sequence[_Dataset] | None, flair_grid: Grid | None, qsm_grid: Grid | None
+                   ) -> tuple[Path | None, str | None]:
+        """Optional; when present they must be usable. --rim-annotations: that dataset alone, so a review
+        folder never competes with other desc-rim_dseg. (path, space)"""
+        rim_paths = self.first_match(_RIM_QUERIES, "rim_labels", rim_datasets)
+        rim_labels = self.unique(rim_paths, "rim annotation") if rim_paths else None
+        if rim_labels is None:
+            return None, None
+        return rim_labels, _check_label_image(rim_labels, "rim annotation", flair_grid, qsm_grid, self.problem,
+                                              allowed={0, 1, 2}, allow_empty=True)
 
-    if problems or qsm_path is None or flair_path is None or lesion_mask is None \
-            or qsm_grid is None or flair_grid is None or mask_space is None:
+
+def _discover_one(config: AppConfig, datasets: Sequence[_Dataset], subject: str, session: str | None,
+                  rim_datasets: Sequence[_Dataset] | None = None
+                  ) -> tuple[ParticipantInputs | None, list[InputProblem]]:
+    """Find and check every input of one unit; every problem found is reported, not just the first."""
+    search = _UnitSearch(config, datasets, subject, session)
+    qsm_path, qsm_grid, qsm_units = search.qsm()
+    flair_path, flair_grid = search.flair()
+    magnitude = search.magnitude(qsm_grid)
+    lesion_mask, mask_kind, mask_space = search.lesion_mask(flair_grid, qsm_grid)
+    rim_labels, rim_space = search.rim_labels(rim_datasets, flair_grid, qsm_grid)
+    problems = search.problems
+    if problems or any(v is None for v in (qsm_path, flair_path, lesion_mask, qsm_grid, flair_grid, mask_space)):
         return None, problems
     if rim_labels is not None and rim_space is None:
         return None, problems
@@ -630,7 +655,7 @@ def _discover_one(config: AppConfig, datasets: Sequence[_Dataset], subject: str,
         subject=subject, session=session, qsm=qsm_path, flair=flair_path, magnitude=magnitude,
         lesion_mask=lesion_mask, lesion_mask_kind=mask_kind, lesion_mask_space=mask_space,
         rim_labels=rim_labels, rim_labels_space=rim_space, qsm_units=qsm_units,
-        qsm_grid=qsm_grid, flair_grid=flair_grid, notes=tuple(notes),
+        qsm_grid=qsm_grid, flair_grid=flair_grid, notes=tuple(search.notes),
     ), problems
 
 

@@ -191,7 +191,7 @@ def test_interrupted_run_resumes_without_recomputing(tmp_path, trained_model):
     args = [sys.executable, str(REPO / "run.py"), bids, out, "participant", "-w", work, "--model", trained_model]
     proc = subprocess.Popen(list(map(str, args)), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
-    n4_result = work / "participants_wf" / "sub_01_wf" / "flair_n4" / "result_flair_n4.pklz"
+    n4_result = work / "participants_wf" / "sub_01_wf" / "registration_wf" / "flair_n4" / "result_flair_n4.pklz"
     deadline = time.time() + 300
     while not n4_result.exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)

@@ -292,3 +292,18 @@ def test_one_fold_is_a_usage_error(tmp_path):
     from qsmrim_app.cli.run import main
 
     assert main([str(tmp_path), str(tmp_path / "out"), "group", "--train", "--folds", "1"]) == 64
+
+
+def test_torch_is_not_loaded_before_the_thread_limit(tmp_path: Path, dataset: Path) -> None:
+    """--omp-nthreads reaches torch only if torch loads after cli/run.py set OMP_NUM_THREADS (libgomp reads
+    it once, when it loads): building the configuration must not import torch (it did through
+    model.network's method list before the method registry, so `group --train` ignored the option)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    code = ("import sys; from qsmrim_app.cli.parser import build_parser; import qsmrim_app.cli.run as r; "
+            f"a = build_parser().parse_args([{str(dataset)!r}, {str(out)!r}, 'group', '--train', '--method', "
+            "'all', '--omp-nthreads', '1']); r.build_config(a, []); print('torch' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT,
+                          env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)), timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "False"

@@ -324,3 +324,21 @@ def test_lesions_stay_in_one_hemisphere_in_one_piece(dataset):
             x_head = (flair_vox_to_head[0, :3] @ ijk.T) + flair_vox_to_head[0, 3]
             assert np.all(x_head > 0) or np.all(x_head < 0), (sub, lesion_id, x_head.min(), x_head.max())
             assert ndimage.label(labels == lesion_id, structure=np.ones((3, 3, 3)))[1] == 1, (sub, lesion_id)
+
+
+def test_tiny_phantom_is_a_small_head_on_the_small_phantoms_voxels(tmp_path) -> None:
+    """'tiny' (the kill test's inputs): the small phantom's voxel sizes on a third of its voxels, a head
+    that still fits both fields of view, and lesions (the rater's map, drawn on the FLAIR)."""
+    import nibabel as nib
+
+    from qsmrim_app.synthetic import generate_dataset
+
+    generate_dataset(tmp_path / "bids", 1, seed=40, size="tiny")
+    qsm = nib.load(tmp_path / "bids" / "sub-01" / "anat" / "sub-01_Chimap.nii.gz")
+    flair = nib.load(tmp_path / "bids" / "sub-01" / "anat" / "sub-01_FLAIR.nii.gz")
+    assert qsm.shape == (64, 64, 32) and np.allclose(qsm.header.get_zooms(), (1.6, 1.6, 2.6))
+    assert flair.shape == (96, 80, 80) and np.allclose(flair.header.get_zooms(), 1.2)
+    dseg = np.asarray(nib.load(tmp_path / "bids" / "derivatives" / "lesions" / "sub-01" / "anat"
+                               / "sub-01_desc-lesion_dseg.nii.gz").dataobj)
+    ids, counts = np.unique(dseg[dseg > 0], return_counts=True)
+    assert dseg.shape == flair.shape and 1 <= ids.size <= 6 and (counts >= 10).all()

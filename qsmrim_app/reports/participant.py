@@ -563,6 +563,47 @@ def _messages_section(messages: Sequence[str]) -> str:
     return f'<section id="messages"><h2>Errors and warnings</h2><ul>{"".join(items)}</ul></section>'
 
 
+def _tiles(ordered: pd.DataFrame, affine: np.ndarray, qsm_data: np.ndarray, flair_data: np.ndarray | None,
+           labels: np.ndarray | None, qsm_window: tuple[float, float], flair_window: tuple[float, float],
+           notes: list[str]) -> dict[int, tuple[str, int, int]]:
+    """lesion_id -> (sprite PNG data URI, frames, frame width) of every lesion with a centre."""
+    tiles: dict[int, tuple[str, int, int]] = {}
+    groups = split_groups(ordered)
+    plane = Plane.from_affine(affine, 2)
+    for _, row in ordered.iterrows():
+        lid = int(row["lesion_id"])
+        voxel = _centre_voxel(row, affine, labels, lid)
+        if voxel is None:
+            notes.append(f"WARNING (report): lesion {lid} has no centroid and is not in the map; no tile.")
+            continue
+        vol = float(pd.to_numeric(pd.Series([row.get("volume_mm3")]), errors="coerce").iloc[0])
+        sprite, k = _lesion_tile(lid, voxel, vol, qsm_data, flair_data, labels, plane, qsm_window,
+                                 flair_window, frozenset(_split_of(lid, groups)[1]))
+        tiles[lid] = (png_data_uri(sprite), k, sprite.shape[1])
+    return tiles
+
+
+def _registration_section(qsm_data: np.ndarray | None, flair_data: np.ndarray | None, affine: np.ndarray | None,
+                          qsm_units: str, qsm_window: tuple[float, float], flair_window: tuple[float, float],
+                          registration: Mapping[str, Any] | None) -> str:
+    reg_html = '<section id="registration"><h2>Registration check</h2>' + _gate_paragraph(registration or {})
+    if qsm_data is not None and flair_data is not None:
+        uri = _registration_figure(qsm_data, flair_data, affine, qsm_window, flair_window)
+        reg_html += (
+            img_tag(uri, "registration check: FLAIR contour over QSM and QSM/FLAIR checkerboard")
+            + '<p class="caption">Top: QSM (' + esc(qsm_units) + ", window "
+            + f"{fmt(qsm_window[0])} to {fmt(qsm_window[1])}) with the outline of the brain in the registered "
+            "FLAIR (red: its own Otsu threshold, the scalp cut off at the skull, sulci closed; ventricle edges "
+            "inside). It should follow the QSM's brain edge and ventricles. Bottom: 16 mm checkerboard "
+            "alternating QSM and FLAIR; edges should continue across squares. Cuts through the brain centre "
+            f"(sagittal: {SAGITTAL_OFFSET_MM:.0f} mm to the right of it, off the midline); "
+            "radiological convention (the patient's right on the image's left, as labelled).</p>"
+        )
+    else:
+        reg_html += "<p>No registration figure: the QSM or the registered FLAIR is not available.</p>"
+    return reg_html + kv_table(registration or {}, "No registration check values were recorded.") + "</section>"
+
+
 def write_participant_report(
     out_file: Path,
     *,
@@ -616,39 +657,13 @@ def write_participant_report(
     qsm_window = QSM_WINDOW[qsm_units]
     flair_window = robust_window(flair_data) if flair_data is not None else (0.0, 1.0)
     tiles: dict[int, tuple[str, int, int]] = {}
-    groups = split_groups(ordered)
     if qsm_data is not None and not ordered.empty:
-        plane = Plane.from_affine(qsm_img.affine, 2)
-        for _, row in ordered.iterrows():
-            lid = int(row["lesion_id"])
-            voxel = _centre_voxel(row, qsm_img.affine, labels, lid)
-            if voxel is None:
-                notes.append(f"WARNING (report): lesion {lid} has no centroid and is not in the map; no tile.")
-                continue
-            vol = float(pd.to_numeric(pd.Series([row.get("volume_mm3")]), errors="coerce").iloc[0])
-            sprite, k = _lesion_tile(lid, voxel, vol, qsm_data, flair_data, labels, plane, qsm_window,
-                                     flair_window, frozenset(_split_of(lid, groups)[1]))
-            tiles[lid] = (png_data_uri(sprite), k, sprite.shape[1])
+        tiles = _tiles(ordered, qsm_img.affine, qsm_data, flair_data, labels, qsm_window, flair_window, notes)
 
     title = f"qsmrim: {subject}" + (f" {session}" if session else "")
     body = _summary_section(subject, session, summary, len(ordered), n_rim, inputs, versions)
-    reg_html = '<section id="registration"><h2>Registration check</h2>' + _gate_paragraph(registration or {})
-    if qsm_data is not None and flair_data is not None:
-        uri = _registration_figure(qsm_data, flair_data, qsm_img.affine, qsm_window, flair_window)
-        reg_html += (
-            img_tag(uri, "registration check: FLAIR contour over QSM and QSM/FLAIR checkerboard")
-            + '<p class="caption">Top: QSM (' + esc(qsm_units) + ", window "
-            + f"{fmt(qsm_window[0])} to {fmt(qsm_window[1])}) with the outline of the brain in the registered "
-            "FLAIR (red: its own Otsu threshold, the scalp cut off at the skull, sulci closed; ventricle edges "
-            "inside). It should follow the QSM's brain edge and ventricles. Bottom: 16 mm checkerboard "
-            "alternating QSM and FLAIR; edges should continue across squares. Cuts through the brain centre "
-            f"(sagittal: {SAGITTAL_OFFSET_MM:.0f} mm to the right of it, off the midline); "
-            "radiological convention (the patient's right on the image's left, as labelled).</p>"
-        )
-    else:
-        reg_html += "<p>No registration figure: the QSM or the registered FLAIR is not available.</p>"
-    reg_html += kv_table(registration or {}, "No registration check values were recorded.") + "</section>"
-    body += reg_html
+    body += _registration_section(qsm_data, flair_data, qsm_img.affine if qsm_img is not None else None,
+                                  qsm_units, qsm_window, flair_window, registration)
     body += _annotations_section(ordered, annotations)
     body += _lesion_sections(ordered, tiles, qsm_units, qsm_window, flair_data is not None,
                              bool(labels is not None and np.any(labels > 0)), _rater_labels(annotations))

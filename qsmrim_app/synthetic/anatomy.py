@@ -32,6 +32,10 @@ class SizeSpec:
 SIZES: dict[str, SizeSpec] = {
     "small": SizeSpec((96, 96, 48), (1.6, 1.6, 2.6), (144, 120, 120), 1.2, (54.0, 64.0, 46.0), (6, 15),
                       (450.0, 110.0, 8000.0), 14),
+    # The smallest phantom that still runs every step (a small head, same voxel sizes as "small", 3.4x fewer
+    # voxels): for tests that run many units, such as the kill test of concurrent writers.
+    "tiny": SizeSpec((64, 64, 32), (1.6, 1.6, 2.6), (96, 80, 80), 1.2, (36.0, 42.0, 30.0), (3, 6),
+                     (300.0, 110.0, 3000.0), 6),
     "full": SizeSpec((256, 256, 56), (0.75, 0.75, 3.0), (256, 256, 176), 1.0, (66.0, 80.0, 56.0), (50, 80),
                      (120.0, 40.0, 3400.0), 40),
 }

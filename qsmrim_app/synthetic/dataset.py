@@ -44,6 +44,13 @@ def _write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2) + "\n")
 
 
+def write_truth(truth_dir: Path, lesion_rows: list[dict], units: tuple[str, list[dict]], transforms: dict) -> None:
+    """The truth folder's tables: lesions.tsv, <units>.tsv (subjects or sessions) and transforms.json."""
+    pd.DataFrame(lesion_rows).to_csv(truth_dir / "lesions.tsv", sep="\t", index=False, float_format="%.4f")
+    pd.DataFrame(units[1]).to_csv(truth_dir / f"{units[0]}.tsv", sep="\t", index=False)
+    _write_json(truth_dir / "transforms.json", transforms)
+
+
 def _write_pair(path: Path, data: np.ndarray, affine: np.ndarray, dtype: type, sidecar: dict) -> None:
     _write_nifti(path, data, affine, dtype)
     _write_json(path.with_name(path.name.replace(".nii.gz", ".json")), sidecar)
@@ -145,9 +152,7 @@ def generate_dataset(out_dir: Path, n_subjects: int, seed: int = 0, size: str = 
                 "flair_affine": images.flair_affine.tolist(), "qsm_affine": images.qsm_affine.tolist(),
                 "head_to_qsm_world": images.head_to_scanner.tolist()}
     _write_top_level(out_dir, pd.DataFrame(participants), seed, size, rimplus_fraction)
-    pd.DataFrame(lesion_rows).to_csv(truth_dir / "lesions.tsv", sep="\t", index=False, float_format="%.4f")
-    pd.DataFrame(subject_rows).to_csv(truth_dir / "subjects.tsv", sep="\t", index=False)
-    _write_json(truth_dir / "transforms.json", {
+    write_truth(truth_dir, lesion_rows, ("subjects", subject_rows), {
         "convention": ("flair_to_qsm_world is a 4x4 rigid matrix M with x_qsm = M @ [x_flair, 1], both in the "
                        "NIfTI world (RAS+, mm) of the respective image affine; FLAIR voxel -> QSM voxel is "
                        "inv(qsm_affine) @ M @ flair_affine. Lesion centroids in lesions.tsv: centroid_* in "

@@ -32,7 +32,7 @@ from scipy import fft, ndimage
 
 from .. import __version__
 from .anatomy import random_rotation, rng_for
-from .dataset import BIDS_VERSION, DERIV_NAME, FLAIR_SIDECAR, MAG_SIDECAR, _write_json, _write_pair
+from .dataset import BIDS_VERSION, DERIV_NAME, FLAIR_SIDECAR, MAG_SIDECAR, _write_json, _write_pair, write_truth
 from .physics import b0_in_grid, bias_field, dipole_kernel, rician
 from .semireal_head import PATIENTS, Head, Volume, load_head
 from .semireal_lesions import COUNTED_VOXELS, LesionDesign, PatientLesions, design_patient, in_arc, rim_band
@@ -352,6 +352,36 @@ def _centroids(labels: np.ndarray, affine: np.ndarray, n: int) -> np.ndarray:
     return (affine @ np.c_[com, np.ones(n)].T)[:3].T
 
 
+def _truth(lesions: PatientLesions, kept: list[int], labels_q: np.ndarray, labels_f: np.ndarray,
+           nearest_q: np.ndarray, rim_q: np.ndarray, geom, spec, count_q: np.ndarray, count_f: np.ndarray
+           ) -> tuple[list[dict], np.ndarray]:
+    """One truth row per kept lesion (the consensus rule on its rim source in the QSM grid) and the
+    lesion-id -> rim label look-up (1 rim-, 2 rim+)."""
+    seen = (rim_q >= RIM_SEEN)
+    rows, rim_lut = [], np.zeros(len(kept) + 1, np.uint8)
+    cq, cf = _centroids(labels_q, geom.qsm_affine, len(kept)), _centroids(labels_f, geom.flair_affine, len(kept))
+    boxes = ndimage.find_objects(labels_q)
+    for i, src in enumerate(kept, start=1):
+        design = lesions.designs[src]
+        sl = tuple(slice(max(s.start - 3, 0), min(s.stop + 3, n)) for s, n in zip(boxes[i - 1], spec.shape))
+        mask = labels_q[sl] == i
+        own_rim = seen[sl] & (nearest_q[sl] == src) & design.has_rim_source
+        positive, slices, best = consensus_rule(mask, own_rim)
+        rim_lut[i] = 2 if positive else 1
+        rows.append({"lesion_id": i, "source_lesion": src, "rim_positive": int(positive), "kind": design.kind,
+                     "rule_slices": slices, "rule_best_coverage": round(best, 4),
+                     "voxels_flair": int(count_f[src]), "voxels_qsm": int(count_q[src]),
+                     "volume_source_mm3": design.volume_mm3,
+                     "centroid_x_mm": cf[i - 1, 0], "centroid_y_mm": cf[i - 1, 1], "centroid_z_mm": cf[i - 1, 2],
+                     "qsm_centroid_x_mm": cq[i - 1, 0], "qsm_centroid_y_mm": cq[i - 1, 1],
+                     "qsm_centroid_z_mm": cq[i - 1, 2],
+                     "chi_core_ppm": design.chi_core, "chi_hyper_ppm": design.chi_hyper,
+                     "rim_chi_ppm": design.rim_chi, "rim_thickness_mm": design.rim_thickness if design.has_rim_source else 0.0,
+                     "rim_coverage_designed": design.rim_coverage, "rim_position": design.rim_position if design.has_rim_source else "n/a",
+                     "vein_chi_ppm": design.vein_chi, "flair_contrast": design.flair_contrast})
+    return rows, rim_lut
+
+
 def simulate_session(head: Head, lesions: PatientLesions, grid: str, seed: int) -> SessionResult:
     """All images and truth of one patient on one grid (deterministic in seed, patient, grid)."""
     start = time.perf_counter()
@@ -413,28 +443,7 @@ def simulate_session(head: Head, lesions: PatientLesions, grid: str, seed: int) 
     # Truth: kept lesions, the consensus rule on the rim sources in the QSM grid.
     labels_q = _relabel(new_id, q.labels)
     labels_f = _relabel(new_id, f.labels)
-    seen = (rim_q >= RIM_SEEN)
-    rows, rim_lut = [], np.zeros(len(kept) + 1, np.uint8)
-    cq, cf = _centroids(labels_q, geom.qsm_affine, len(kept)), _centroids(labels_f, geom.flair_affine, len(kept))
-    boxes = ndimage.find_objects(labels_q)
-    for i, src in enumerate(kept, start=1):
-        design = lesions.designs[src]
-        sl = tuple(slice(max(s.start - 3, 0), min(s.stop + 3, n)) for s, n in zip(boxes[i - 1], spec.shape))
-        mask = labels_q[sl] == i
-        own_rim = seen[sl] & (q.nearest[sl] == src) & design.has_rim_source
-        positive, slices, best = consensus_rule(mask, own_rim)
-        rim_lut[i] = 2 if positive else 1
-        rows.append({"lesion_id": i, "source_lesion": src, "rim_positive": int(positive), "kind": design.kind,
-                     "rule_slices": slices, "rule_best_coverage": round(best, 4),
-                     "voxels_flair": int(count_f[src]), "voxels_qsm": int(count_q[src]),
-                     "volume_source_mm3": design.volume_mm3,
-                     "centroid_x_mm": cf[i - 1, 0], "centroid_y_mm": cf[i - 1, 1], "centroid_z_mm": cf[i - 1, 2],
-                     "qsm_centroid_x_mm": cq[i - 1, 0], "qsm_centroid_y_mm": cq[i - 1, 1],
-                     "qsm_centroid_z_mm": cq[i - 1, 2],
-                     "chi_core_ppm": design.chi_core, "chi_hyper_ppm": design.chi_hyper,
-                     "rim_chi_ppm": design.rim_chi, "rim_thickness_mm": design.rim_thickness if design.has_rim_source else 0.0,
-                     "rim_coverage_designed": design.rim_coverage, "rim_position": design.rim_position if design.has_rim_source else "n/a",
-                     "vein_chi_ppm": design.vein_chi, "flair_contrast": design.flair_contrast})
+    rows, rim_lut = _truth(lesions, kept, labels_q, labels_f, q.nearest, rim_q, geom, spec, count_q, count_f)
     return SessionResult(qsm, mag_q, flair.astype(np.float32), labels_f, labels_q, rim_lut[labels_f],
                          rim_lut[labels_q], rim_q, geom, rows, time.perf_counter() - start)
 
@@ -579,9 +588,7 @@ def generate_semireal(out_dir: Path, data_dir: Path, patients: list[int] | None 
     _write_json(out_dir / "derivatives" / DERIV_NAME / "dataset_description.json", {
         "Name": "Lesion instances and rim labels (semi-real ground truth)", "BIDSVersion": BIDS_VERSION,
         "DatasetType": "derivative", "GeneratedBy": generated, "DatasetLinks": {"raw": "../../"}})
-    pd.DataFrame(lesion_rows).to_csv(truth_dir / "lesions.tsv", sep="\t", index=False, float_format="%.4f")
-    pd.DataFrame(session_rows).to_csv(truth_dir / "sessions.tsv", sep="\t", index=False)
-    _write_json(truth_dir / "transforms.json", {
+    write_truth(truth_dir, lesion_rows, ("sessions", session_rows), {
         "convention": ("flair_to_qsm_world is a 4x4 rigid matrix M with x_qsm = M @ [x_flair, 1] (RAS+ mm, NIfTI "
                        "world of each image); FLAIR voxel -> QSM voxel is inv(qsm_affine) @ M @ flair_affine. "
                        "head_to_qsm_world places the brain-centred head frame in the scanner; "

@@ -5,11 +5,14 @@ N4 -> register FLAIR to QSM -> resample -> lesion instances -> patches + radiomi
 where it stopped. The sinks write into the work dir's staging tree; the unit's last node publishes the
 complete set into the output dir, so a failed unit leaves nothing there (and keeps what an earlier
 complete run published). With MultiProc, every unit runs in one graph under --nprocs / --mem-gb.
+
+One sub-workflow per stage, each with an inputnode and an outputnode (fMRIPrep's shape):
+registration_wf -> lesions_wf -> features_wf -> classification_wf -> outputs_wf.
 """
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Sequence
 
@@ -34,13 +37,6 @@ from .resources import set_memory_estimates
 LOGGER = logging.getLogger("qsmrim")
 
 
-@dataclass(frozen=True)
-class ParticipantOutcome:
-    unit: drv.Unit
-    ok: bool
-    message: str = ""
-
-
 def radiomics_params(pre: PreprocConfig) -> dict:
     """The validated radiomics parameters: read once at start by the command line (cli/run.py); a caller
     that built its configuration itself gets them read here, once per workflow."""
@@ -55,17 +51,61 @@ def model_available(config: AppConfig) -> bool:
     return (Path(config.inference.model_dir) / "model.json").is_file()
 
 
-def init_participant_wf(config: AppConfig, inputs, classify: bool = True) -> Workflow:
-    """Build the nipype graph for one participant/session (``inputs``: bids.ParticipantInputs)."""
-    unit = drv.Unit(inputs.subject, inputs.session)
-    name = unit.prefix.replace("-", "_") + "_wf"
-    wf = Workflow(name=name, base_dir=str(config.work_dir))
-    out_dir = str(config.output_dir)
-    staging = str(drv.staging_root(config.work_dir))
-    pre = config.preproc
-    bids_dir = Path(config.bids_dir)
-    uri = lambda path: drv.bids_uri(path, bids_dir)  # noqa: E731 - one-line adapter
+def _final_role(classify: bool) -> str:
+    """The output a complete unit has written last (the one final-output check reads it)."""
+    return "summary" if classify else "radiomics"
 
+
+def init_participant_wf(config: AppConfig, inputs, classify: bool = True) -> Workflow:
+    """Build the nipype graph for one participant/session (``inputs``: bids.ParticipantInputs).
+
+    Like fMRIPrep's ``init_single_subject_wf``, it hands the work to one sub-workflow per stage
+    (registration, lesions, features, classification, outputs), each with an inputnode and an outputnode.
+    """
+    unit = drv.Unit(inputs.subject, inputs.session)
+    wf = Workflow(name=unit.prefix.replace("-", "_") + "_wf", base_dir=str(config.work_dir))
+    registration = init_registration_wf(config.preproc, inputs, unit)
+    lesions = init_lesions_wf(config.preproc, inputs)
+    features = init_features_wf(config, inputs)
+    outputs = init_outputs_wf(config, inputs, classify)
+    wf.connect([
+        (registration, lesions, [("outputnode.qsm", "inputnode.qsm"), ("outputnode.transform", "inputnode.transform")]),
+        (registration, features, [("outputnode.qsm", "inputnode.qsm"), ("outputnode.brain_mask", "inputnode.brain_mask"),
+                                  ("outputnode.flair", "inputnode.flair")]),
+        (lesions, features, [("outputnode.instances", "inputnode.instances"),
+                             ("outputnode.geometry", "inputnode.geometry")]),
+        (registration, outputs, [("outputnode.flair", "inputnode.flair"), ("outputnode.transform", "inputnode.xfm"),
+                                 ("outputnode.transform_sidecar", "inputnode.xfm_sidecar"),
+                                 ("outputnode.report", "inputnode.registration_report"),
+                                 ("outputnode.qsm_warnings", "inputnode.qsm_messages")]),
+        (lesions, outputs, [("outputnode.instances", "inputnode.dseg"), ("outputnode.dseg_tsv", "inputnode.dseg_tsv"),
+                            ("outputnode.messages", "inputnode.lesion_messages")]),
+        (features, outputs, [("outputnode.radiomics", "inputnode.radiomics"),
+                             ("outputnode.radiomics_dict", "inputnode.radiomics_dict"),
+                             ("outputnode.patches", "inputnode.patches"),
+                             ("outputnode.messages", "inputnode.patch_messages")]),
+    ])
+    if inputs.rim_labels:
+        wf.connect(lesions, "outputnode.annotations", outputs, "inputnode.annotations")
+    if classify:
+        classification = init_classification_wf(config, unit)
+        wf.connect([
+            (features, classification, [("outputnode.patches", "inputnode.patches"),
+                                        ("outputnode.radiomics", "inputnode.features")]),
+            (lesions, classification, [("outputnode.instances", "inputnode.instances")]),
+            (classification, outputs, [(f"outputnode.{f}", f"inputnode.{f}") for f in CLASSIFICATION_FIELDS]),
+        ])
+    set_memory_estimates(wf)
+    return wf
+
+
+def init_registration_wf(pre: PreprocConfig, inputs, unit: drv.Unit, name: str = "registration_wf") -> Workflow:
+    """QSM in ppb (and its brain mask), the FLAIR (and magnitude) bias-corrected, the FLAIR registered to
+    the QSM grid and resampled into it. Outputs: qsm, brain_mask, qsm_warnings, flair, transform (+ its
+    sidecar and the registration report)."""
+    wf = Workflow(name=name)
+    outputnode = pe.Node(IdentityInterface(fields=["qsm", "brain_mask", "qsm_warnings", "flair", "transform",
+                                                   "transform_sidecar", "report"]), name="outputnode")
     qsm_ppb = pe.Node(PrepareQSM(in_file=str(inputs.qsm), units=inputs.qsm_units), name="qsm_ppb")
     # One ITK thread, like the registration below: N4 with 2 threads differs from 1 thread (7e-4 on
     # the phantom FLAIR), so results would depend on --nprocs and on how many units share the run.
@@ -94,141 +134,59 @@ def init_participant_wf(config: AppConfig, inputs, classify: bool = True) -> Wor
                     (magnitude_n4, register, [("out_file", "fixed_file")])])
     else:
         wf.connect(qsm_ppb, "out_file", register, "fixed_file")
-
     flair_in_qsm = pe.Node(ApplyTransform(interpolation="bspline", out_name="flair_in_qsm.nii.gz"),
                            name="flair_in_qsm")
     wf.connect([(flair_n4, flair_in_qsm, [("out_file", "in_file")]),
                 (qsm_ppb, flair_in_qsm, [("out_file", "reference_file")]),
-                (register, flair_in_qsm, [("transform_file", "transform_file")])])
+                (register, flair_in_qsm, [("transform_file", "transform_file")]),
+                (qsm_ppb, outputnode, [("out_file", "qsm"), ("mask_file", "brain_mask"), ("warnings", "qsm_warnings")]),
+                (flair_in_qsm, outputnode, [("out_file", "flair")]),
+                (register, outputnode, [("transform_file", "transform"), ("sidecar_file", "transform_sidecar"),
+                                        ("report_file", "report")])])
+    return wf
 
-    # A rater's instance map goes to the QSM grid as drawn; binary masks and probability maps are
-    # split (or, with --lesion-split none, thresholded) in their own grid first.
-    rater_instances = inputs.lesion_mask_kind == "instances"
-    lesions = pe.Node(LesionInstances(source_file=str(inputs.lesion_mask), min_voxels=pre.min_lesion_voxels,
-                                      is_instance_map=rater_instances or pre.lesion_split == "auto"),
+
+def init_lesions_wf(pre: PreprocConfig, inputs, name: str = "lesions_wf") -> Workflow:
+    """Lesion instances in the QSM grid (and the expert rim labels carried onto them).
+
+    A rater's instance map goes to the QSM grid as drawn; binary masks and probability maps are split
+    (or, with --lesion-split none, thresholded) in their own grid first. Inputs: qsm (the grid),
+    transform (FLAIR to QSM). Outputs: instances, geometry, dseg_tsv, annotations, messages.
+    """
+    wf = Workflow(name=name)
+    inputnode = pe.Node(IdentityInterface(fields=["qsm", "transform"]), name="inputnode")
+    outputnode = pe.Node(IdentityInterface(fields=["instances", "geometry", "dseg_tsv", "annotations", "messages"]),
+                         name="outputnode")
+    lesions = pe.Node(LesionInstances(source_file=str(inputs.lesion_mask), min_voxels=pre.min_lesion_voxels),
                       name="lesion_instances")
     mask_source = inputs.lesion_mask
-    if not rater_instances:
+    if inputs.lesion_mask_kind == "instances":
+        lesions.inputs.is_instance_map = True
+    else:
         split = pe.Node(PrepareLesionMask(mask_file=str(inputs.lesion_mask), source_file=str(inputs.lesion_mask),
                                           kind=inputs.lesion_mask_kind, split=pre.lesion_split,
                                           threshold=pre.lesion_threshold, sigma_mm=pre.split_sigma_mm,
                                           min_centre_mm3=pre.split_min_centre_mm3,
                                           notes=[n for n in inputs.notes if n.startswith("lesion mask")]),
                          name="lesion_split")
-        wf.connect([(split, lesions, [("split_file", "split_file"), ("messages", "split_messages")])])
+        wf.connect([(split, lesions, [("split_file", "split_file"), ("messages", "split_messages"),
+                                      ("is_instance_map", "is_instance_map")])])
         mask_source = (split, "out_file")
-    _into_qsm_grid(wf, "mask", mask_source, inputs.lesion_mask_space, qsm_ppb, register,
-                   lesions, "mask_file")
+    _into_qsm_grid(wf, "mask", mask_source, inputs.lesion_mask_space, inputnode, lesions, "mask_file")
     if inputs.rim_labels:
-        _into_qsm_grid(wf, "rim", inputs.rim_labels, inputs.rim_labels_space, qsm_ppb, register,
-                       lesions, "rim_file")
-
-    patches = pe.Node(ExtractPatches(extent_mm=tuple(pre.patch_extent_mm), spacing_mm=tuple(pre.patch_spacing_mm)),
-                      name="lesion_patches")
-    wf.connect([(qsm_ppb, patches, [("out_file", "qsm_file"), ("mask_file", "brain_mask_file")]),
-                (flair_in_qsm, patches, [("out_file", "flair_file")]),
-                (lesions, patches, [("instances_file", "instances_file")])])
-    radiomics = pe.Node(RadiomicFeatures(params=radiomics_params(pre), nprocs=config.omp_nthreads,
-                                         source_file=str(inputs.qsm), source_units=inputs.qsm_units),
-                        name="lesion_radiomics", n_procs=config.omp_nthreads)
-    wf.connect([(qsm_ppb, radiomics, [("out_file", "qsm_file")]),
-                (lesions, radiomics, [("instances_file", "instances_file"), ("geometry_file", "geometry_file")]),
-                (patches, radiomics, [("radial_file", "extra_features_file")])])
-
-    # Collects the outputs for the sinks. nipype removes IdentityInterface nodes when it flattens the
-    # graph, so this is no gate: the sinks only stage, and ``publish`` (a real node) waits for all of them.
-    fields = ["flair", "xfm", "dseg", "dseg_tsv", "radiomics", "radiomics_dict", "patches"]
-    if inputs.rim_labels:
-        fields.append("annotations")
-    if classify:
-        fields += ["rim_table", "rim_mask", "rim_probseg", "summary"]
-    done = pe.Node(IdentityInterface(fields=fields), name="outputs")
-    wf.connect([(flair_in_qsm, done, [("out_file", "flair")]),
-                (register, done, [("transform_file", "xfm")]),
-                (lesions, done, [("instances_file", "dseg"), ("dseg_tsv_file", "dseg_tsv")]),
-                (radiomics, done, [("features_file", "radiomics"), ("dictionary_file", "radiomics_dict")]),
-                (patches, done, [("patches_file", "patches")])])
-    if inputs.rim_labels:
-        wf.connect(lesions, "annotations_file", done, "annotations")
-    if classify:
-        inf = config.inference
-        classifier = pe.Node(ClassifyLesions(model_dir=str(inf.model_dir), operating_point=inf.operating_point,
-                                             device=config.device, subject=unit.subject,
-                                             session=unit.session or ""),
-                             name="rim_classification")
-        if inf.threshold is not None:
-            classifier.inputs.threshold = inf.threshold
-        wf.connect([(patches, classifier, [("patches_file", "patches_file")]),
-                    (radiomics, classifier, [("features_file", "features_file")]),
-                    (lesions, classifier, [("instances_file", "instances_file")]),
-                    (classifier, done, [("table_file", "rim_table"), ("mask_file", "rim_mask"),
-                                        ("probseg_file", "rim_probseg"), ("summary_file", "summary")])])
-
-    qsm_src, flair_src, mask_src = uri(inputs.qsm), uri(inputs.flair), uri(inputs.lesion_mask)
-    sources = {
-        "flair": ("flair_preproc", [flair_src, qsm_src], {"SkullStripped": False, "SpatialReference": qsm_src}),
-        "xfm": ("xfm_flair_to_qsm", [flair_src, qsm_src], {"Type": "ITK", "Direction":
-                "maps QSM-space physical points to FLAIR-space points (ITK resampling convention)"}),
-        "dseg": ("lesions_dseg", [mask_src, qsm_src], {"SpatialReference": qsm_src}),
-        "dseg_tsv": ("lesions_dseg_tsv", [mask_src], None),  # its sidecar is the image's (same name)
-        "radiomics": ("radiomics", [qsm_src, mask_src], {}),
-        "patches": ("patches", [qsm_src, flair_src, mask_src],
-                    {"Description": "Per-lesion patches resampled in mm along the world (RAS) axes around each lesion's "
-                                    "centroid: QSM (ppb), normalised FLAIR, signed distance to the lesion boundary "
-                                    "(mm, negative inside), other lesions (1); and each lesion's local reference "
-                                    "tissue (median, robust scale; ppb)",
-                     "Arrays": {"patches": "float32 (N, 4, X, Y, Z)", "lesion_id": "int32 (N,)",
-                                "reference": "float32 (N, 2) median, scale (ppb)", "extent_mm": "float32 (3,)",
-                                "spacing_mm": "float32 (3,)", "qsm_voxel_size_mm": "float32 (3,)",
-                                "channels": "str (4,)", "format_version": "int32"},
-                     "PatchExtentMM": list(pre.patch_extent_mm), "PatchSpacingMM": list(pre.patch_spacing_mm)}),
-        "annotations": ("annotations", [uri(inputs.rim_labels)] if inputs.rim_labels else [],
-                        drv.ANNOTATION_DICTIONARY),
-        "rim_table": ("rim_lesions", [qsm_src, flair_src, mask_src], drv.RIM_DICTIONARY),
-        "rim_mask": ("rimplus_mask", [qsm_src, mask_src], {"SpatialReference": qsm_src}),
-        "rim_probseg": ("rimplus_probseg", [qsm_src, mask_src], {"SpatialReference": qsm_src}),
-        "summary": ("summary", [qsm_src, flair_src, mask_src], drv.SUMMARY_DICTIONARY),
-    }
-    sinks = {}
-    for field in fields:
-        if field == "radiomics_dict":
-            continue
-        role, srcs, meta = sources[field]
-        sink = pe.Node(DerivativesDataSink(base_directory=staging, subject=unit.subject,
-                                           session=unit.session or "", role=role, sources=srcs,
-                                           metadata=meta or {}, write_sidecar=meta is not None),
-                       name=f"ds_{role}", run_without_submitting=True)
-        wf.connect(done, field, sink, "in_file")
-        sinks[field] = sink
-    wf.connect(done, "radiomics_dict", sinks["radiomics"], "metadata_file")
-    wf.connect(register, "sidecar_file", sinks["xfm"], "metadata_file")  # mode and each stage's metric
-
-    gather = pe.Node(Merge(len(sinks)), name="written")
-    for index, sink in enumerate(sinks.values(), start=1):
-        wf.connect(sink, "out_file", gather, f"in{index}")
-    publish = pe.Node(PublishUnit(staging_directory=staging, base_directory=out_dir, subject=unit.subject,
-                                  session=unit.session or ""), name="publish", run_without_submitting=True)
-    wf.connect(gather, "out", publish, "staged_files")
-    if classify:
-        report = pe.Node(ParticipantReport(
-            base_directory=staging, subject=unit.subject, session=unit.session or "",
-            qsm_file=str(inputs.qsm), qsm_units=inputs.qsm_units,
-            inputs_found={k: str(v) for k, v in _inputs_found(inputs).items()}),
-            name="participant_report", run_without_submitting=True)
-        wf.connect([(gather, report, [("out", "derivative_files")]),
-                    (register, report, [("report_file", "registration_file")]),
-                    (qsm_ppb, report, [("warnings", "qsm_messages")]),
-                    (lesions, report, [("messages", "lesion_messages")]),
-                    (patches, report, [("messages", "patch_messages")]),
-                    (report, publish, [("out_file", "report_file")])])
-    set_memory_estimates(wf)
+        _into_qsm_grid(wf, "rim", inputs.rim_labels, inputs.rim_labels_space, inputnode, lesions, "rim_file")
+        wf.connect(lesions, "annotations_file", outputnode, "annotations")
+    wf.connect(lesions, "instances_file", outputnode, "instances")
+    wf.connect([(lesions, outputnode, [("geometry_file", "geometry"), ("dseg_tsv_file", "dseg_tsv"),
+                                       ("messages", "messages")])])
     return wf
 
 
-def _into_qsm_grid(wf: Workflow, what: str, source, space: str, qsm_ppb, register, target, field: str) -> None:
+def _into_qsm_grid(wf: Workflow, what: str, source, space: str, inputnode, target, field: str) -> None:
     """Masks drawn on the FLAIR are resampled (nearest neighbour keeps instance labels).
 
-    ``source`` is an input file or a ``(node, output)`` pair of this workflow.
+    ``source`` is an input file or a ``(node, output)`` pair of this workflow; ``inputnode`` provides the
+    QSM grid (``qsm``) and the FLAIR-to-QSM ``transform``.
     """
     if space == "QSM":
         if isinstance(source, tuple):
@@ -242,9 +200,106 @@ def _into_qsm_grid(wf: Workflow, what: str, source, space: str, qsm_ppb, registe
         wf.connect(source[0], source[1], resample, "in_file")
     else:
         resample.inputs.in_file = str(source)
-    wf.connect([(qsm_ppb, resample, [("out_file", "reference_file")]),
-                (register, resample, [("transform_file", "transform_file")]),
+    wf.connect([(inputnode, resample, [("qsm", "reference_file"), ("transform", "transform_file")]),
                 (resample, target, [("out_file", field)])])
+
+
+def init_features_wf(config: AppConfig, inputs, name: str = "features_wf") -> Workflow:
+    """Each lesion's patches (in mm) and its 527 radiomic + radial-profile features. Inputs: qsm,
+    brain_mask, flair (in the QSM grid), instances, geometry. Outputs: patches, radiomics, radiomics_dict,
+    messages."""
+    pre = config.preproc
+    wf = Workflow(name=name)
+    inputnode = pe.Node(IdentityInterface(fields=["qsm", "brain_mask", "flair", "instances", "geometry"]),
+                        name="inputnode")
+    outputnode = pe.Node(IdentityInterface(fields=["patches", "radiomics", "radiomics_dict", "messages"]),
+                         name="outputnode")
+    patches = pe.Node(ExtractPatches(extent_mm=tuple(pre.patch_extent_mm), spacing_mm=tuple(pre.patch_spacing_mm)),
+                      name="lesion_patches")
+    radiomics = pe.Node(RadiomicFeatures(params=radiomics_params(pre), nprocs=config.omp_nthreads,
+                                         source_file=str(inputs.qsm), source_units=inputs.qsm_units),
+                        name="lesion_radiomics", n_procs=config.omp_nthreads)
+    wf.connect([(inputnode, patches, [("qsm", "qsm_file"), ("brain_mask", "brain_mask_file"), ("flair", "flair_file"),
+                                      ("instances", "instances_file")]),
+                (inputnode, radiomics, [("qsm", "qsm_file"), ("instances", "instances_file"),
+                                        ("geometry", "geometry_file")]),
+                (patches, radiomics, [("radial_file", "extra_features_file")]),
+                (patches, outputnode, [("patches_file", "patches"), ("messages", "messages")]),
+                (radiomics, outputnode, [("features_file", "radiomics"), ("dictionary_file", "radiomics_dict")])])
+    return wf
+
+
+CLASSIFICATION_FIELDS = ["rim_table", "rim_mask", "rim_probseg", "summary"]
+
+
+def init_classification_wf(config: AppConfig, unit: drv.Unit, name: str = "classification_wf") -> Workflow:
+    """The model's rim+ call for every lesion. Inputs: patches, features, instances. Outputs: rim_table,
+    rim_mask, rim_probseg, summary."""
+    inf = config.inference
+    wf = Workflow(name=name)
+    inputnode = pe.Node(IdentityInterface(fields=["patches", "features", "instances"]), name="inputnode")
+    outputnode = pe.Node(IdentityInterface(fields=CLASSIFICATION_FIELDS), name="outputnode")
+    classifier = pe.Node(ClassifyLesions(model_dir=str(inf.model_dir), operating_point=inf.operating_point,
+                                         device=config.device, subject=unit.subject, session=unit.session or ""),
+                         name="rim_classification")
+    if inf.threshold is not None:
+        classifier.inputs.threshold = inf.threshold
+    wf.connect([(inputnode, classifier, [("patches", "patches_file"), ("features", "features_file"),
+                                         ("instances", "instances_file")]),
+                (classifier, outputnode, [("table_file", "rim_table"), ("mask_file", "rim_mask"),
+                                          ("probseg_file", "rim_probseg"), ("summary_file", "summary")])])
+    return wf
+
+
+def init_outputs_wf(config: AppConfig, inputs, classify: bool, name: str = "outputs_wf") -> Workflow:
+    """Stage every output with its sidecar (derivatives.participant_outputs), write the report, then
+    publish the complete set into the output dir in one step (all or nothing per unit)."""
+    unit = drv.Unit(inputs.subject, inputs.session)
+    staging = str(drv.staging_root(config.work_dir))
+    fields = ["flair", "xfm", "dseg", "dseg_tsv", "radiomics", "patches"]
+    if inputs.rim_labels:
+        fields.append("annotations")
+    if classify:
+        fields += CLASSIFICATION_FIELDS
+    wf = Workflow(name=name)
+    # nipype removes IdentityInterface nodes when it flattens the graph, so this is no gate: the sinks
+    # only stage, and ``publish`` (a real node) waits for all of them.
+    inputnode = pe.Node(IdentityInterface(fields=[*fields, "radiomics_dict", "xfm_sidecar", "registration_report",
+                                                  "qsm_messages", "lesion_messages", "patch_messages"]),
+                        name="inputnode")
+    uri = partial(drv.bids_uri, bids_dir=Path(config.bids_dir))
+    outputs = drv.participant_outputs(uri(inputs.qsm), uri(inputs.flair), uri(inputs.lesion_mask),
+                                      uri(inputs.rim_labels) if inputs.rim_labels else None,
+                                      config.preproc.patch_extent_mm, config.preproc.patch_spacing_mm)
+    sinks = {}
+    for field in fields:
+        role, srcs, meta = outputs[field]
+        sinks[field] = pe.Node(DerivativesDataSink(base_directory=staging, subject=unit.subject,
+                                                   session=unit.session or "", role=role, sources=srcs,
+                                                   metadata=meta or {}, write_sidecar=meta is not None),
+                               name=f"ds_{role}", run_without_submitting=True)
+        wf.connect(inputnode, field, sinks[field], "in_file")
+    wf.connect(inputnode, "radiomics_dict", sinks["radiomics"], "metadata_file")
+    wf.connect(inputnode, "xfm_sidecar", sinks["xfm"], "metadata_file")  # mode and each stage's metric
+    gather = pe.Node(Merge(len(sinks)), name="written")
+    for index, sink in enumerate(sinks.values(), start=1):
+        wf.connect(sink, "out_file", gather, f"in{index}")
+    publish = pe.Node(PublishUnit(staging_directory=staging, base_directory=str(config.output_dir),
+                                  subject=unit.subject, session=unit.session or ""),
+                      name="publish", run_without_submitting=True)
+    wf.connect(gather, "out", publish, "staged_files")
+    if classify:
+        report = pe.Node(ParticipantReport(
+            base_directory=staging, subject=unit.subject, session=unit.session or "",
+            qsm_file=str(inputs.qsm), qsm_units=inputs.qsm_units,
+            inputs_found={k: str(v) for k, v in _inputs_found(inputs).items()}),
+            name="participant_report", run_without_submitting=True)
+        wf.connect([(gather, report, [("out", "derivative_files")]),
+                    (inputnode, report, [("registration_report", "registration_file"),
+                                         ("qsm_messages", "qsm_messages"), ("lesion_messages", "lesion_messages"),
+                                         ("patch_messages", "patch_messages")]),
+                    (report, publish, [("out_file", "report_file")])])
+    return wf
 
 
 def _inputs_found(inputs) -> dict:
@@ -281,11 +336,11 @@ def run_participants(config: AppConfig, inputs: Sequence, problems: Sequence = (
         except Exception as exc:  # a unit whose graph cannot be built fails alone
             errors[label] = str(exc)
 
-    def finished(label: str, error: str | None = None) -> None:
-        final = drv.output_path(config.output_dir, drv.Unit(units[label].subject, units[label].session),
-                                "summary" if classify else "radiomics")
-        if error is None and not final.is_file():
-            error = f"the workflow ended without writing {final.name}"
+    def finished(label: str, error: str | None = None, wf: Workflow | None = None) -> None:
+        """The one place a unit ends: its final output checked, its run log closed (with the registration
+        gate's verdict), done, gate failure or FAILED logged."""
+        if error is None:
+            error = _missing_final_output(config, units[label], classify, wf)
         gate = None if error else registration_gate_record(config.output_dir, units[label])
         drv.finish_run_log(logs[label], "failed" if error else "done", error, crash_file_of(error),
                            extra={"registration_gate": gate} if gate else None)
@@ -316,15 +371,11 @@ def run_participants(config: AppConfig, inputs: Sequence, problems: Sequence = (
             try:
                 run_workflow(wf, config, label)
                 error = None
-                if not drv.output_path(config.output_dir, drv.Unit(units[label].subject, units[label].session),
-                                       "summary" if classify else "radiomics").is_file() and scheduler_errors(wf):
-                    error = f"the workflow ended without its final output ({scheduler_errors(wf)})"
             except Exception as exc:  # one participant's failure must not stop the others
                 error = str(exc)
-            finished(label, error)
+            finished(label, error, wf)
     for label in set(units) - set(built):
-        drv.finish_run_log(logs[label], "failed", errors[label])
-        LOGGER.error("%s: FAILED: %s", label, errors[label])
+        finished(label, errors[label])
     # The units refused for their inputs (``problems``) have their own records and exit code (cli/run.py);
     # the run's closing summary of every unit is written there too.
     if gate_failed:
@@ -338,3 +389,15 @@ def registration_gate_record(output_dir: Path, inputs) -> dict | None:
     sidecar = drv.sidecar_path(drv.output_path(output_dir, drv.Unit(inputs.subject, inputs.session),
                                                "xfm_flair_to_qsm"))
     return drv.registration_gate(sidecar)
+
+
+def _missing_final_output(config: AppConfig, inputs, classify: bool, wf: Workflow | None = None) -> str | None:
+    """None when the unit's final output is in the output dir; else why not (a batch scheduler's own
+    error files, when ``wf`` ran through one and left some)."""
+    final = drv.output_path(config.output_dir, drv.Unit(inputs.subject, inputs.session), _final_role(classify))
+    if final.is_file():
+        return None
+    detail = scheduler_errors(wf) if wf is not None else ""
+    if detail:
+        return f"the workflow ended without its final output ({detail})"
+    return f"the workflow ended without writing {final.name}"

@@ -31,10 +31,10 @@ NODE_MEMORY: dict[str, tuple[float, dict[str, float]]] = {
 
 
 def set_memory_estimates(wf: Workflow) -> None:
-    """Attach a RamEstimator to every node of ``wf`` named in NODE_MEMORY."""
-    for name in wf.list_node_names():
-        if name in NODE_MEMORY:
-            overhead, per_voxel = NODE_MEMORY[name]
+    """Attach a RamEstimator to every node of ``wf`` (and of its sub-workflows) named in NODE_MEMORY."""
+    for name in wf.list_node_names():  # sub-workflows' nodes as "features_wf.lesion_patches"
+        if name.rsplit(".", 1)[-1] in NODE_MEMORY:
+            overhead, per_voxel = NODE_MEMORY[name.rsplit(".", 1)[-1]]
             node = wf.get_node(name)
             node._mem_gb = overhead  # nipype has no public setter; the estimator refines it
             node.ram_estimator = RamEstimator(input_multipliers=per_voxel, overhead_gb=overhead,
