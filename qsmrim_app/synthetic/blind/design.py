@@ -73,8 +73,9 @@ def draw_params(rng: np.random.Generator, kind: str, slice_mm: float) -> dict:
 
 
 def assign_kinds(rng: np.random.Generator, lesions: list[Lesion], rates: dict[str, float],
-                 volumes_mm3: np.ndarray, slice_mm: float) -> None:
-    """Give every lesion a kind and its parameters (in ``lesion.params``), pairs' mode included."""
+                 volumes_mm3: np.ndarray, slice_mm: float, min_rim: int = 0) -> None:
+    """Give every lesion a kind and its parameters (in ``lesion.params``), pairs' mode included.
+    ``min_rim``: at least that many rim+ designs (the small test participants only)."""
     n = len(lesions)
     kinds = ["plain"] * n
     for i, lesion in enumerate(lesions):
@@ -82,7 +83,7 @@ def assign_kinds(rng: np.random.Generator, lesions: list[Lesion], rates: dict[st
             kinds[i] = "near_haemorrhage"
     free = [i for i in range(n) if kinds[i] == "plain"]
     eligible = [i for i in free if volumes_mm3[i] >= 40.0]
-    n_rim = min(int(rng.binomial(n, rates["rim_positive"])), len(eligible))
+    n_rim = min(max(int(rng.binomial(n, rates["rim_positive"])), min_rim), len(eligible))
     if n_rim:
         weights = np.sqrt(volumes_mm3[eligible])
         for i in rng.choice(eligible, size=n_rim, replace=False, p=weights / weights.sum()):

@@ -66,7 +66,7 @@ def simulate(seed: int, index: int, data_dir: str, small: bool = False) -> Parti
     head_from_mni_vox = mni_to_head @ placement.mni_affine
     shapes = {les.lesion_id: make_shape(les.voxels, head_from_mni_vox, 8) for les in lesions}
     volumes = np.array([len(les.voxels) * shapes[les.lesion_id].scale ** 3 for les in lesions])
-    design.assign_kinds(drng, lesions, rates, volumes, float(voxel[2]))
+    design.assign_kinds(drng, lesions, rates, volumes, float(voxel[2]), min_rim=2 if small else 0)
 
     # Lesion masks on the QSM grid (truth, and what the rule judges).
     qsm_ids = np.zeros(qsm.shape, dtype=np.int32)

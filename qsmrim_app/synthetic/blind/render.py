@@ -20,6 +20,7 @@ from .geometry import apply, sample, smooth_field
 FINE_MM = 0.5
 SDF_SMOOTH_VOX = 0.6
 OUTSIDE_MM = 99.0
+MAX_FINE_PPB = 150.0
 
 
 @dataclass
@@ -196,7 +197,8 @@ def render_edit(rng: np.random.Generator, shape: Shape, params: dict, qsm_affine
     if "rim_visible_ppb" in params and rim_img.max() > 0:
         seen = ndimage.gaussian_filter(rim_img, (psf_sigma_vox, psf_sigma_vox, 0))
         peak = float(np.percentile(seen[seen > 0.05 * seen.max()], 95))
-        scale = params["rim_visible_ppb"] / peak
+        # A band that partial volume all but erases is not boosted beyond MAX_FINE_PPB (tissue bound).
+        scale = min(params["rim_visible_ppb"] / peak, MAX_FINE_PPB)
         rim_img = rim_img * np.float32(scale)
         info["rim_fine_ppb"] = scale
     return Edit(lo, hi, rim_img.astype(np.float32), other_img, info)
