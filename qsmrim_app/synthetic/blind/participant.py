@@ -13,7 +13,7 @@ from . import contrast, design, physics, rule
 from .backgrounds import SOURCES, Background, load_background
 from .geometry import homogeneous, polynomial_field, rigid, smooth_field
 from .grids import Acquisition, draw_acquisition
-from .placement import Lesion, place_lesions
+from .placement import Lesion, mni_grid, place_lesions
 from .render import fraction_inside, make_shape, render_edit
 
 BACKGROUND_NAMES = tuple(SOURCES)
@@ -60,10 +60,15 @@ def simulate(seed: int, index: int, data_dir: str, small: bool = False) -> Parti
     drng = stage_rng(seed, index, "design")
     rates = design.participant_rates(drng, bg.bleed is not None)
     n_near = int(drng.binomial(target, rates["near_haemorrhage"])) if "near_haemorrhage" in rates else 0
+    head_from_mni_vox = mni_to_head @ mni_grid(str(data_dir))[1]
+
+    def grid_voxels(mni_voxels: np.ndarray) -> int:
+        got = fraction_inside(make_shape(mni_voxels, head_from_mni_vox, 8), acq.qsm_from_head, qsm.affine, qsm.shape)
+        return 0 if got is None else int((got[2] >= 0.5).sum())
+
     placement = place_lesions(rng, str(data_dir), bg, mni_to_head, target, n_near, acq.in_slab,
-                             min_volume_mm3=14.0 * float(np.prod(voxel)))
+                              min_volume_mm3=14.0 * float(np.prod(voxel)), grid_voxels=grid_voxels)
     lesions = placement.lesions
-    head_from_mni_vox = mni_to_head @ placement.mni_affine
     shapes = {les.lesion_id: make_shape(les.voxels, head_from_mni_vox, 8) for les in lesions}
     volumes = np.array([len(les.voxels) * shapes[les.lesion_id].scale ** 3 for les in lesions])
     design.assign_kinds(drng, lesions, rates, volumes, float(voxel[2]), min_rim=2 if small else 0)

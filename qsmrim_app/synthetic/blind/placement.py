@@ -4,8 +4,8 @@ Lesions are the 26-connected components (>= ``MIN_MNI_VOXELS`` at 1 mm) of the p
 masks in MNI space. A participant draws source patients in random order until it has about twice its
 target count of candidates, shuffles them and accepts each one whose voxels, carried into the head by the
 participant's MNI->head affine, lie in the brain (>= 2 mm from its edge), in white-matter-like tissue
-(mean likeness >= 0.45), large enough to give >= 10 voxels on the QSM grid (>= 14 voxel volumes,
-partial volume and the slice profile shave the rest), outside iron-rich deep grey matter, >= 3 mm from a haemorrhage and inside the QSM
+(mean likeness >= 0.45), with >= 10 voxels on the QSM grid as rendered (after the slice profile and
+partial volume; candidates under 14 voxel volumes are not even tried), outside iron-rich deep grey matter, >= 3 mm from a haemorrhage and inside the QSM
 slab; a rejected candidate is tried again at up to three integer shifts (<= 5 mm) in MNI space. Lesions
 live in one MNI-space instance map (int32); a candidate that touches exactly one placed, unpaired lesion
 (overlap <= 30 % of the smaller) becomes a confluent pair with probability 0.5, else it is dropped.
@@ -101,9 +101,11 @@ def _tissue_check(bg: Background, head_pts: np.ndarray, in_slab: Callable[[np.nd
 
 def place_lesions(rng: np.random.Generator, data_dir: str, bg: Background, mni_to_head: np.ndarray,
                   target: int, n_near_bleed: int, in_slab: Callable[[np.ndarray], bool],
-                  min_volume_mm3: float = 0.0) -> Placement:
+                  min_volume_mm3: float = 0.0, grid_voxels: Callable[[np.ndarray], int] | None = None,
+                  min_grid_voxels: int = 10) -> Placement:
     """Draw and place about ``target`` lesions (see the module docstring for the rules); candidates
-    smaller than ``min_volume_mm3`` in the head are skipped (too few voxels on the QSM grid)."""
+    smaller than ``min_volume_mm3`` in the head are skipped, and those that ``grid_voxels`` (the voxel count
+    of a lesion's mask on the QSM grid, as rendered) puts under ``min_grid_voxels`` are rejected."""
     shape, mni_affine = mni_grid(data_dir)
     to_head = mni_to_head @ mni_affine
     voxel_mm3 = abs(float(np.linalg.det(to_head[:3, :3])))
@@ -165,6 +167,9 @@ def place_lesions(rng: np.random.Generator, data_dir: str, bg: Background, mni_t
                     why = "overlap"
                     continue
                 partner = other.lesion_id
+            if grid_voxels is not None and grid_voxels(moved) < min_grid_voxels:
+                why = "under_10_qsm_voxels"
+                continue
             lesion_id = len(lesions) + 1
             instance[tuple(moved.T)] = lesion_id
             lesion = Lesion(lesion_id, patient, comp, moved.astype(np.int32), tuple(int(s) for s in shift),
