@@ -47,11 +47,16 @@ def _aucs(labels: np.ndarray, scores: np.ndarray) -> dict:
 def score(bids: Path, out: Path) -> dict:
     truth = _read(Path(f"{bids}_truth") / "lesions.tsv")
     rows, per_subject = [], {}
+    missing, thresholds = [], set()
     for subject in sorted(truth["subject"].unique()):
         anat = out / f"sub-{subject}" / "anat"
+        if not (anat / f"sub-{subject}_space-QSM_desc-radiomics_lesions.tsv").is_file():
+            missing.append(subject)  # the app has not (yet) published this participant
+            continue
         radiomics = _read(anat / f"sub-{subject}_space-QSM_desc-radiomics_lesions.tsv")
         rim = _read(anat / f"sub-{subject}_space-QSM_desc-rim_lesions.tsv")
         ann = _read(anat / f"sub-{subject}_space-QSM_desc-annotations_lesions.tsv")
+        thresholds.add(float(_read(anat / f"sub-{subject}_desc-rim_summary.tsv")["threshold"].iloc[0]))
         t = truth[truth["subject"] == subject]
         table = (radiomics[["lesion_id", "voxels", "shell_minus_core_ppb"]]
                  .merge(rim[["lesion_id", "probability", "rim_positive"]].rename(columns={"rim_positive": "predicted"}),
@@ -72,17 +77,23 @@ def score(bids: Path, out: Path) -> dict:
     y = labelled["label"].astype(int).to_numpy()
     predicted = labelled["predicted"].astype(int).to_numpy()
     tp = int(((predicted == 1) & (y == 1)).sum())
+    truth = truth[truth["subject"].isin(per_subject)]
     summary = {
-        "participants": len(per_subject),
+        "participants": len(per_subject), "participants_without_app_outputs": missing,
         "truth_lesions": int(len(truth)), "truth_rim_positive": int(truth["rim_positive"].sum()),
         "truth_rim_positive_ge10_qsm_voxels": int(truth.loc[truth["qsm_voxels"] >= 10, "rim_positive"].sum()),
         "app_lesions": int(len(lesions)), "app_lesions_labelled": int(len(labelled)),
         "app_rim_positive_labels": int(y.sum()),
         "carried_label_agrees_with_truth": float((labelled["label"] == labelled["truth"]).mean()),
         "kinds_in_app_table": {k: int(v) for k, v in lesions["kind"].value_counts().items()},
+        "by_kind_and_label": {f"{kind}/{'rim+' if lab else 'rim-'}": {
+            "n": int(len(g)), "mean_probability": float(g["probability"].mean()),
+            "median_shell_minus_core_ppb": float(g["shell_minus_core_ppb"].median())}
+            for (kind, lab), g in labelled.groupby(["kind", "label"])},
         "floor_shell_minus_core_ppb": _aucs(y, labelled["shell_minus_core_ppb"].to_numpy(dtype=float)),
         "bundled_model_probability": _aucs(y, labelled["probability"].to_numpy(dtype=float)),
         "bundled_model_at_stored_threshold": {
+            "threshold": sorted(thresholds)[0] if len(thresholds) == 1 else sorted(thresholds),
             "recall": tp / max(int(y.sum()), 1), "precision": tp / max(int(predicted.sum()), 1),
             "predicted_positive": int(predicted.sum()), "true_positive": tp},
         "per_subject": per_subject,
