@@ -78,13 +78,28 @@ def test_rim_up_to_reach_inside_counts_and_threshold_floor():
 # ----------------------------------------------------------------------------------------------
 # Generated data (needs ../shared/data)
 # ----------------------------------------------------------------------------------------------
+def _env() -> dict:
+    return dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1",
+                PYTHONPATH=str(REPO_ROOT))
+
+
 @pytest.fixture(scope="module")
 def small_family(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from qsmrim_app.synthetic.blind import generate_blind_family
-
+    """One small participant (seed 5), written through the command line as a user would."""
     out = Path(tmp_path_factory.mktemp("blind")) / "bids"
-    generate_blind_family(out, shared_data, 1, seed=5, small=True)
+    proc = subprocess.run([sys.executable, "-m", "qsmrim_app.synthetic.blind", str(out), "--participants", "1",
+                           "--seed", "5", "--small", "--data-dir", str(shared_data)],
+                          capture_output=True, text=True, env=_env(), timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "wrote" in proc.stdout
     return out
+
+
+def test_command_line_refuses_a_data_dir_without_lesion_masks(tmp_path: Path):
+    proc = subprocess.run([sys.executable, "-m", "qsmrim_app.synthetic.blind", str(tmp_path / "o"),
+                           "--data-dir", str(tmp_path)], capture_output=True, text=True, env=_env(), timeout=120)
+    assert proc.returncode == 2 and "open_ms_data" in proc.stderr
+    assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.slow
@@ -150,10 +165,8 @@ def test_layout_the_app_reads(small_family: Path):
 @pytest.mark.slow
 def test_app_participant_level_reads_lesions_and_rim_labels(small_family: Path, tmp_path: Path):
     out, work = tmp_path / "out", tmp_path / "work"
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1",
-               PYTHONPATH=str(REPO_ROOT))
     proc = subprocess.run([sys.executable, str(REPO_ROOT / "run.py"), str(small_family), str(out), "participant",
-                           "-w", str(work), "--nprocs", "1"], capture_output=True, text=True, env=env, timeout=900)
+                           "-w", str(work), "--nprocs", "1"], capture_output=True, text=True, env=_env(), timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     anat = out / "sub-b001" / "anat"
     annotations = pd.read_csv(anat / "sub-b001_space-QSM_desc-annotations_lesions.tsv", sep="\t",

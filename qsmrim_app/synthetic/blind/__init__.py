@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .participant import simulate
-from .writer import lesion_table, truth_dir, write_dataset_files, write_family_tables, write_participant
+from .writer import lesion_table, truth_dir, write_dataset_files, write_family_tables, write_participant  # noqa: F401
 
 __all__ = ["generate_blind_family", "simulate", "truth_dir"]
 

@@ -8,12 +8,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-
 from . import contrast, design, physics, rule
-from .backgrounds import SOURCES, Background, load_background
-from .geometry import homogeneous, polynomial_field, rigid, smooth_field
+from .backgrounds import SOURCES, load_background
+from .geometry import homogeneous, rigid
 from .grids import Acquisition, draw_acquisition
 from .placement import Lesion, mni_grid, place_lesions
+from .reconstruction import reconstruct
 from .render import fraction_inside, make_shape, render_edit
 
 BACKGROUND_NAMES = tuple(SOURCES)
@@ -125,42 +125,8 @@ def simulate(seed: int, index: int, data_dir: str, small: bool = False) -> Parti
     mrng = stage_rng(seed, index, "magnitude")
     mag, mag_clean, mag_params = contrast.magnitude(mrng, tissue, chi_true, qsm_fraction)
 
-    use_field = index % 2 == 1 or prng.random() < 0.3
-    phys: dict = {"psf_sigma_vox": psf_sigma, "through_field": bool(use_field)}
-    rim_blur = physics.psf_blur(rim_total, psf_sigma)
-    if use_field:
-        pshape = physics.padded_shape(qsm.shape)
-        kernel = physics.dipole_kernel(pshape, voxel, acq.b0_index)
-        method = physics.METHODS[int(prng.integers(3))]
-        param = {"tkd": prng.uniform(0.12, 0.25), "tikhonov": prng.uniform(0.005, 0.03),
-                 "gradient_l2": prng.uniform(0.02, 0.12)}[method]
-        hfilt = physics.inversion_filter(method, kernel, pshape, voxel, float(param))
-        field_ppb = physics.apply_filter(chi_true, kernel, pshape) * mask
-        snr, te = float(prng.uniform(25, 80)), float(prng.uniform(15, 40))
-        sigma = physics.field_noise_ppb(snr, te)
-        weight = 1.0 / np.clip(mag_clean, 0.2, None)
-        noise = prng.standard_normal(qsm.shape).astype(np.float32) * np.float32(sigma) * weight * mask
-        bg_amp = float(prng.uniform(1.0, 6.0))
-        residual = polynomial_field(prng, qsm.shape, 2, bg_amp) * mask
-        chi_rec = physics.apply_filter(field_ppb + noise + residual, hfilt, pshape)
-        rim_seen = physics.apply_filter(rim_blur, kernel * hfilt, pshape)
-        phys.update({"inversion": method, "inversion_param": float(param), "field_snr": snr,
-                     "effective_te_ms": te, "field_noise_ppb": sigma, "residual_background_ppb": bg_amp})
-    else:
-        s_in, s_sl = float(prng.uniform(0.3, 0.7)), float(prng.uniform(0.1, 0.4))
-        from scipy import ndimage
-        blur = (s_in, s_in, s_sl)
-        extra = float(prng.uniform(0.0, 2.0))
-        noise = smooth_field(prng, qsm.shape, 0.5) * np.float32(extra)
-        chi_rec = tissue["chi"] + ndimage.gaussian_filter(edits, blur) + noise
-        rim_seen = ndimage.gaussian_filter(rim_blur, blur).astype(np.float32)
-        phys.update({"inversion": "none (edited map)", "edit_blur_vox": list(blur), "extra_noise_ppb": extra})
-    reference = ("mean", "median", "none")[int(prng.integers(3))]
-    ref_value = {"mean": float(chi_rec[mask].mean()), "median": float(np.median(chi_rec[mask])), "none": 0.0}[reference]
-    offset, scale = float(prng.uniform(-5, 5)), float(prng.uniform(0.92, 1.08))
-    chi_out = np.where(mask, (chi_rec - ref_value + offset) * scale, 0).astype(np.float32)
-    rim_seen = rim_seen * np.float32(scale)
-    phys.update({"reference": reference, "offset_ppb": offset, "scale": scale})
+    chi_out, rim_seen, phys = reconstruct(prng, index, tissue["chi"], chi_true, edits, rim_total, mask, mag_clean,
+                                          voxel, acq.b0_index, psf_sigma)
 
     # The consensus rule on the simulated rims, per lesion (a 'union' pair judged as one).
     truth: list[dict] = []
