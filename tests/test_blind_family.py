@@ -177,5 +177,7 @@ def test_app_participant_level_reads_lesions_and_rim_labels(small_family: Path, 
     assert len(found) >= 3 and set(big["lesion_id"]) <= found | set(truth["lesion_id"][truth["qsm_voxels"] < 12])
     merged = annotations.merge(truth, on="lesion_id", suffixes=("_app", "_truth"))
     assert (merged["rim_positive_app"] == merged["rim_positive_truth"]).mean() >= 0.95
+    assert merged["rim_positive_truth"].sum() >= 1  # seed 5's small participant has rim+ lesions ...
+    assert merged["rim_positive_app"].sum() == merged["rim_positive_truth"].sum()  # ... and they come through
     rim = pd.read_csv(anat / "sub-b001_space-QSM_desc-rim_lesions.tsv", sep="\t", na_values=["n/a"])
     assert rim["probability"].between(0, 1).all() and len(rim) == len(annotations)
