@@ -223,3 +223,20 @@ def test_field_noise_follows_snr_and_echo_time():
     assert sigma == pytest.approx(1 / 40 / (2 * np.pi * 42.577e6 * 3 * 0.02 * 1e-9), rel=1e-9)
     assert physics.field_noise_ppb(snr=80, te_ms=20) == pytest.approx(sigma / 2)
     assert physics.field_noise_ppb(snr=40, te_ms=40) == pytest.approx(sigma / 2)
+
+
+@pytest.mark.slow
+def test_placement_draws_more_patients_when_short_of_the_minimum(shared_data: Path):
+    from qsmrim_app.synthetic.blind.backgrounds import load_background
+    from qsmrim_app.synthetic.blind.placement import place_lesions
+
+    bg = load_background(str(shared_data), "cosmos")
+    high = lambda pts: bool(np.all(pts[:, 2] > 25))  # noqa: E731  a thin top slab: little tissue
+    first = place_lesions(np.random.default_rng(0), str(shared_data), bg, bg.mni_to_head, 40, 0, high)
+    more = place_lesions(np.random.default_rng(0), str(shared_data), bg, bg.mni_to_head, 40, 0, high, min_count=40)
+    assert len(first.lesions) < 40 and len(more.lesions) > len(first.lesions)
+    assert len(more.patients) > len(first.patients)
+    head = bg.mni_to_head @ more.mni_affine
+    for lesion in more.lesions:
+        pts = lesion.voxels.astype(float) @ head[:3, :3].T + head[:3, 3]
+        assert high(pts)

@@ -17,6 +17,7 @@ from .reconstruction import reconstruct
 from .render import fraction_inside, make_shape, render_edit
 
 BACKGROUND_NAMES = tuple(SOURCES)
+MIN_LESIONS = 30  # the spec's lower bound of lesions (>= 10 QSM voxels) per participant
 STAGES = {"background": 0, "acquisition": 1, "placement": 2, "design": 3, "render": 4, "physics": 5,
           "magnitude": 6, "flair": 7}
 
@@ -67,7 +68,8 @@ def simulate(seed: int, index: int, data_dir: str, small: bool = False) -> Parti
         return 0 if got is None else int((got[2] >= 0.5).sum())
 
     placement = place_lesions(rng, str(data_dir), bg, mni_to_head, target, n_near, acq.in_slab,
-                              min_volume_mm3=14.0 * float(np.prod(voxel)), grid_voxels=grid_voxels)
+                              min_volume_mm3=14.0 * float(np.prod(voxel)), grid_voxels=grid_voxels,
+                              min_count=0 if small else MIN_LESIONS)
     lesions = placement.lesions
     shapes = {les.lesion_id: make_shape(les.voxels, head_from_mni_vox, 8) for les in lesions}
     volumes = np.array([len(les.voxels) * shapes[les.lesion_id].scale ** 3 for les in lesions])

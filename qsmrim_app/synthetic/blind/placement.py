@@ -102,10 +102,11 @@ def _tissue_check(bg: Background, head_pts: np.ndarray, in_slab: Callable[[np.nd
 def place_lesions(rng: np.random.Generator, data_dir: str, bg: Background, mni_to_head: np.ndarray,
                   target: int, n_near_bleed: int, in_slab: Callable[[np.ndarray], bool],
                   min_volume_mm3: float = 0.0, grid_voxels: Callable[[np.ndarray], int] | None = None,
-                  min_grid_voxels: int = 10) -> Placement:
+                  min_grid_voxels: int = 10, min_count: int = 0) -> Placement:
     """Draw and place about ``target`` lesions (see the module docstring for the rules); candidates
     smaller than ``min_volume_mm3`` in the head are skipped, and those that ``grid_voxels`` (the voxel count
-    of a lesion's mask on the QSM grid, as rendered) puts under ``min_grid_voxels`` are rejected."""
+    of a lesion's mask on the QSM grid, as rendered) puts under ``min_grid_voxels`` are rejected. When the
+    first draw of patients leaves fewer than ``min_count`` lesions, further patients are drawn one by one."""
     shape, mni_affine = mni_grid(data_dir)
     to_head = mni_to_head @ mni_affine
     voxel_mm3 = abs(float(np.linalg.det(to_head[:3, :3])))
@@ -126,63 +127,74 @@ def place_lesions(rng: np.random.Generator, data_dir: str, bg: Background, mni_t
     near_left = n_near_bleed if bleed_targets is not None and len(bleed_targets) else 0
     struct = np.ones((3, 3, 3), dtype=bool)
 
-    for patient, comp, voxels in candidates:
-        if len(lesions) >= target:
-            break
-        near = near_left > 0
-        if near:
-            target_head = bleed_targets[rng.integers(len(bleed_targets))]
-            target_vox = apply(np.linalg.inv(to_head), target_head[None])[0]
-            shifts = [np.round(target_vox - voxels.mean(axis=0)).astype(int) + rng.integers(-2, 3, 3)
-                      for _ in range(4)]
-        else:
-            shifts = [np.zeros(3, int)] + [rng.integers(-5, 6, 3) for _ in range(3)]
-        why = "none"
-        for shift in shifts:
-            moved = voxels + shift
-            if moved.min() < 1 or np.any(moved.max(axis=0) >= np.array(shape) - 1):
-                why = "outside_mni"
-                continue
-            why = _tissue_check(bg, apply(to_head, moved.astype(float)), in_slab, near) or "ok"
-            if why != "ok":
-                continue
-            lo, hi = moved.min(axis=0) - 1, moved.max(axis=0) + 2
-            crop = instance[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
-            own = np.zeros(crop.shape, dtype=bool)
-            own[tuple((moved - lo).T)] = True
-            touching = np.unique(crop[ndimage.binary_dilation(own, struct)])
-            touching = touching[touching > 0]
-            partner = None
-            if touching.size:
-                other = lesions[int(touching[0]) - 1]
-                overlap = int(np.count_nonzero(crop[own]))
-                if (touching.size > 1 or other.partner is not None
-                        or overlap > 0.3 * min(len(moved), len(other.voxels))
-                        or rng.random() >= CONFLUENT_KEEP_PROBABILITY):
-                    why = "overlap"
-                    continue
-                keep = crop[tuple((moved - lo).T)] == 0
-                moved = moved[keep]
-                if len(moved) < MIN_MNI_VOXELS:
-                    why = "overlap"
-                    continue
-                partner = other.lesion_id
-            if grid_voxels is not None and grid_voxels(moved) < min_grid_voxels:
-                why = "under_10_qsm_voxels"
-                continue
-            lesion_id = len(lesions) + 1
-            instance[tuple(moved.T)] = lesion_id
-            lesion = Lesion(lesion_id, patient, comp, moved.astype(np.int32), tuple(int(s) for s in shift),
-                            partner=partner, near_bleed=near)
-            if partner is not None:
-                lesions[partner - 1].partner = lesion_id
-            lesions.append(lesion)
+    batch, n_candidates = candidates, len(candidates)
+    while True:
+        for patient, comp, voxels in batch:
+            if len(lesions) >= target:
+                break
+            near = near_left > 0
             if near:
-                near_left -= 1
+                target_head = bleed_targets[rng.integers(len(bleed_targets))]
+                target_vox = apply(np.linalg.inv(to_head), target_head[None])[0]
+                shifts = [np.round(target_vox - voxels.mean(axis=0)).astype(int) + rng.integers(-2, 3, 3)
+                          for _ in range(4)]
+            else:
+                shifts = [np.zeros(3, int)] + [rng.integers(-5, 6, 3) for _ in range(3)]
+            why = "none"
+            for shift in shifts:
+                moved = voxels + shift
+                if moved.min() < 1 or np.any(moved.max(axis=0) >= np.array(shape) - 1):
+                    why = "outside_mni"
+                    continue
+                why = _tissue_check(bg, apply(to_head, moved.astype(float)), in_slab, near) or "ok"
+                if why != "ok":
+                    continue
+                lo, hi = moved.min(axis=0) - 1, moved.max(axis=0) + 2
+                crop = instance[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+                own = np.zeros(crop.shape, dtype=bool)
+                own[tuple((moved - lo).T)] = True
+                touching = np.unique(crop[ndimage.binary_dilation(own, struct)])
+                touching = touching[touching > 0]
+                partner = None
+                if touching.size:
+                    other = lesions[int(touching[0]) - 1]
+                    overlap = int(np.count_nonzero(crop[own]))
+                    if (touching.size > 1 or other.partner is not None
+                            or overlap > 0.3 * min(len(moved), len(other.voxels))
+                            or rng.random() >= CONFLUENT_KEEP_PROBABILITY):
+                        why = "overlap"
+                        continue
+                    keep = crop[tuple((moved - lo).T)] == 0
+                    moved = moved[keep]
+                    if len(moved) < MIN_MNI_VOXELS:
+                        why = "overlap"
+                        continue
+                    partner = other.lesion_id
+                if grid_voxels is not None and grid_voxels(moved) < min_grid_voxels:
+                    why = "under_10_qsm_voxels"
+                    continue
+                lesion_id = len(lesions) + 1
+                instance[tuple(moved.T)] = lesion_id
+                lesion = Lesion(lesion_id, patient, comp, moved.astype(np.int32), tuple(int(s) for s in shift),
+                                partner=partner, near_bleed=near)
+                if partner is not None:
+                    lesions[partner - 1].partner = lesion_id
+                lesions.append(lesion)
+                if near:
+                    near_left -= 1
+                break
+            if why != "ok":
+                rejected[why] = rejected.get(why, 0) + 1
+        if len(lesions) >= min_count or not order:
             break
-        if why != "ok":
-            rejected[why] = rejected.get(why, 0) + 1
-    return Placement(lesions, instance, mni_affine, patients, len(candidates), rejected)
+        # Short of the family's minimum (tissue ran out): one more patient's lesions, shuffled.
+        patient = PATIENTS[order.pop(0)]
+        patients.append(patient)
+        extra = [(patient, comp, vox) for comp, vox in patient_components(data_dir, patient)
+                 if len(vox) * voxel_mm3 >= min_volume_mm3]
+        batch = [extra[i] for i in rng.permutation(len(extra))]
+        n_candidates += len(batch)
+    return Placement(lesions, instance, mni_affine, patients, n_candidates, rejected)
 
 
 def _bleed_targets(bg: Background, in_slab: Callable[[np.ndarray], bool]) -> np.ndarray:
