@@ -71,6 +71,7 @@ class AppConfig:
     skip_bids_validation: bool = False
     verbosity: int = 0
     train: bool = False
+    recalibrate: bool = False  # group --recalibrate: a site's calibration from its rater (workflows/recalibrate.py)
     classify: bool = True  # False: participant level stops after preprocessing (--no-classify)
     # What ``--train`` trains (``--method all`` expands to every comparator); training.method is the first.
     train_methods: tuple[str, ...] = ("qsmrimnet",)

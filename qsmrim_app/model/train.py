@@ -461,6 +461,13 @@ def ensemble_thresholds(labels: np.ndarray, prob: np.ndarray, fold_of: np.ndarra
             "high-sensitivity-pooled": _safe_threshold(high_sensitivity_threshold(labels, prob))}
 
 
+def calibrated_thresholds(labels: np.ndarray, calibrated: np.ndarray, fold_of: np.ndarray) -> dict[str, float]:
+    """The operating points of :func:`ensemble_thresholds` chosen on the calibrated probability."""
+    fold_thr = [_safe_threshold(f1_optimal_threshold(labels[fold_of == k], calibrated[fold_of == k]))
+                for k in np.unique(fold_of)]
+    return ensemble_thresholds(labels, calibrated, fold_of, fold_thr)
+
+
 def _stored_member_probability(weights: Path, config: TrainConfig, x_all: np.ndarray,
                                feature_cols: np.ndarray, test_idx: np.ndarray, scaler: FeatureScaler
                                ) -> np.ndarray:
@@ -508,17 +515,21 @@ def _model_id(config: TrainConfig, out_dir: Path, members: list[dict]) -> str:
     return f"{config.method}-{h.hexdigest()[:12]}"
 
 
-def write_oof_predictions(path: Path, lesions: LesionSet, cv: CVResult) -> None:
-    """``oof_predictions.tsv``: one row per lesion with its held-out probability and vote."""
+def write_oof_predictions(path: Path, lesions: LesionSet, cv: CVResult, calibrated: np.ndarray | None = None) -> None:
+    """``oof_predictions.tsv``: one row per lesion with its held-out probability and vote.
+
+    ``probability`` is the calibrated one (cross-fitted: each fold's map fitted without it) when given,
+    ``probability_raw`` the ensemble's mean."""
     tmp = path.with_name(path.name + ".tmp")
+    calibrated = cv.probability if calibrated is None else np.asarray(calibrated, dtype=float)
     with tmp.open("w", newline="") as fh:
         w = csv.writer(fh, delimiter="\t", lineterminator="\n")
-        w.writerow(["subject", "session", "lesion_id", "label", "fold", "probability", "vote", "vote_fraction",
-                    "uncertainty"])
+        w.writerow(["subject", "session", "lesion_id", "label", "fold", "probability", "probability_raw", "vote",
+                    "vote_fraction", "uncertainty"])
         spread = cv.member_probability.std(axis=0)
         for i in range(len(lesions)):
             w.writerow([lesions.subjects[i], lesions.sessions[i] or "n/a", int(lesions.lesion_ids[i]),
-                        int(lesions.labels[i]), int(cv.fold[i]),
+                        int(lesions.labels[i]), int(cv.fold[i]), f"{calibrated[i]:.6f}",
                         f"{cv.probability[i]:.6f}", int(cv.vote[i]), f"{cv.vote_fraction[i]:.4f}",
                         f"{spread[i]:.6f}"])
     os.replace(tmp, path)
@@ -544,6 +555,10 @@ def train(lesions: LesionSet, config: TrainConfig, out_dir: Path, progress: bool
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     cv = cross_validate(lesions, config, out_dir, progress, epoch_callback)
+    from .calibration import fit_cv_calibration  # a monotone map of the OOF probability; thresholds on its scale
+
+    calibration = fit_cv_calibration(lesions.labels, cv.probability, cv.fold)
+    cv.thresholds = calibrated_thresholds(lesions.labels, calibration.map.apply(cv.probability), cv.fold)
     meta = {
         "format_version": MODEL_FORMAT,
         "model_id": _model_id(config, out_dir, cv.members),
@@ -556,6 +571,7 @@ def train(lesions: LesionSet, config: TrainConfig, out_dir: Path, progress: bool
                   for k, (tr, te) in enumerate(cv.folds)],
         "members": cv.members,
         "thresholds": cv.thresholds,
+        "calibration": calibration.map.to_dict(),
         "cv": {"auc": _finite_or_none(_binary_auc(lesions.labels, cv.probability))},
         "versions": _versions(),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -564,7 +580,7 @@ def train(lesions: LesionSet, config: TrainConfig, out_dir: Path, progress: bool
     tmp = out_dir / (MODEL_JSON + ".tmp")
     tmp.write_text(json.dumps(meta, indent=1, allow_nan=False))
     os.replace(tmp, out_dir / MODEL_JSON)
-    write_oof_predictions(out_dir / "oof_predictions.tsv", lesions, cv)
+    write_oof_predictions(out_dir / "oof_predictions.tsv", lesions, cv, calibration.crossfit)
     return out_dir
 
 

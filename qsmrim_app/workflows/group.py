@@ -20,7 +20,8 @@ LOGGER = logging.getLogger("qsmrim")
 GROUP_TABLE = "group_rimcounts.tsv"
 GROUP_REPORT = "group_report.html"
 GROUP_COLUMNS = ["participant_id", "session", "n_lesions", "n_rimplus", "lesion_volume_mm3",
-                 "rimplus_volume_mm3", "model_id", "threshold", "operating_point"]
+                 "rimplus_volume_mm3", "model_id", "threshold", "operating_point",
+                 "n_rimplus_expected", "n_rimplus_ci_low", "n_rimplus_ci_high", "calibration"]  # model/counts.py
 # Where outputs are found lives in derivatives.py (training.py needs it too; no import circle).
 find_units = drv.find_units
 
@@ -98,6 +99,10 @@ def run_group(config: AppConfig) -> int:
         from .training import train_from_derivatives
 
         return train_from_derivatives(config)
+    if config.recalibrate:
+        from .recalibrate import run_recalibration
+
+        return run_recalibration(config)
 
     table, failed = build_group_table(config)
     if table.empty:
