@@ -160,3 +160,86 @@ def test_bundled_model_without_a_map_predicts_its_raw_mean():
     ens = load_ensemble(BUNDLED_MODEL_DIR, device="cpu")
     assert ens.calibration.is_identity
     assert "identity" in ens.calibration.describe()
+
+
+# ----------------------------------------------------------------------------- site recalibration
+def site_outputs(root: Path, n_units: int = 6, per_unit: int = 20, seed: int = 0) -> tuple[Path, Path, pd.DataFrame]:
+    """qsmrim-like participant tables (rim lesions + summary, bundled model) of a site where the model is off:
+    its raw probability is too low for the rim+ lesions. Written with the app's own derivatives functions."""
+    bids, out = root / "bids", root / "out"
+    bids.mkdir(parents=True)
+    (bids / "dataset_description.json").write_text(json.dumps({"Name": "t", "BIDSVersion": "1.9.0"}))
+    drv.init_output_dir(out, bids)
+    model_id = json.loads((BUNDLED_MODEL_DIR / "model.json").read_text())["model_id"]
+    rng = np.random.default_rng(seed)
+    truth = []
+    for u in range(n_units):
+        unit = drv.Unit(f"{u + 1:02d}")
+        y = (rng.random(per_unit) < 0.3).astype(int)
+        raw = sigmoid(rng.normal(-3.0 + 2.0 * y, 1.0))  # rim+ lesions score low: the model is off here
+        table = pd.DataFrame({"lesion_id": np.arange(1, per_unit + 1), "volume_mm3": 100.0, "probability": raw,
+                              "probability_raw": raw, "uncertainty": 0.05, "votes": 0.0,
+                              "rim_positive": (raw >= 0.7).astype(int), "threshold": 0.7})
+        drv.write_tsv(drv.output_path(out, unit, "rim_lesions"), table)
+        drv.write_tsv(drv.output_path(out, unit, "summary"), pd.DataFrame([{
+            "participant_id": unit.participant_id, "session": "n/a", "n_lesions": per_unit,
+            "n_rimplus": int(table["rim_positive"].sum()), "model_id": model_id}]))
+        truth.append(pd.DataFrame({"unit": [unit] * per_unit, "lesion_id": table["lesion_id"], "label": y}))
+    return bids, out, pd.concat(truth, ignore_index=True)
+
+
+def write_decisions(review: Path, reviewed: pd.DataFrame, rater: str = "alice") -> None:
+    """A rater's decisions as qsmrim-review stores them (its decisions table per unit)."""
+    for unit, rows in reviewed.groupby(reviewed["unit"].map(lambda u: u.prefix)):
+        unit = rows["unit"].iloc[0]
+        path = drv.review_path(review, unit, "rim_decisions")
+        drv.write_tsv(path, pd.DataFrame({"lesion_id": rows["lesion_id"],
+                                          "decision": np.where(rows["label"] == 1, "rimpos", "rimneg"),
+                                          "rater": rater, "time": "2026-12-03T10:00:00Z", "probability": 0.5}))
+
+
+def test_recalibration_refuses_too_few_reviews_and_writes_a_site_model(tmp_path, capsys):
+    from qsmrim_app.cli.run import main
+    from qsmrim_app.model.predict import load_ensemble
+    from qsmrim_app.workflows.recalibrate import MIN_RIMMINUS, MIN_RIMPLUS
+
+    bids, out, truth = site_outputs(tmp_path)
+    review = tmp_path / "review"
+    few = pd.concat([truth[truth["label"] == 1].head(MIN_RIMPLUS - 1), truth[truth["label"] == 0].head(30)])
+    write_decisions(review, few)
+    args = [str(bids), str(out), "group", "--recalibrate", "--rim-annotations", str(review), "--skip-bids-validation"]
+    assert main(args) == 64
+    err = capsys.readouterr().err
+    assert f"needs at least {MIN_RIMPLUS} reviewed rim+ and {MIN_RIMMINUS} reviewed rim-" in err
+    assert f"has {MIN_RIMPLUS - 1} rim+ and 30 rim-" in err
+    assert not (out / "models").exists()
+    assert main([str(bids), str(out), "group", "--recalibrate", "--skip-bids-validation"]) == 64  # no review dir
+
+    enough = truth.sample(60, random_state=0)
+    write_decisions(review, enough)
+    (drv.review_path(review, drv.Unit("01"), "rim_decisions")).unlink(missing_ok=True)  # a unit nobody reviewed
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    site = sorted((out / "models").glob("*-site-*"))
+    assert len(site) == 1
+    meta = json.loads((site[0] / "model.json").read_text())
+    record = json.loads((site[0] / "recalibration.json").read_text())
+    bundled = json.loads((BUNDLED_MODEL_DIR / "model.json").read_text())
+    assert meta["model_id"] == site[0].name and meta["recalibrated_from"]["model_id"] == bundled["model_id"]
+    assert meta["calibration"]["method"] == "platt" and meta["calibration"]["base"]["method"] == "identity"
+    reviewed = enough[enough["unit"] != drv.Unit("01")]
+    assert record["reviewed"]["lesions"] == len(reviewed)
+    assert record["reviewed"]["rim_positive"] == int(reviewed["label"].sum())
+    assert record["reviewed"]["raters"] == ["alice"] and "sub-01" not in record["reviewed"]["participants"]
+    # the site map moves the rim+ lesions' probability up, where they belong, and the F1 point follows
+    assert meta["calibration"]["params"]["intercept"] > 0.5
+    assert meta["thresholds"]["f1"] != bundled["thresholds"]["f1"]
+    assert record["reviewed_mean_probability"]["after"] == pytest.approx(
+        record["reviewed_mean_probability"]["observed_rim_positive_fraction"], abs=0.05)
+    ens = load_ensemble(site[0], device="cpu")  # the weights came along
+    assert ens.model_id == meta["model_id"] and len(ens.members) == len(bundled["members"])
+    assert "participant --model" in err
+    # the outputs of another model are refused with the reason
+    assert main(args + ["--model", str(site[0])]) == 64
+    err = capsys.readouterr().err
+    assert "classified with model(s)" in err
