@@ -101,7 +101,7 @@ def main() -> int:
 
     # -- calibration at training time: the candidates on the model's own out-of-fold predictions
     oof = drv.read_tsv(args.model / "oof_predictions.tsv")
-    oof_raw = oof["probability_raw" if "probability_raw" in oof.columns else "probability"].to_numpy(float)
+    oof_raw = oof["probability"].to_numpy(float)  # the ensemble mean (calibrated: probability_calibrated)
     cv = fit_cv_calibration(oof["label"].to_numpy(int), oof_raw, oof["fold"].to_numpy(int))
     transfer = {}
     for method in CANDIDATES:

@@ -141,14 +141,14 @@ def test_training_stores_the_map_and_prediction_applies_it(tmp_path):
     assert set(cal["fitted_on"]["candidates"]) == {"identity", "temperature", "platt", "isotonic"}
     assert cal["fitted_on"]["lesions"] == len(lesions) and cal["fitted_on"]["ece_binning"] == "equal-mass"
     oof = drv.read_tsv(model_dir / "oof_predictions.tsv")
-    assert {"probability", "probability_raw"} <= set(oof.columns)
+    assert {"probability", "probability_calibrated"} <= set(oof.columns)
     ens = load_ensemble(model_dir, device="cpu")
     pred = ens.predict(lesions.patches, lesions.features, lesions.feature_names)
     np.testing.assert_allclose(pred.probability, CalibrationMap.from_dict(cal).apply(pred.probability_raw), atol=1e-6)
     # operating points live on the calibrated scale: the F1 one equals the mean of the per-fold ones chosen there
     from qsmrim_app.model.metrics import f1_optimal_threshold
 
-    p_cal = CalibrationMap.from_dict(cal).apply(oof["probability_raw"].to_numpy(float))
+    p_cal = CalibrationMap.from_dict(cal).apply(oof["probability"].to_numpy(float))
     per_fold = [f1_optimal_threshold(oof["label"].to_numpy(int)[oof["fold"] == k], p_cal[oof["fold"] == k])
                 for k in sorted(oof["fold"].unique())]
     assert meta["thresholds"]["f1"] == pytest.approx(np.mean(per_fold), abs=1e-5)

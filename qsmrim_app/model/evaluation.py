@@ -291,11 +291,16 @@ def write_evaluation(
         subj = count_units(t)
         m = lesion_and_subject_metrics(y, p, fold, subj, max_fpr=MAX_FPR)
         m["n_excluded"] = int(len(raw) - len(t))
-        p_raw = raw.loc[t.index, "probability_raw"].to_numpy(float) if "probability_raw" in raw.columns else None
-        m.update(calibration_metrics(y, p, p_raw))
-        reliability[method] = (y, p)
-        if p_raw is not None and not reliability_raw:
-            reliability_raw[f"{method}, raw"] = (y, p_raw)
+        # calibration metrics on the calibrated (cross-fitted) probability when the table has one, beside the raw
+        if "probability_calibrated" in raw.columns:
+            p_cal = raw.loc[t.index, "probability_calibrated"].to_numpy(float)
+            m.update(calibration_metrics(y, p_cal, p))
+            if not reliability_raw:
+                reliability_raw[f"{method}, raw"] = (y, p)
+        else:
+            p_cal = p
+            m.update(calibration_metrics(y, p))
+        reliability[method] = (y, p_cal)
         metrics[method] = m
         curves[method] = cv_curve_aucs(y, p, fold, max_fpr=MAX_FPR)
         thr = {int(k): v for k, v in m["thresholds_f1_per_fold"].items()}
@@ -336,8 +341,9 @@ def write_evaluation(
         "over the folds. Subject counts: lesions predicted rim+ vs expert rim+ per subject; Pearson r with "
         "a 95 % Fisher-z confidence interval.",
     ]
-    notes.append(f"Calibration: expected calibration error (ECE) over {ECE_BINS} equal-mass bins of the reported "
-                 "(calibrated, cross-fitted) probability" + "; ".join(
+    notes.append(f"Calibration: expected calibration error (ECE) over {ECE_BINS} equal-mass bins of the "
+                 "calibrated (cross-fitted) probability, raw ensemble mean in brackets; AUCs and thresholds above "
+                 "rank the raw mean (the model's one monotone map does not change a ranking)" + "; ".join(
                      [""] + [f"{k}: {_fmt(m['ece'])}" + (f" (raw {_fmt(m['ece_raw'])})" if "ece_raw" in m else "")
                              for k, m in metrics.items()]))
     for method, m in metrics.items():

@@ -518,19 +518,20 @@ def _model_id(config: TrainConfig, out_dir: Path, members: list[dict]) -> str:
 def write_oof_predictions(path: Path, lesions: LesionSet, cv: CVResult, calibrated: np.ndarray | None = None) -> None:
     """``oof_predictions.tsv``: one row per lesion with its held-out probability and vote.
 
-    ``probability`` is the calibrated one (cross-fitted: each fold's map fitted without it) when given,
-    ``probability_raw`` the ensemble's mean."""
+    ``probability`` is the ensemble's mean (what the discrimination metrics rank: one global monotone map
+    does not change a ranking, but a map per fold would change pooled AUCs); ``probability_calibrated`` the
+    calibrated one, cross-fitted (each fold's map fitted without it), which the calibration metrics use."""
     tmp = path.with_name(path.name + ".tmp")
     calibrated = cv.probability if calibrated is None else np.asarray(calibrated, dtype=float)
     with tmp.open("w", newline="") as fh:
         w = csv.writer(fh, delimiter="\t", lineterminator="\n")
-        w.writerow(["subject", "session", "lesion_id", "label", "fold", "probability", "probability_raw", "vote",
-                    "vote_fraction", "uncertainty"])
+        w.writerow(["subject", "session", "lesion_id", "label", "fold", "probability", "probability_calibrated",
+                    "vote", "vote_fraction", "uncertainty"])
         spread = cv.member_probability.std(axis=0)
         for i in range(len(lesions)):
             w.writerow([lesions.subjects[i], lesions.sessions[i] or "n/a", int(lesions.lesion_ids[i]),
-                        int(lesions.labels[i]), int(cv.fold[i]), f"{calibrated[i]:.6f}",
-                        f"{cv.probability[i]:.6f}", int(cv.vote[i]), f"{cv.vote_fraction[i]:.4f}",
+                        int(lesions.labels[i]), int(cv.fold[i]), f"{cv.probability[i]:.6f}",
+                        f"{calibrated[i]:.6f}", int(cv.vote[i]), f"{cv.vote_fraction[i]:.4f}",
                         f"{spread[i]:.6f}"])
     os.replace(tmp, path)
 
