@@ -11,9 +11,9 @@ operating point are fitted exactly as the app does, and recall / precision / F1 
 measured on all the site's lesions (the calls the site gets; with ~30 rim+ a half-cohort left for judging
 made one lesion worth more than the 0.05 tolerance). Two ways a rater picks lesions: ``random``
 (uniform) and ``queue`` (qsmrim-review's order: most probable first). Variants measured: the prior towards the
-model's map (1.0, the app's, vs 0: plain maximum likelihood) and the threshold rule (``expected``: the F1
-point the site map implies for all the site's lesions, the app's; ``empirical``: the F1-optimal threshold on
-the reviewed lesions). "Within 0.05" means recall >= in-family recall - 0.05 and precision >= in-family
+model's map (1.0, the app's, vs 0: plain maximum likelihood) and the threshold rule (``empirical``: the
+F1-optimal threshold of the reviewed lesions under the site map, the app's since this measurement;
+``expected``: the F1 point the site map implies for all the site's lesions). "Within 0.05" means recall >= in-family recall - 0.05 and precision >= in-family
 precision - 0.05; beside it, "F1 within 0.05 of the oracle": the best F1 any threshold reaches on the site
 with every label known (ranking, not calibration, limits that one).
 

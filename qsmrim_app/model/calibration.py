@@ -321,9 +321,9 @@ def expected_operating_points(p: np.ndarray, max_sensitivity: float = 0.95) -> d
     Flagging every lesion with ``p >= t`` expects ``TP = sum of p over flagged``, ``FP = flagged - TP`` and
     ``FN = sum(p) - TP``; the F1 point maximises ``2 TP / (flagged + sum(p))``, the high-sensitivity point is
     the highest threshold whose expected sensitivity ``TP / sum(p)`` is as large as possible but at most
-    ``max_sensitivity``. Why: a rater reviews the queue's most probable lesions first, so the reviewed set
-    is not a sample of the site's lesions; the site map (a model of P(rim+ | score)) transfers to every
-    lesion of the site, an F1 threshold fitted on the reviewed lesions does not.
+    ``max_sensitivity``. Recorded by ``group --recalibrate`` beside the thresholds it uses (those of the
+    reviewed lesions): measured, a site map fitted on the queue's most probable lesions extrapolates too
+    poorly below them for these to be the better choice (docs/calibration.md).
     """
     p = np.sort(np.asarray(p, dtype=float)[np.isfinite(p)])[::-1]
     if not p.size or p.sum() <= 0:
