@@ -22,7 +22,8 @@ demo: $(STAMP)
 	$(BIN)/qsmrim-synth example/bids --subjects 3 --seed 1 --rimplus-fraction 0.3
 	$(BIN)/qsmrim example/bids example/derivatives/qsmrim participant --nprocs 2 -w example/work
 	$(BIN)/qsmrim example/bids example/derivatives/qsmrim group
-	@echo "Results: example/derivatives/qsmrim (reports: example/derivatives/qsmrim/sub-*.html, group_rimcounts.tsv)"
+	@echo "Results: example/derivatives/qsmrim. Open group_report.html first: its 'Agreement with expert counts'"
+	@echo "table puts the model's rim+ counts beside the example's truth; then sub-01.html. What to expect: docs/demo.md"
 
 # Every test, slow ones included (what CI runs).
 test: $(STAMP)

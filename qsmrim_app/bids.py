@@ -589,7 +589,7 @@ def _discover_one(config: AppConfig, datasets: Sequence[_Dataset], subject: str,
                 break
 
     # Lesion mask: instances (dseg) preferred over binary masks, then probability maps, then
-    # LST-AI's bare outputs (see the README for every pattern).
+    # LST-AI's bare outputs (docs/inputs.md lists every pattern).
     lesion_mask, mask_kind, mask_space = None, "binary", None
     mask_filter = filters.get("lesion_mask", {})
     for query in _MASK_QUERIES:

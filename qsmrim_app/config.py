@@ -4,7 +4,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .lesion_split import LESION_THRESHOLD, SPLIT_METHODS
+from .lesions import MIN_LESION_VOXELS
 from .model.config import TrainConfig
+from .model.inputs import PATCH_EXTENT_MM, PATCH_SPACING_MM
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 RADIOMICS_PARAMS = DATA_DIR / "radiomics.yaml"
@@ -13,17 +16,20 @@ BUNDLED_MODEL_DIR = DATA_DIR / "model"
 
 @dataclass(frozen=True)
 class PreprocConfig:
-    """Participant-level preprocessing knobs (defaults documented in the README)."""
+    """Participant-level preprocessing knobs (defaults in `qsmrim --help`; the choices in docs/method.md)."""
 
     n4_shrink_factor: int = 4
     n4_iterations: tuple[int, ...] = (50, 50, 30)
     n4_convergence: float = 1e-4
-    min_lesion_voxels: int = 10
+    min_lesion_voxels: int = MIN_LESION_VOXELS
     # Lesion patches in mm along the world axes (patches.py); the model's own grid by default.
-    patch_extent_mm: tuple[float, float, float] = (24.0, 24.0, 24.0)
-    patch_spacing_mm: tuple[float, float, float] = (0.75, 0.75, 1.5)
+    patch_extent_mm: tuple[float, float, float] = PATCH_EXTENT_MM
+    patch_spacing_mm: tuple[float, float, float] = PATCH_SPACING_MM
     qsm_units: str | None = None  # None: trust BIDS (Chimap is ppm)
     radiomics_params: Path = RADIOMICS_PARAMS
+    # The parameters of radiomics_params, read and validated once at start (cli/run.py, radiomics.load_params)
+    # and handed to every node; None until then.
+    radiomics: dict | None = None
     # A registration whose final Mattes MI is above this (MI is negative, lower is better)
     # did not find a meaningful alignment and is an error for that participant.
     registration_max_metric: float = -0.05
@@ -31,8 +37,8 @@ class PreprocConfig:
     registration: str = "rigid"
     # Binary masks and probability maps: confluent lesions split into lesion centres (lesion_split.py)
     # in the mask's own grid ("none": connected components in the QSM grid); probability >= threshold.
-    lesion_split: str = "auto"
-    lesion_threshold: float = 0.5
+    lesion_split: str = SPLIT_METHODS[0]
+    lesion_threshold: float = LESION_THRESHOLD
     split_sigma_mm: float = 1.25
     split_min_centre_mm3: float = 10.0
 
@@ -64,6 +70,8 @@ class AppConfig:
     rim_annotations: Path | None = None  # --rim-annotations: the only dataset searched for desc-rim_dseg
     nprocs: int = 1
     omp_nthreads: int = 1
+    container: str | None = None  # the image it runs in (cli/common.container_name), recorded in outputs
+    omp_nthreads_given: bool = False  # --omp-nthreads on the command line: never split between units
     mem_gb: float | None = None
     device: str = "auto"
     plugin: str = "MultiProc"
@@ -97,3 +105,4 @@ class ReviewConfig:
     rater: str = "rater"
     host: str = "127.0.0.1"
     port: int = 0  # 0: a free port
+    container: str | None = None  # the image it runs in (cli/common.container_name), recorded in outputs

@@ -12,24 +12,22 @@ import os
 import platform
 import re
 import shutil
-import tempfile
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import nibabel as nib
 import numpy as np
 import pandas as pd
 
-from . import __version__
+from . import __version__, atomic
+from .atomic import atomic_path, remove_stale_temporaries, write_text
 
 APP_NAME = "qsmrim"
 CODE_URL = "https://github.com/qsmrim/qsmrim"
 BIDS_VERSION = "1.9.0"
-# Set by the container image (see Dockerfile) so outputs record the exact image they came from.
-CONTAINER_ENV = "QSMRIM_CONTAINER"
 
 
 @dataclass(frozen=True)
@@ -109,65 +107,8 @@ def report_path(root: Path, unit: Unit) -> Path:
 # ---------------------------------------------------------------------------------------------
 # Atomic writes
 # ---------------------------------------------------------------------------------------------
-_HOST = re.sub(r"[^A-Za-z0-9-]", "-", platform.node() or "host")
-
-
-def _writer() -> str:
-    """``host~pid`` of the writing process (at call time: forked workers have their own pid)."""
-    return f"{_HOST}~{os.getpid()}"
-
-_TEMP_RE = re.compile(r"^\..+\.(?P<host>[A-Za-z0-9-]+)~(?P<pid>\d+)\..*tmp")
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's live process
-        return True
-    return True
-
-
-def remove_stale_temporaries(root: Path) -> int:
-    """Delete temporary files of writers on this host that no longer run (killed jobs); return how many.
-
-    Temporaries of live writers, or of writers on other hosts sharing the folder, are left alone.
-    """
-    removed = 0
-    for path in Path(root).rglob(".*tmp*"):
-        match = _TEMP_RE.match(path.name)
-        if not match or not path.is_file() or match["host"] != _HOST or _pid_alive(int(match["pid"])):
-            continue
-        path.unlink(missing_ok=True)
-        removed += 1
-    return removed
-
-
-@contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; it becomes ``path`` only if the block succeeds."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Keep the real extension at the end so writers that look at it (nibabel, numpy) behave; host and
-    # pid in the name let a later run remove what a killed writer left (remove_stale_temporaries).
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_writer()}.", suffix=".tmp" + "".join(path.suffixes[-2:]),
-                               dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        yield tmp_path
-        os.chmod(tmp_path, 0o644)
-        os.replace(tmp_path, path)
-    finally:
-        if tmp_path.exists():
-            tmp_path.unlink()
-
-
-def write_text(path: Path, text: str) -> Path:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)
-    return Path(path)
+# One helper for every atomic write (qsmrim_app/atomic.py); re-exported here for the writers below.
+_HOST = atomic.HOST
 
 
 def write_json(path: Path, data: Mapping) -> Path:
@@ -186,8 +127,9 @@ def _finite(value):
     return value
 
 
-def write_tsv(path: Path, table: pd.DataFrame) -> Path:
-    with atomic_path(path) as tmp:
+def write_tsv(path: Path, table: pd.DataFrame, fsync: bool = False) -> Path:
+    """``fsync``: on disk before returning (the review store acknowledges a decision only then)."""
+    with atomic_path(path, fsync) as tmp:
         table.to_csv(tmp, sep="\t", index=False, na_rep="n/a", float_format="%.10g")
     return Path(path)
 
@@ -197,13 +139,13 @@ def read_tsv(path: Path) -> pd.DataFrame:
 
 
 def write_nifti(path: Path, data: np.ndarray, affine: np.ndarray, *, dtype=None,
-                header: nib.Nifti1Header | None = None) -> Path:
+                header: nib.Nifti1Header | None = None, fsync: bool = False) -> Path:
     array = np.asarray(data if dtype is None else np.asarray(data).astype(dtype))
     image = nib.Nifti1Image(array, affine, header=header)
     image.header.set_data_dtype(array.dtype)
     image.set_qform(affine, code=1)
     image.set_sform(affine, code=1)
-    with atomic_path(path) as tmp:
+    with atomic_path(path, fsync) as tmp:
         nib.save(image, tmp)
     return Path(path)
 
@@ -251,21 +193,22 @@ def write_with_sidecar(role_path: Path, writer, *, sources: Sequence[str],
     return role_path
 
 
-def generated_by() -> list[dict]:
+def generated_by(container: str | None = None) -> list[dict]:
+    """``container``: the image the app runs in (``docker://name:tag``; the command line reads it from
+    the environment the image sets, cli/common.CONTAINER_ENV), recorded so outputs name their image."""
     entry = {"Name": APP_NAME, "Version": __version__, "CodeURL": CODE_URL}
-    container = os.environ.get(CONTAINER_ENV)
     if container:
         kind, _, tag = container.partition("://")
         entry["Container"] = {"Type": kind or "docker", "Tag": tag or container}
     return [entry]
 
 
-def dataset_description(bids_dir: Path | None) -> dict:
+def dataset_description(bids_dir: Path | None, container: str | None = None) -> dict:
     description = {
         "Name": "qsmrim: rim+ lesion detection on QSM",
         "BIDSVersion": BIDS_VERSION,
         "DatasetType": "derivative",
-        "GeneratedBy": generated_by(),
+        "GeneratedBy": generated_by(container),
         "HowToAcknowledge": "Cite QSMRim-Net (Zhang et al., NeuroImage: Clinical 2022) and qsmrim; see CITATION.md.",
     }
     if bids_dir is not None:
@@ -302,12 +245,12 @@ def _write_if_changed(path: Path, text: str) -> None:
     write_text(path, text)
 
 
-def init_output_dir(output_dir: Path, bids_dir: Path | None) -> None:
+def init_output_dir(output_dir: Path, bids_dir: Path | None, container: str | None = None) -> None:
     """Dataset-level files; safe when many participant jobs start at once (same content, atomic)."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(output_dir)
-    description = json.dumps(dataset_description(bids_dir), indent=2) + "\n"
+    description = json.dumps(dataset_description(bids_dir, container), indent=2) + "\n"
     _write_if_changed(output_dir / "dataset_description.json", description)
     _write_if_changed(output_dir / ".bidsignore", BIDSIGNORE)
     _write_if_changed(output_dir / "CITATION.md", CITATION)
@@ -345,13 +288,38 @@ def write_run_log(output_dir: Path, level: str, command_line: Sequence[str], con
     })
 
 
-def finish_run_log(path: Path, status: str, error: str | None = None) -> Path:
-    """Record how a unit's run ended (``done`` / ``failed``) in its ``logs/`` entry."""
+#: How a unit's run can end: published, failed (a step or an unusable input), skipped (an input missing).
+UNIT_STATUSES = ("done", "failed", "skipped")
+
+
+def finish_run_log(path: Path, status: str, error: str | None = None, file: Path | str | None = None) -> Path:
+    """Record how a unit's run ended in its ``logs/`` entry: ``status``, the one-line ``reason`` (also as
+    ``error`` when it failed) and the ``file`` it names (the input at fault or the crash report)."""
+    if status not in UNIT_STATUSES:
+        raise ValueError(f"unit status {status!r} is not one of {UNIT_STATUSES}")
     record = json.loads(Path(path).read_text())
     record.update({"status": status, "finished_at": datetime.now(timezone.utc).isoformat()})
     if error:
-        record["error"] = error
+        record["reason"] = error
+        if status == "failed":
+            record["error"] = error
+    if status != "done":
+        record["file"] = str(file) if file else None
     return write_json(path, record)
+
+
+def write_unit_log(output_dir: Path, label: str, command_line: Sequence[str], config: Mapping, status: str,
+                   reason: str, file: Path | str | None = None) -> Path:
+    """A unit that never reached the workflow (refused for its inputs) still gets its ``logs/`` record."""
+    path = write_run_log(output_dir, "participant", command_line, config, label=label)
+    return finish_run_log(path, status, reason, file)
+
+
+def config_record(config: Any) -> dict:
+    """The run's AppConfig as JSON-ready values, for the ``logs/`` records."""
+    record = asdict(config)
+    record["preproc"].pop("radiomics", None)  # the parameters themselves: radiomics_params names their file
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in record.items()}
 
 
 _LOG_RE = re.compile(r"^(?P<prefix>sub-[A-Za-z0-9]+(?:_ses-[A-Za-z0-9]+)?)_\d{8}T\d{6}_\d+\.json$")
@@ -369,7 +337,7 @@ def latest_unit_logs(output_dir: Path) -> dict[str, dict]:
             record = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
-        if record.get("level") != "participant" or record.get("status") not in ("done", "failed"):
+        if record.get("level") != "participant" or record.get("status") not in UNIT_STATUSES:
             continue
         match = _LOG_RE.match(path.name)  # <prefix>_<YYYYmmddTHHMMSS>_<pid>.json
         if not match:
@@ -436,18 +404,12 @@ def _locked(directory: Path) -> Iterator[None]:
 
 def _place(src: Path, dst: Path) -> None:
     """Atomically make ``dst`` a copy of ``src`` (a hard link when both are on one file system)."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.{_writer()}.publish.tmp")
-    try:
+    with atomic_path(dst) as tmp:
+        tmp.unlink()
         try:
             os.link(src, tmp)
         except OSError:  # another file system, or links not allowed: copy instead
             shutil.copyfile(src, tmp)
-            os.chmod(tmp, 0o644)
-        os.replace(tmp, dst)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def publish_unit(staging: Path, output_dir: Path, unit: Unit, files: Sequence[Path]) -> list[Path]:
@@ -537,6 +499,41 @@ ANNOTATION_DICTIONARY = {
 }
 
 
+PATCHES_ARRAYS = {"patches": "float32 (N, 4, X, Y, Z)", "lesion_id": "int32 (N,)",
+                  "reference": "float32 (N, 2) median, scale (ppb)", "extent_mm": "float32 (3,)",
+                  "spacing_mm": "float32 (3,)", "qsm_voxel_size_mm": "float32 (3,)", "channels": "str (4,)",
+                  "format_version": "int32"}
+
+
+def participant_outputs(qsm: str, flair: str, mask: str, rim_labels: str | None,
+                        patch_extent_mm: Sequence[float], patch_spacing_mm: Sequence[float]
+                        ) -> dict[str, tuple[str, list[str], dict | None]]:
+    """Every participant-level output: field -> (role, Sources, sidecar metadata or None for no sidecar).
+
+    The arguments are the inputs' URIs (:func:`bids_uri`) and the run's patch grid.
+    """
+    patches_meta = {
+        "Description": "Per-lesion patches resampled in mm along the world (RAS) axes around each lesion's "
+                       "centroid: QSM (ppb), normalised FLAIR, signed distance to the lesion boundary "
+                       "(mm, negative inside), other lesions (1); and each lesion's local reference "
+                       "tissue (median, robust scale; ppb)",
+        "Arrays": PATCHES_ARRAYS, "PatchExtentMM": list(patch_extent_mm), "PatchSpacingMM": list(patch_spacing_mm)}
+    return {
+        "flair": ("flair_preproc", [flair, qsm], {"SkullStripped": False, "SpatialReference": qsm}),
+        "xfm": ("xfm_flair_to_qsm", [flair, qsm], {"Type": "ITK", "Direction":
+                "maps QSM-space physical points to FLAIR-space points (ITK resampling convention)"}),
+        "dseg": ("lesions_dseg", [mask, qsm], {"SpatialReference": qsm}),
+        "dseg_tsv": ("lesions_dseg_tsv", [mask], None),  # its sidecar is the image's (same name)
+        "radiomics": ("radiomics", [qsm, mask], {}),
+        "patches": ("patches", [qsm, flair, mask], patches_meta),
+        "annotations": ("annotations", [rim_labels] if rim_labels else [], ANNOTATION_DICTIONARY),
+        "rim_table": ("rim_lesions", [qsm, flair, mask], RIM_DICTIONARY),
+        "rim_mask": ("rimplus_mask", [qsm, mask], {"SpatialReference": qsm}),
+        "rim_probseg": ("rimplus_probseg", [qsm, mask], {"SpatialReference": qsm}),
+        "summary": ("summary", [qsm, flair, mask], SUMMARY_DICTIONARY),
+    }
+
+
 def _radial_dictionary() -> dict:
     from .radial import FLOOR_COLUMN, feature_descriptions
 
@@ -598,21 +595,7 @@ def review_path(root: Path, unit: Unit, role: str) -> Path:
     return unit.folder(root) / bids_name(unit, suffix, extension, **entities)
 
 
-def fsync_file(path: Path) -> None:
-    """Flush a written file and its folder entry to disk (a decision is acknowledged only after this)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    fd = os.open(Path(path).parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def init_review_dir(review_dir: Path, output_dir: Path) -> None:
+def init_review_dir(review_dir: Path, output_dir: Path, container: str | None = None) -> None:
     """dataset_description.json (linking the qsmrim outputs it annotates) and .bidsignore."""
     review_dir = Path(review_dir)
     review_dir.mkdir(parents=True, exist_ok=True)
@@ -621,7 +604,7 @@ def init_review_dir(review_dir: Path, output_dir: Path) -> None:
         "Name": "qsmrim-review: rater decisions on rim+ candidates",
         "BIDSVersion": BIDS_VERSION,
         "DatasetType": "derivative",
-        "GeneratedBy": [{**generated_by()[0], "Name": "qsmrim-review",
+        "GeneratedBy": [{**generated_by(container)[0], "Name": "qsmrim-review",
                          "Description": "rater decisions made in qsmrim-review over qsmrim outputs"}],
         "SourceDatasets": [{"URL": uri}],
         "DatasetLinks": {"qsmrim": uri},

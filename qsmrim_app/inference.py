@@ -48,7 +48,8 @@ def cached_ensemble(model_dir: Path, device: str = "auto"):
     cost more than the inference. The key includes model.json's modification time, so a model
     retrained in place is read again.
     """
-    from .model.predict import MODEL_JSON, load_ensemble  # torch is imported only when classification runs
+    from .model.modeldir import MODEL_JSON
+    from .model.predict import load_ensemble  # torch is imported only when classification runs
 
     model_dir = Path(model_dir).resolve()
     key = (str(model_dir), device, (model_dir / MODEL_JSON).stat().st_mtime_ns)

@@ -20,6 +20,9 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage
 
+#: Probability maps (and soft 0-1 masks): lesion where the value is >= this (``--lesion-threshold``).
+LESION_THRESHOLD = 0.5
+
 #: Gaussian truncation (in sigmas) of the smoothing and derivative filters.
 TRUNCATE = 4.0
 _STRUCTURE_26 = np.ones((3, 3, 3), dtype=bool)
@@ -127,7 +130,7 @@ def _split_component(values: np.ndarray, component: np.ndarray, zooms: tuple[flo
     return assigned.astype(np.int32), n
 
 
-def split_lesions(values: np.ndarray, zooms: tuple[float, float, float], threshold: float = 0.5,
+def split_lesions(values: np.ndarray, zooms: tuple[float, float, float], threshold: float = LESION_THRESHOLD,
                   params: SplitParams = SplitParams()) -> SplitResult:
     """Split the lesion map ``values`` (binary 0/1 or probability 0..1) into lesion centres.
 
@@ -192,7 +195,7 @@ def _describe(values: list[float]) -> str:
 
 
 def prepare_lesions(data: np.ndarray, zooms: tuple[float, float, float], kind: str, split: str = "auto",
-                    threshold: float = 0.5, params: SplitParams = SplitParams()) -> PreparedLesions:
+                    threshold: float = LESION_THRESHOLD, params: SplitParams = SplitParams()) -> PreparedLesions:
     """Check a lesion file's values for its kind, threshold a probability map, split confluent lesions.
 
     ``instances`` are returned as they are (a rater's split is never redone). With ``split='none'``

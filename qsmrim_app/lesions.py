@@ -12,6 +12,9 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage
 
+#: Lesions (connected components in the QSM grid) smaller than this are ignored (``--min-lesion-voxels``).
+MIN_LESION_VOXELS = 10
+
 LOGGER = logging.getLogger(__name__)
 
 GEOMETRY_COLUMNS: tuple[str, ...] = (
@@ -66,7 +69,7 @@ def _structure_26() -> np.ndarray:
     return np.ones((3, 3, 3), dtype=bool)
 
 
-def label_instances(mask: np.ndarray, min_voxels: int = 10, is_instance_map: bool = False) -> LesionInstances:
+def label_instances(mask: np.ndarray, min_voxels: int = MIN_LESION_VOXELS, is_instance_map: bool = False) -> LesionInstances:
     """Turn a lesion mask into an instance map, dropping lesions below ``min_voxels``.
 
     Binary masks are split into 26-connected components (diagonal neighbours join, as raters draw

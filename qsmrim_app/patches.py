@@ -14,7 +14,6 @@ participant-level run serves every ablation.
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -22,12 +21,15 @@ from typing import Sequence
 import numpy as np
 from scipy import ndimage
 
+from .atomic import atomic_path
+from .model.inputs import PATCH_EXTENT_MM, PATCH_SPACING_MM
+
 # Extent chosen so that lesions up to ~18 mm across keep a 3 mm margin (most MS lesions are far
 # smaller), isotropic so that the acquisition orientation does not matter; the in-plane spacing is
 # the paper's 0.75 mm and the through-plane spacing half its 3 mm slice. That gives a 32x32x16 grid:
 # the paper's network input size and compute.
-DEFAULT_EXTENT_MM: tuple[float, float, float] = (24.0, 24.0, 24.0)
-DEFAULT_SPACING_MM: tuple[float, float, float] = (0.75, 0.75, 1.5)
+DEFAULT_EXTENT_MM: tuple[float, float, float] = PATCH_EXTENT_MM  # defined once, with the model's inputs
+DEFAULT_SPACING_MM: tuple[float, float, float] = PATCH_SPACING_MM
 RAW_CHANNELS: tuple[str, ...] = ("qsm_ppb", "flair", "signed_distance_mm", "other_lesions")
 PATCHES_FORMAT = 2  # 1: voxel windows, 2 channels, masked (qsmrim 0.1)
 
@@ -224,20 +226,12 @@ def save_patches(path: str | os.PathLike, patchset: PatchSet, qsm_voxel_size_mm:
     voxel = np.asarray(qsm_voxel_size_mm, dtype=np.float32)
     if voxel.shape != (3,):
         raise ValueError(f"voxel size must have 3 values, got {voxel.shape}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".npz", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            np.savez_compressed(
-                handle, patches=patches, lesion_id=ids, reference=np.asarray(reference, np.float32),
-                extent_mm=np.asarray(patchset.grid.extent_mm, np.float32),
-                spacing_mm=np.asarray(patchset.grid.spacing_mm, np.float32), qsm_voxel_size_mm=voxel,
-                channels=np.asarray(RAW_CHANNELS), format_version=np.int32(PATCHES_FORMAT))
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp, tmp.open("wb") as handle:
+        np.savez_compressed(
+            handle, patches=patches, lesion_id=ids, reference=np.asarray(reference, np.float32),
+            extent_mm=np.asarray(patchset.grid.extent_mm, np.float32),
+            spacing_mm=np.asarray(patchset.grid.spacing_mm, np.float32), qsm_voxel_size_mm=voxel,
+            channels=np.asarray(RAW_CHANNELS), format_version=np.int32(PATCHES_FORMAT))
     return path
 
 

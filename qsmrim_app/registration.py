@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -20,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
+
+from .atomic import atomic_path
 
 LOGGER = logging.getLogger(__name__)
 
@@ -460,15 +461,8 @@ def write_transform(transform: sitk.Transform, path: str | os.PathLike) -> Path:
     path = Path(path)
     if path.suffix not in (".txt", ".tfm"):
         raise ValueError(f"ITK text transforms end in .txt or .tfm, got {path.name}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        sitk.WriteTransform(transform, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(path) as tmp:
+        sitk.WriteTransform(transform, str(tmp))
     return path
 
 

@@ -26,7 +26,7 @@ DESCRIPTOR = REPO / "boutiques" / "qsmrim.json"
 SUGGESTED_RESOURCES = {"cpu-cores": 2, "ram": 4, "walltime-estimate": 3600}
 IMAGE = "qsmrim/qsmrim"
 # Inputs that name files or folders that must exist (Boutiques "File"); by the parser's type function name.
-FILE_TYPES = {"Path", "_existing_path", "_bids_filter_file", "_plugin_file"}
+FILE_TYPES = {"Path", "existing_path", "_bids_filter_file", "_plugin_file"}
 # Folders the app creates: plain strings (a Boutiques "File" input must exist before the run).
 CREATED_DIRS = {"output_dir", "work_dir"}
 

@@ -147,6 +147,7 @@ def test_participant_outputs_are_bids_and_consistent(classified):
         html = drv.report_path(classified, unit).read_text()
         for lesion_id in table["lesion_id"]:
             assert f'id="lesion-{lesion_id}"' in html
+        assert '<section id="annotations">' in html  # the dataset's rim annotations, beside the model's calls
 
 
 def test_group_counts_match_and_rerun_changes_nothing(dataset, classified):
@@ -160,6 +161,11 @@ def test_group_counts_match_and_rerun_changes_nothing(dataset, classified):
     run_app(dataset, classified, "group")
     assert (classified / "group_rimcounts.tsv").read_bytes() == first
     assert "group_report.html" in os.listdir(classified)
+    import json
+
+    agreement = json.loads((classified / "group_agreement.json").read_text())  # the dataset's annotations
+    assert agreement["n"] == 4 and (agreement["count_pearson_r"] is not None) != bool(agreement["r_not_computed"])
+    assert "No expert rim+ counts were given" not in (classified / "group_report.html").read_text()
 
 
 def test_broken_participant_is_skipped_and_others_complete(tmp_path, trained_model):

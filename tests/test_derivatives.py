@@ -76,8 +76,12 @@ def test_parallel_init_output_dir_never_corrupts(tmp_path):
 
 
 def test_generated_by_records_container(monkeypatch):
-    monkeypatch.setenv(drv.CONTAINER_ENV, "docker://qsmrim/qsmrim:0.1.0")
-    assert drv.generated_by()[0]["Container"] == {"Type": "docker", "Tag": "qsmrim/qsmrim:0.1.0"}
+    from qsmrim_app.cli.common import CONTAINER_ENV, container_name
+
+    monkeypatch.setenv(CONTAINER_ENV, "docker://qsmrim/qsmrim:0.1.0")  # what the image sets (Dockerfile)
+    assert drv.generated_by(container_name())[0]["Container"] == {"Type": "docker", "Tag": "qsmrim/qsmrim:0.1.0"}
+    monkeypatch.delenv(CONTAINER_ENV)
+    assert "Container" not in drv.generated_by(container_name())[0]
 
 
 def test_bids_uri(tmp_path):

@@ -298,3 +298,19 @@ def test_paired_bootstrap_is_paired_and_by_cluster() -> None:
     width = {k: r["roc_auc"]["ci_high"] - r["roc_auc"]["ci_low"] for k, r in (("small", small), ("big", big))}
     assert big["roc_auc"]["difference"] == pytest.approx(small["roc_auc"]["difference"])
     assert width["big"] == pytest.approx(width["small"], rel=1e-9)
+
+
+def test_expert_count_agreement_says_why_r_or_its_interval_is_missing() -> None:
+    """r from 3 varying units, its Fisher interval from 4; otherwise None with the reason, never NaN."""
+    two = M.expert_count_agreement([1, 2], [1, 3])
+    assert two["count_pearson_r"] is None and "at least 3" in two["r_not_computed"] and two["count_mse"] == 0.5
+    flat = M.expert_count_agreement([0, 0, 0], [3, 2, 3])
+    assert flat["count_pearson_r"] is None and "model's rim+ count is 0 for every" in flat["r_not_computed"]
+    assert flat["mean_difference"] == pytest.approx(-8 / 3) and flat["exact_matches"] == 0
+    three = M.expert_count_agreement([1, 2, 4], [1, 3, 3])
+    assert three["count_pearson_r"] == pytest.approx(stats.pearsonr([1, 2, 4], [1, 3, 3]).statistic)
+    assert three["count_pearson_ci"] is None and "at least 4" in three["ci_not_computed"]
+    pred, true = np.array([0, 1, 3, 2, 5]), np.array([0, 2, 2, 3, 6])
+    five = M.expert_count_agreement(pred, true)
+    assert five["count_pearson_ci"] == pytest.approx(M.count_agreement(pred, true)["count_pearson_ci"])
+    assert five["r_not_computed"] is None and five["ci_not_computed"] is None

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import io
 from html.parser import HTMLParser
 from pathlib import Path
@@ -212,7 +213,7 @@ def test_plane_orientation_independent_of_storage_order() -> None:
         np.testing.assert_array_equal(a.take(vol, 2), b.take(lps_vol, flipped))
         assert (a.col_mm, a.row_mm) == (b.col_mm, b.row_mm)
     axial = Plane.from_affine(ras, 2)
-    assert axial.col_labels == ("L", "R") and axial.row_labels == ("A", "P")
+    assert axial.col_labels == ("R", "L") and axial.row_labels == ("A", "P")  # radiological, as the review page
     # to_screen agrees with take for a single marked voxel
     marked = np.zeros((6, 7, 5))
     marked[4, 1, 3] = 1
@@ -381,3 +382,236 @@ def test_split_lesions_are_outlined_as_one_confluent_component(tmp_path: Path) -
     yellow = lambda im: int(np.sum(np.all(np.asarray(im.convert("RGB"))[:, 82:162] == (255, 200, 0), axis=-1)))  # noqa: E731
     assert yellow(tiles["lesion-1"]) > 0 and yellow(tiles["lesion-2"]) > 0
     assert yellow(tiles["lesion-3"]) == 0
+
+
+# --------------------------------------------------------------------------- orientation (radiological)
+def _blob_volume(affine: np.ndarray, shape: tuple[int, int, int], world_xyz: tuple[float, float, float],
+                 radius_mm: float = 5.0) -> np.ndarray:
+    """A float volume, 100 inside a ball around `world_xyz` (RAS mm), 1 elsewhere (so every voxel is 'brain')."""
+    ijk = np.indices(shape).reshape(3, -1).astype(float)
+    xyz = (affine[:3, :3] @ ijk + affine[:3, 3:4]).reshape((3,) + shape)
+    dist = np.sqrt(sum((xyz[a] - world_xyz[a]) ** 2 for a in range(3)))
+    return np.where(dist <= radius_mm, 100.0, 1.0).astype(np.float32)
+
+
+def _affines() -> dict[str, np.ndarray]:
+    """Storage orders a report meets: RAS, LAS (the flipped default), sagittal LPS-like, and oblique."""
+    from scipy.spatial.transform import Rotation
+
+    def centred(lin: np.ndarray, shape=(40, 44, 36)) -> np.ndarray:
+        out = np.eye(4)
+        out[:3, :3] = lin
+        out[:3, 3] = -lin @ ((np.asarray(shape) - 1) / 2.0)
+        return out
+
+    sagittal = np.array([[0.0, 0.0, 1.0], [-1.0, 0.0, 0.0], [0.0, -1.0, 0.0]])  # qsmrim-synth's FLAIR axes
+    return {"RAS": centred(np.diag([1.5, 1.5, 2.0])), "LAS": centred(np.diag([-1.5, 1.5, 2.0])),
+            "sagittal": centred(sagittal * 1.5),
+            "oblique": centred(Rotation.from_euler("xyz", [8, -6, 5], degrees=True).as_matrix() @ np.diag([1.5] * 3))}
+
+
+@pytest.mark.parametrize("name", ["RAS", "LAS", "sagittal", "oblique"])
+def test_lesion_on_the_right_appears_on_the_side_labelled_R(name: str) -> None:
+    """A blob at the world's right (RAS x > 0) shows on the image's left, which the images label R."""
+    from qsmrim_app.reports.participant import registration_cuts
+
+    affine = _affines()[name]
+    shape = (40, 44, 36)
+    vol = _blob_volume(affine, shape, (15.0, 0.0, 0.0))
+    for cut in registration_cuts(vol, vol, affine):
+        if cut.view == "sagittal":
+            assert cut.plane.col_labels == ("A", "P")  # as the review page
+            continue
+        cols = np.nonzero(cut.qsm > 50)[1]
+        assert cols.size, (name, cut.view)
+        assert cut.plane.col_labels == ("R", "L"), (name, cut.view)
+        assert cols.mean() < 0.4 * cut.qsm.shape[1], (name, cut.view, cols.mean(), cut.qsm.shape)
+
+
+def _white(rgb: np.ndarray) -> np.ndarray:
+    return np.all(rgb == 255, axis=-1)
+
+
+def test_lesion_tile_png_shows_the_right_on_the_R_side(tmp_path: Path) -> None:
+    """Pixel test on the report's own PNG: a neighbour at the world's right is outlined on the tile's left,
+    and the letters drawn into the tile read R at the left, L at the right."""
+    from qsmrim_app.reports._html import label_edges
+
+    affine = np.diag([-1.0, 1.0, 2.5, 1.0])  # LAS storage: voxel i grows towards the patient's left
+    affine[:3, 3] = (36.0, -40.0, -30.0)
+    # lesion 1 at the centre, lesion 2 at larger world x (i smaller in LAS): the patient's right of lesion 1
+    paths = make_phantom(tmp_path, [(36, 40, 12), (28, 40, 12)], [False, False], radius=2.5, affine=affine)
+    img = nib.load(paths["dseg"])
+    table = lesion_table_from_dseg(np.asanyarray(img.dataobj), img.affine, {1: 0.9, 2: 0.1})
+    assert table.centroid_x_mm[1] > table.centroid_x_mm[0] + 5  # lesion 2 is further right in the world
+    out = write_participant_report(tmp_path / "r.html", **report_kwargs(paths, table))
+    tile = np.asarray([im for im in assert_self_contained(parse(out)) if im.height == 80][0].convert("RGB"))
+    outlined = tile[:, 82:162]
+    blue = np.all(outlined == (0, 190, 255), axis=-1)
+    assert blue.any() and np.nonzero(blue)[1].mean() < 30  # the right-hand neighbour is on the left
+    ref_rl = label_edges(np.zeros((80, 80, 3), np.uint8), "R", "L")
+    ref_lr = label_edges(np.zeros((80, 80, 3), np.uint8), "L", "R")
+    for panel in (tile[:, :80], outlined, tile[:, 164:244]):
+        left = (slice(60, 80), slice(0, 20))
+        assert np.all(_white(panel[left])[_white(ref_rl[left])])  # every pixel of "R" is there
+        assert not np.all(_white(panel[left])[_white(ref_lr[left])])  # and it is not an "L"
+
+
+def test_review_page_image_shows_the_right_on_the_left(tmp_path: Path) -> None:
+    """The review page's PNG (review/images.py) follows the same convention and names it R on the left."""
+    from qsmrim_app.review.images import ORIENTATION, Volumes, render
+
+    affine = _affines()["LAS"]
+    shape = (40, 44, 36)
+    qsm = _blob_volume(affine, shape, (8.0, 0.0, 0.0), radius_mm=3.0)
+    volumes = Volumes(affine, np.linalg.inv(affine), np.zeros(shape, np.int32), qsm, None, (0.0, 1.0), None)
+    png = render(volumes, (0.0, 0.0, 0.0), 1, "axial", "qsm", outline=False, window=50.0, fov_mm=40.0)
+    grey = np.asarray(Image.open(io.BytesIO(png)).convert("L"))[:-12]  # above the scale bar
+    cols = np.nonzero(grey > 200)[1]
+    assert ORIENTATION["axial"][0] == "R" and cols.size and cols.mean() < 0.4 * grey.shape[1]
+
+
+# --------------------------------------------------------------------------- registration contour
+def test_registration_contour_traces_the_brain_not_the_field_of_view(tmp_path: Path) -> None:
+    """On a generated phantom (scalp as bright as brain, reaching the field of view's edge), the FLAIR's brain
+    mask drawn by the report matches the brain (the QSM's support) and stays clear of the edges."""
+    from qsmrim_app.reports.participant import flair_brain_mask, registration_cuts
+    from qsmrim_app.synthetic import generate_dataset
+
+    generate_dataset(tmp_path / "bids", 1, seed=4, magnitude=False)
+    truth = tmp_path / "bids_truth"
+    qsm = nib.load(tmp_path / "bids/sub-01/anat/sub-01_Chimap.nii.gz")
+    flair = nib.load(tmp_path / "bids/sub-01/anat/sub-01_FLAIR.nii.gz")
+    m = np.array(json.loads((truth / "transforms.json").read_text())["subjects"]["sub-01"]["n/a"]["flair_to_qsm_world"])
+    ijk = np.indices(qsm.shape).reshape(3, -1).astype(float)
+    src = (np.linalg.inv(flair.affine) @ np.linalg.inv(m) @ qsm.affine @ np.vstack([ijk, np.ones(ijk.shape[1])]))[:3]
+    flair_in_qsm = ndimage.map_coordinates(np.asarray(flair.dataobj, np.float32), src, order=1).reshape(qsm.shape)
+    brain = np.asarray(qsm.dataobj) != 0
+    zooms = qsm.header.get_zooms()[:3]
+    mask = flair_brain_mask(flair_in_qsm, zooms, seed=ndimage.center_of_mass(brain))
+    filled = ndimage.binary_fill_holes(mask)
+    dice = 2 * np.sum(filled & brain) / (filled.sum() + brain.sum())
+    assert dice > 0.9, dice
+    old_style = ndimage.gaussian_filter(flair_in_qsm, 1.0) > 0.5 * np.median(flair_in_qsm[flair_in_qsm > 0])
+    edge = np.ones(qsm.shape, bool)
+    edge[1:-1, 1:-1, :] = False  # the in-plane border of the field of view
+    assert old_style[edge].mean() > 0.2  # the scalp reaches the field of view (what the old contour traced)
+    assert not filled[edge].any()
+    # the cuts the figure draws carry this mask, ventricles left as holes (inner contours)
+    cuts = registration_cuts(np.asarray(qsm.dataobj, np.float32) * 1000, flair_in_qsm, qsm.affine)
+    axial = [c for c in cuts if c.view == "axial"][0]
+    assert axial.brain.any() and (ndimage.binary_fill_holes(axial.brain) & ~axial.brain).any()
+
+
+# --------------------------------------------------------------------------- annotations shown
+def test_participant_report_shows_rater_labels_disagreements_first(tmp_path: Path) -> None:
+    centres = [(20, 25, 8), (50, 30, 12), (30, 55, 14), (45, 55, 10)]
+    paths = make_phantom(tmp_path, centres, [False, True, False, True])
+    img = nib.load(paths["dseg"])
+    table = lesion_table_from_dseg(np.asanyarray(img.dataobj), img.affine, {1: 0.3, 2: 0.71, 3: 0.45, 4: 0.93})
+    # the model calls 2 and 4 rim+; the rater: 4 and 3 rim+, 1 and 2 rim-, so 3 is missed and 2 extra
+    rater = pd.DataFrame({"lesion_id": [1, 2, 3, 4], "rim_positive": [0, 0, 1, 1], "agreement": [1.0] * 4})
+    out = write_participant_report(tmp_path / "r.html", **report_kwargs(paths, table, annotations=rater))
+    parser = parse(out)
+    assert_self_contained(parser)
+    assert "annotations" in parser.ids
+    html = out.read_text()
+    section = html[html.index('id="annotations"'):html.index('id="review"')]
+    rows = [int(x) for x in pd.Series(section.split('href="#lesion-')[1:]).str.extract(r"^(\d+)")[0]]
+    assert rows == [3, 2, 4, 1]  # missed, extra, then agreements by probability
+    text = "".join(parser.text)
+    assert "the rater calls 2 rim+, the model 2" in text and "misses 1 and calls 1 rim+" in text
+    assert "rater:" in parser.figure_text["lesion-3"] and "rim+" in parser.figure_text["lesion-3"].split("rater:")[1]
+    plain = write_participant_report(tmp_path / "p.html", **report_kwargs(paths, table))
+    assert 'id="annotations"' not in plain.read_text() and "rater:" not in plain.read_text()
+
+
+def _group_inputs() -> tuple[pd.DataFrame, pd.DataFrame]:
+    group = pd.DataFrame({"participant_id": ["sub-01", "sub-02"], "session": ["n/a", "n/a"], "n_lesions": [9, 11],
+                          "n_rimplus": [0, 0], "lesion_volume_mm3": [500.0, 120.0], "rimplus_volume_mm3": [0.0, 0.0],
+                          "model_id": ["m1"] * 2, "threshold": [0.7] * 2})
+    probs = pd.DataFrame({"participant_id": ["sub-01"], "session": ["n/a"], "lesion_id": [1], "probability": [0.2]})
+    return group, probs
+
+
+def test_group_report_expert_table_and_why_agreement_is_missing(tmp_path: Path) -> None:
+    """Two units with expert counts: the table shows both counts, r says why it is missing, no raw keys."""
+    from qsmrim_app.workflows.group import expert_agreement
+
+    group, probs = _group_inputs()
+    experts = group.assign(n_labelled=[9, 11], n_rimplus_expert=[3, 2], expert_rimplus_found=[0, 0],
+                           model_rimplus_expert_negative=[0, 0])
+    agreement = expert_agreement(experts)
+    out = write_group_report(tmp_path / "g.html", group_table=group, probabilities=probs, failed=[("sub-03", "x")],
+                             participant_reports={"sub-01": "sub-01.html"}, agreement=agreement, versions={},
+                             experts=experts)
+    text = " ".join(parse(out).text)
+    assert "No expert rim+ counts were given" not in text
+    assert "needs at least 3 participants/sessions with expert counts; 2 have them" in text
+    assert "n_subjects" not in text and "nan" not in text.lower().split() and "r_not_computed" not in text
+    html = out.read_text()
+    table_html = html[html.index('id="agreement"'):]
+    assert "<td>sub-01</td>" in table_html and '<td class="num">3</td>' in table_html and "-3" in table_html
+    assert "0 of 5" in text  # expert rim+ lesions the model calls rim+
+
+
+# --------------------------------------------------------------------------- group level through the CLI
+def _write_unit(out: Path, label: str, model_calls: list[int], rater: list[float]) -> None:
+    """The participant-level tables the group level reads: summary, classified lesions, annotations."""
+    from qsmrim_app import derivatives as drv
+
+    unit = drv.Unit(label)
+    ids = list(range(1, len(model_calls) + 1))
+    drv.output_path(out, unit, "summary").parent.mkdir(parents=True, exist_ok=True)
+    drv.write_tsv(drv.output_path(out, unit, "summary"), pd.DataFrame([{
+        "participant_id": f"sub-{label}", "session": "n/a", "n_lesions": len(ids), "n_rimplus": sum(model_calls),
+        "lesion_volume_mm3": 100.0 * len(ids), "rimplus_volume_mm3": 100.0 * sum(model_calls), "model_id": "m1",
+        "threshold": 0.5, "operating_point": "f1"}]))
+    drv.write_tsv(drv.output_path(out, unit, "rim_lesions"), pd.DataFrame({
+        "lesion_id": ids, "probability": [0.9 if c else 0.1 for c in model_calls], "rim_positive": model_calls}))
+    drv.write_tsv(drv.output_path(out, unit, "annotations"), pd.DataFrame({
+        "lesion_id": ids, "rim_positive": rater, "agreement": [1.0] * len(ids)}))
+
+
+def _group_cli(tmp_path: Path, units: dict[str, tuple[list[int], list[float]]]):
+    import subprocess
+    import sys
+
+    bids, out = tmp_path / "bids", tmp_path / "out"
+    for label in units:
+        (bids / f"sub-{label}" / "anat").mkdir(parents=True)
+    (bids / "dataset_description.json").write_text('{"Name": "t", "BIDSVersion": "1.9.0"}')
+    for label, (calls, rater) in units.items():
+        _write_unit(out, label, calls, rater)
+    repo = Path(__file__).resolve().parent.parent
+    proc = subprocess.run([sys.executable, str(repo / "run.py"), str(bids), str(out), "group"],
+                          capture_output=True, text=True, timeout=300)
+    return proc, out
+
+
+def test_group_level_reports_agreement_with_annotations_through_the_cli(tmp_path: Path) -> None:
+    units = {"01": ([1, 1, 0, 0], [1, 1, 1, 0]), "02": ([0, 0, 0], [0, 0, 0]), "03": ([1, 0, 0], [1, 0, 0]),
+             "04": ([1, 1, 1, 0], [1, 1, 0, 1])}
+    proc, out = _group_cli(tmp_path, units)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    log = proc.stdout + proc.stderr
+    agreement = json.loads((out / "group_agreement.json").read_text())
+    model, expert = [2, 0, 1, 3], [3, 0, 1, 3]
+    assert agreement["n"] == 4 and agreement["count_pearson_r"] == pytest.approx(np.corrcoef(model, expert)[0, 1])
+    assert agreement["count_pearson_ci"] is not None and agreement["lesions"] == {
+        "expert_rimplus": 7, "expert_rimplus_found": 5, "model_rimplus_expert_negative": 1}
+    assert f"r={agreement['count_pearson_r']:.3f} [95% CI" in log and "nan" not in log
+    assert "the model calls 5 of the experts' 7 rim+ lesions rim+, and 1 of their rim- lesions rim+" in log
+    text = " ".join(parse(out / "group_report.html").text)
+    assert "No expert rim+ counts were given" not in text and "5 of 7" in text and "n_subjects" not in text
+
+
+def test_group_level_says_why_agreement_is_not_computed_through_the_cli(tmp_path: Path) -> None:
+    proc, out = _group_cli(tmp_path, {"01": ([0, 0], [1, 0]), "02": ([0, 0, 0], [1, 1, 0]),
+                                      "03": ([0], [0])})
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-3000:]
+    assert "r not computed: the model's rim+ count is 0 for every participant/session" in log and "nan" not in log
+    assert json.loads((out / "group_agreement.json").read_text())["count_pearson_r"] is None
+    text = " ".join(parse(out / "group_report.html").text)
+    assert "no variation to correlate" in text and "No expert rim+ counts were given" not in text

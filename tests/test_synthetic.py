@@ -297,3 +297,30 @@ def test_full_size_against_real_data(tmp_path, shared_data):
     chi = qsm.get_fdata()
     ours, theirs = np.percentile(chi[chi != 0], [1, 99]), np.percentile(cosmos[brain], [1, 99])
     assert np.all(np.abs(ours - theirs) < 0.1), (ours, theirs)
+
+
+def test_enriched_rimplus_fraction_spreads_over_subjects():
+    """Above the clinical rate the excess is shared by every subject (the demo's 3 subjects all get rim+)."""
+    enriched = np.array(sample_lesion_counts(200, seed=1, size="small", rimplus_fraction=0.3))
+    assert np.mean(enriched[:, 1] > 0) >= 0.95
+    assert 0.25 <= enriched[:, 1].sum() / enriched[:, 0].sum() <= 0.35
+    assert [r for _, r in sample_lesion_counts(3, seed=1, rimplus_fraction=0.3)] == [3, 2, 3]  # make demo
+    clinical = np.array(sample_lesion_counts(200, seed=1, size="small"))
+    assert np.mean(clinical[:, 1] == 0) >= 0.5  # the clinical default keeps its skew
+
+
+def test_lesions_stay_in_one_hemisphere_in_one_piece(dataset):
+    """Each truth lesion is one 26-connected blob on one side of the head's midline (x = 0 of the head frame)."""
+    bids, truth = dataset
+    transforms = json.loads((truth / "transforms.json").read_text())["subjects"]
+    for sub in ("01", "02", "03"):
+        dseg = nib.load(_anat(bids, sub, "desc-lesion_dseg", deriv=True))
+        labels = np.asarray(dseg.dataobj)
+        t = transforms[f"sub-{sub}"]["n/a"]
+        flair_vox_to_head = (np.linalg.inv(np.array(t["head_to_qsm_world"])) @ np.array(t["flair_to_qsm_world"])
+                             @ dseg.affine)
+        for lesion_id in np.unique(labels[labels > 0]):
+            ijk = np.argwhere(labels == lesion_id)
+            x_head = (flair_vox_to_head[0, :3] @ ijk.T) + flair_vox_to_head[0, 3]
+            assert np.all(x_head > 0) or np.all(x_head < 0), (sub, lesion_id, x_head.min(), x_head.max())
+            assert ndimage.label(labels == lesion_id, structure=np.ones((3, 3, 3)))[1] == 1, (sub, lesion_id)

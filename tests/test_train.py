@@ -258,7 +258,7 @@ def test_trains_on_real_lesion_shapes_and_qsm_texture(shared_data: Path, tmp_pat
 def test_fast_protocol_trains_with_step_budget_and_early_stopping(tmp_path: Path) -> None:
     """The step-budget recipe: rim+-enriched batches, one-cycle LR, inner split, best round kept."""
     from qsmrim_app.model.config import protocol_config
-    from qsmrim_app.model.train import _batches, _steps_plan, estimate_training_seconds
+    from qsmrim_app.model.loop import _batches, _steps_plan, estimate_training_seconds
 
     config = protocol_config("fast", max_steps=12, eval_every=4, folds=2, batch_size=16, device="cpu")
     assert _steps_plan(config, 100) == (3, 4)

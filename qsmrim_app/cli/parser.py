@@ -7,22 +7,27 @@ Checks that relate options to each other or to the file system live in ``cli/run
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import re
-import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
 from .. import __version__
+from .common import (ArgumentParser, HelpFormatter, at_least_two, existing_path, non_negative_int, positive_float,
+                     positive_int, probability, visible_option_strings)
+from .exitcodes import EXIT_USAGE, exit_code_lines
+from ..config import PreprocConfig
+from ..lesion_split import LESION_THRESHOLD, SPLIT_METHODS
+from ..lesions import MIN_LESION_VOXELS
+from ..model.config import PROTOCOLS
+from ..model.inputs import DEFAULT_LEVEL, LEVELS
+from ..model.methods import ALL_METHODS
 
-EXIT_USAGE = 64
 
 #: The input kinds a ``--bids-filter-file`` may hold a PyBIDS query for.
 FILTER_KINDS: tuple[str, ...] = ("qsm", "flair", "magnitude", "lesion_mask", "rim_labels")
-# The paper's comparators (Table 2) and its ablation (Table 3: image only, + radiomics, + DeepSMOTE).
-TRAIN_METHODS: tuple[str, ...] = ("qsmrimnet", "aprl-rf", "aprl-nn", "rimnet", "image-only", "image-radiomics",
-                                  "rf", "logreg", "shell-core")
 
 _LABEL_RE = re.compile(r"^[A-Za-z0-9]+$")
 # Entities PyBIDS knows (its 'bids' and 'derivatives' configurations) plus the query keywords.
@@ -35,23 +40,6 @@ _FILTER_ENTITIES: frozenset[str] = frozenset(
         "segmentation", "subset", "to", "scope",
     }
 )
-
-
-class QsmrimArgumentParser(argparse.ArgumentParser):
-    """ArgumentParser whose usage errors exit 64 (EX_USAGE), as the BIDS Apps spec asks."""
-
-    def error(self, message: str) -> NoReturn:
-        self.print_usage(sys.stderr)
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
-
-
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Show '(default: X)' only where X tells the user something (not None, False or empty)."""
-
-    def _get_help_string(self, action: argparse.Action) -> str | None:
-        if action.default is None or action.default is False or action.default == []:
-            return action.help
-        return super()._get_help_string(action)
 
 
 class _Removed(argparse.Action):
@@ -74,52 +62,6 @@ def _label(value: str) -> str:
     if not _LABEL_RE.match(value):
         raise argparse.ArgumentTypeError(f"{value!r} is not a BIDS label (letters and digits only)")
     return value
-
-
-def _int_at_least(minimum: int):
-    """An argparse type: an integer >= ``minimum`` (one rule, three bounds used below)."""
-    def parse(value: str) -> int:
-        try:
-            number = int(value)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{value!r} is not an integer") from None
-        if number < minimum:
-            raise argparse.ArgumentTypeError(f"{value!r} must be >= {minimum}")
-        return number
-    parse.__name__ = f"int>={minimum}"
-    return parse
-
-
-_positive_int = _int_at_least(1)
-_non_negative_int = _int_at_least(0)
-_at_least_two = _int_at_least(2)  # cross-validation needs two folds
-
-
-def _positive_float(value: str) -> float:
-    try:
-        number = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
-    if not number > 0:
-        raise argparse.ArgumentTypeError(f"{value!r} must be > 0")
-    return number
-
-
-def _probability(value: str) -> float:
-    try:
-        number = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
-    if not 0.0 <= number <= 1.0:
-        raise argparse.ArgumentTypeError(f"{value!r} must be a probability in [0, 1]")
-    return number
-
-
-def _existing_path(value: str) -> Path:
-    path = Path(value).expanduser()
-    if not path.exists():
-        raise argparse.ArgumentTypeError(f"{value} does not exist")
-    return path.absolute()
 
 
 def validate_bids_filters(filters: Any) -> dict[str, dict[str, Any]]:
@@ -191,7 +133,7 @@ def _available_cpus() -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The one parser of ``run.py`` / ``qsmrim``: positional BIDS Apps arguments plus options."""
-    parser = QsmrimArgumentParser(
+    parser = ArgumentParser(
         prog="qsmrim",
         description=(
             "qsmrim: find chronic active (rim+) multiple sclerosis lesions on quantitative "
@@ -199,7 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
             "A BIDS App: the participant level classifies every lesion of each participant; the "
             "group level gathers the participants' results (and, with --train, trains a model)."
         ),
-        formatter_class=_HelpFormatter,
+        formatter_class=HelpFormatter,
+        epilog=_epilog(),
     )
     parser.add_argument("bids_dir", type=Path,
                         help="the root of the input BIDS dataset (read only; nothing is ever written there)")
@@ -223,10 +166,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="JSON file of PyBIDS queries per input kind (keys: "
                           + ", ".join(FILTER_KINDS) + "), e.g. {\"qsm\": {\"acquisition\": \"gre\"}} "
                           "to pick one of several runs or acquisitions")
-    sel.add_argument("-d", "--derivatives", nargs="+", type=_existing_path, default=[], metavar="PATH",
+    sel.add_argument("-d", "--derivatives", nargs="+", type=existing_path, default=[], metavar="PATH",
                      help="extra derivatives datasets holding QSM maps, lesion masks or rim "
                           "annotations; every folder in <bids_dir>/derivatives is searched anyway")
-    sel.add_argument("--rim-annotations", "--rim_annotations", dest="rim_annotations", type=_existing_path,
+    sel.add_argument("--rim-annotations", "--rim_annotations", dest="rim_annotations", type=existing_path,
                      default=None, metavar="PATH",
                      help="the dataset to take rim annotations (*_desc-rim_dseg) from, e.g. a qsmrim-review "
                           "folder; only it is searched for them; default: the raw dataset and its derivatives")
@@ -242,15 +185,15 @@ def build_parser() -> argparse.ArgumentParser:
                       help="folder for intermediate files; default: <parent of output_dir>/qsmrim_work "
                            "(or <parent of bids_dir>/qsmrim_work when output_dir is inside bids_dir); "
                            "never inside bids_dir")
-    perf.add_argument("--nprocs", "--n-cpus", "--n_cpus", dest="nprocs", type=_positive_int,
+    perf.add_argument("--nprocs", "--n-cpus", "--n_cpus", dest="nprocs", type=positive_int,
                       default=_available_cpus(),
                       help="processes running at once, over all participants/sessions of the run "
                            "(several units run side by side)")
-    perf.add_argument("--omp-nthreads", "--omp_nthreads", dest="omp_nthreads", type=_positive_int,
+    perf.add_argument("--omp-nthreads", "--omp_nthreads", dest="omp_nthreads", type=positive_int,
                       default=None, help="threads per process (torch, BLAS, radiomics workers; ITK steps run "
                            "single-threaded for repeatable results); default: min(8, nprocs) for one "
                            "unit, nprocs / units (at least 1) when several units run side by side")
-    perf.add_argument("--mem-gb", "--mem_gb", dest="mem_gb", type=_positive_float, default=None,
+    perf.add_argument("--mem-gb", "--mem_gb", dest="mem_gb", type=positive_float, default=None,
                       help="memory the run may use, in GB: nodes start only while their estimated memory "
                            "fits; default: 90%% of the machine's memory")
     perf.add_argument("--use-plugin", "--use_plugin", dest="use_plugin", type=_plugin_file,
@@ -261,9 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="where the network runs; 'auto' uses a CUDA GPU when one is available")
 
     model = parser.add_argument_group("Classification")
-    model.add_argument("--model", type=_existing_path, default=None, metavar="PATH",
+    model.add_argument("--model", type=existing_path, default=None, metavar="PATH",
                        help="a model directory written by 'group --train'; default: the bundled model")
-    model.add_argument("--threshold", type=_probability, default=None, metavar="VALUE",
+    model.add_argument("--threshold", type=probability, default=None, metavar="VALUE",
                        help="probability above which a lesion is called rim+; overrides "
                             "--operating-point; default: the model's threshold for the operating point")
     model.add_argument("--operating-point", "--operating_point", dest="operating_point",
@@ -275,14 +218,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     pre = parser.add_argument_group("Preprocessing")
     pre.add_argument("--min-lesion-voxels", "--min_lesion_voxels", dest="min_lesion_voxels",
-                     type=_positive_int, default=10, metavar="N",
+                     type=positive_int, default=MIN_LESION_VOXELS, metavar="N",
                      help="lesions (connected components in the QSM grid) smaller than this are ignored")
     pre.add_argument("--patch-extent-mm", "--patch_extent_mm", dest="patch_extent_mm", nargs=3,
-                     type=_positive_float, default=None, metavar=("X", "Y", "Z"),
+                     type=positive_float, default=None, metavar=("X", "Y", "Z"),
                      help="size of each lesion's patch in mm along the world axes; default: the model's "
                           "(the bundled model: 24 24 24)")
     pre.add_argument("--patch-spacing-mm", "--patch_spacing_mm", dest="patch_spacing_mm", nargs=3,
-                     type=_positive_float, default=None, metavar=("X", "Y", "Z"),
+                     type=positive_float, default=None, metavar=("X", "Y", "Z"),
                      help="sampling of the patch in mm (QSM and FLAIR linear, masks nearest); default: the "
                           "model's (the bundled model: 0.75 0.75 1.5)")
     pre.add_argument("--patch-size", "--patch_size", action=_Removed, dest="removed_patch_size",
@@ -292,19 +235,19 @@ def build_parser() -> argparse.ArgumentParser:
                      help="FLAIR-to-QSM/magnitude registration: rigid (default; FLAIR and GRE of one session "
                           "are one rigid head) or affine (rigid, then 12 parameters; only for data that "
                           "needs it, e.g. a FLAIR from another session with a different scanner calibration)")
-    pre.add_argument("--lesion-split", "--lesion_split", dest="lesion_split", choices=["auto", "none"],
-                     default="auto",
+    pre.add_argument("--lesion-split", "--lesion_split", dest="lesion_split", choices=SPLIT_METHODS,
+                     default=PreprocConfig.lesion_split,
                      help="binary masks and probability maps: 'auto' splits confluent lesions into lesion "
                           "centres (Dworkin et al. 2018; Hessian of the smoothed map, in the mask's grid); "
                           "'none' keeps connected components. A rater's instance map (desc-lesion_dseg) is "
                           "never split")
-    pre.add_argument("--lesion-threshold", "--lesion_threshold", dest="lesion_threshold", type=_probability,
-                     default=0.5, metavar="P",
+    pre.add_argument("--lesion-threshold", "--lesion_threshold", dest="lesion_threshold", type=probability,
+                     default=LESION_THRESHOLD, metavar="P",
                      help="lesion probability maps (and soft 0-1 masks): lesion where the value is >= P")
     pre.add_argument("--n4-shrink-factor", "--n4_shrink_factor", dest="n4_shrink_factor",
-                     type=_positive_int, default=4, help="FLAIR bias correction (N4) shrink factor")
+                     type=positive_int, default=4, help="FLAIR bias correction (N4) shrink factor")
     pre.add_argument("--n4-iterations", "--n4_iterations", dest="n4_iterations", nargs="+",
-                     type=_non_negative_int, default=[50, 50, 30], metavar="N",
+                     type=non_negative_int, default=[50, 50, 30], metavar="N",
                      help="N4 iterations per fitting level (one number per level)")
 
     train = parser.add_argument_group("Group level: training")
@@ -315,38 +258,38 @@ def build_parser() -> argparse.ArgumentParser:
                        help="at the group level, refit the model's calibration and operating points on the lesions "
                             "a rater reviewed (--rim-annotations: the qsmrim-review folder) and write a site model "
                             "to <output_dir>/models/<model-id>-site-<hash>/ (docs/calibration.md)")
-    train.add_argument("--method", choices=[*TRAIN_METHODS, "all"], default="qsmrimnet",
+    train.add_argument("--method", choices=[*ALL_METHODS, "all"], default="qsmrimnet",
                        help="what --train trains: QSMRim-Net, a comparator (aprl-rf, aprl-nn, rimnet), "
                             "an ablation (image-only, image-radiomics = no DeepSMOTE), a floor (rf, logreg "
                             "on the 527 features; shell-core, the training-free rim-minus-core score), or "
                             "all of them through the same folds, into one table")
-    train.add_argument("--protocol", choices=["paper", "fast"], default="paper",
+    train.add_argument("--protocol", choices=PROTOCOLS, default="paper",
                        help="training recipe: 'paper' (Adam 1e-4, batch 64, 40 epochs, LR steps at 50/70/90%%, "
                             "5 folds x 3 seeds, width 1.0; hours on a CPU) or 'fast' (ours, for a 2-core CPU: "
                             "width 0.125, 200 steps of 32 patches, one-cycle AdamW 1e-3, rim+-enriched batches, early "
                             "stopping on an inner split, 5 folds x 1 seed); --epochs/--folds/--seeds/"
                             "--width-multiplier override either")
-    train.add_argument("--inputs", choices=["paper", "margin", "radial", "referenced"], default="referenced",
+    train.add_argument("--inputs", choices=LEVELS, default=DEFAULT_LEVEL,
                        help="what the networks see (cumulative): 'paper' lesion-only patch + 527 features; "
                             "'margin' + surrounding tissue and an outline channel; 'radial' + radial-profile "
                             "features; 'referenced' + QSM relative to the lesion's local reference tissue")
-    train.add_argument("--epochs", type=_positive_int, default=None,
+    train.add_argument("--epochs", type=positive_int, default=None,
                        help="training epochs (paper protocol: 40)")
-    train.add_argument("--folds", type=_at_least_two, default=None,
+    train.add_argument("--folds", type=at_least_two, default=None,
                        help="subject-stratified cross-validation folds (>= 2; both protocols: 5); the "
                             "ensemble keeps every fold's networks")
-    train.add_argument("--seeds", type=_positive_int, default=None,
+    train.add_argument("--seeds", type=positive_int, default=None,
                        help="networks trained per fold with different seeds (paper: 3, fast: 1)")
-    train.add_argument("--max-steps", "--max_steps", dest="max_steps", type=_positive_int, default=None,
+    train.add_argument("--max-steps", "--max_steps", dest="max_steps", type=positive_int, default=None,
                        help="optimisation steps per network (the fast protocol's budget: 200); replaces "
                             "--epochs as the stopping rule")
-    train.add_argument("--batch-size", "--batch_size", dest="batch_size", type=_positive_int, default=None,
+    train.add_argument("--batch-size", "--batch_size", dest="batch_size", type=positive_int, default=None,
                        help="mini-batch size (paper: 64, fast: 32)")
     train.add_argument("--width-multiplier", "--width_multiplier", dest="width_multiplier",
-                       type=_positive_float, default=None,
+                       type=positive_float, default=None,
                        help="scales the network's channel widths (1.0: the paper's ResNet-18, the paper "
                             "protocol's default; fast: 0.125)")
-    train.add_argument("--init-model", "--init_model", dest="init_model", type=_existing_path, default=None,
+    train.add_argument("--init-model", "--init_model", dest="init_model", type=existing_path, default=None,
                        metavar="PATH",
                        help="fine-tune: start each network from the matching fold/seed member of this model "
                             "directory (e.g. the bundled one; its first member when it has fewer); its inputs "
@@ -356,5 +299,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     other = parser.add_argument_group("Other")
     other.add_argument("-v", "--verbose", dest="verbose", action="count", default=0,
-                       help="more log output (-v: info, -vv: debug)")
+                       help="more log output; the default is INFO (progress, one line per finished step, "
+                            "warnings); -v adds qsmrim's DEBUG lines and nipype's and pybids' INFO, -vv "
+                            "everything at DEBUG")
     return parser
+
+
+def _epilog() -> str:
+    """Exit codes and companion commands: what a user scripting around qsmrim needs after the options."""
+    return "\n".join([
+        "exit codes:",
+        *exit_code_lines(),
+        "",
+        "companion commands:",
+        "  qsmrim-review OUTPUT_DIR [--rater NAME]",
+        "         review the rim+ candidates in a browser; the decisions are a BIDS",
+        "         dataset for --rim-annotations and group --train",
+        "  qsmrim-synth OUT [--subjects 3]",
+        "         write a phantom BIDS dataset (with rim annotations) to try qsmrim on",
+        "",
+        "Every option also accepts its underscore spelling (e.g. --participant_label), as other BIDS Apps do. "
+        "Each participant/session's outcome is recorded in <output_dir>/logs/.",
+    ])

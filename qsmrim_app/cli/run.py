@@ -1,32 +1,29 @@
 """``qsmrim`` / ``run.py``: validate the command line, build the one AppConfig, dispatch, exit codes.
 
-Exit codes follow the BIDS Apps execution spec: 0 success, 1 some participant failed (the others
-still complete), 16 BIDS validation failed, 18 the selection matched no data, 64 usage error,
-66 input missing. Every refusal is one log line naming the path or label and the fix.
+Exit codes (``exitcodes.EXIT_CODES``, also in ``--help``) follow the BIDS Apps execution spec: 0 success,
+1 a participant/session failed (the others still complete), 16 BIDS validation failed, 18 the selection
+matched no data, 64 usage error, 66 input missing (a path, or a selected unit's QSM, FLAIR or lesion mask).
+Every refusal is one log line naming the path or label and the fix.
 """
 from __future__ import annotations
-
-import json
 
 import logging
 import os
 import sys
 from argparse import Namespace
 from dataclasses import replace
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Sequence
 
 from ..config import AppConfig, InferenceConfig, PreprocConfig
 from ..model.config import protocol_config
 from ..patches import DEFAULT_EXTENT_MM, DEFAULT_SPACING_MM, PatchGrid
-from .parser import EXIT_USAGE, TRAIN_METHODS, build_parser
-
-EXIT_OK = 0
-EXIT_PARTICIPANT_FAILED = 1
-EXIT_BIDS_INVALID = 16
-EXIT_NO_DATA = 18
-EXIT_INPUT_MISSING = 66
-EXIT_INTERRUPTED = 130
+from ..model.methods import ALL_METHODS, NETWORK_METHODS
+from .common import container_name
+from .exitcodes import (EXIT_BIDS_INVALID, EXIT_INPUT_MISSING, EXIT_INTERRUPTED, EXIT_NO_DATA, EXIT_OK,
+                        EXIT_PARTICIPANT_FAILED, EXIT_USAGE)
+from .parser import build_parser
 
 LOGGER = logging.getLogger("qsmrim")
 
@@ -128,13 +125,12 @@ def _resolve_paths(args: Namespace) -> tuple[Path, Path, Path]:
 
 def _patch_grid(args: Namespace, model_dir: Path) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """The patch extent and spacing (mm): as given, else the model's (model.json), else the defaults."""
-    stored: dict = {}
-    meta_path = Path(model_dir) / "model.json"
-    if meta_path.is_file():
-        try:
-            stored = json.loads(meta_path.read_text()).get("inputs") or {}
-        except (OSError, ValueError):
-            stored = {}
+    from ..model.modeldir import ModelDirError, read_model_json
+
+    try:
+        stored = read_model_json(model_dir).get("inputs") or {}
+    except ModelDirError:  # no model (e.g. --no-classify) or an unreadable one, reported where it is used
+        stored = {}
     extent = args.patch_extent_mm or stored.get("extent_mm") or DEFAULT_EXTENT_MM
     spacing = args.patch_spacing_mm or stored.get("spacing_mm") or DEFAULT_SPACING_MM
     return tuple(float(v) for v in extent), tuple(float(v) for v in spacing)
@@ -153,7 +149,7 @@ def build_config(args: Namespace, argv: Sequence[str]) -> AppConfig:
         if args.mem_gb is not None:
             plugin_args.setdefault("memory_gb", args.mem_gb)
     omp_nthreads = args.omp_nthreads or min(8, args.nprocs)
-    methods = TRAIN_METHODS if args.method == "all" else (args.method,)
+    methods = ALL_METHODS if args.method == "all" else (args.method,)
     model_dir = args.model.resolve() if args.model is not None else InferenceConfig().model_dir
     extent, spacing = _patch_grid(args, model_dir)
     preproc = PreprocConfig(
@@ -196,6 +192,8 @@ def build_config(args: Namespace, argv: Sequence[str]) -> AppConfig:
         rim_annotations=_rim_annotations(args, output_dir),
         nprocs=args.nprocs,
         omp_nthreads=omp_nthreads,
+        omp_nthreads_given=args.omp_nthreads is not None,
+        container=container_name(),
         mem_gb=args.mem_gb,
         device=args.device,
         plugin=plugin["plugin"],
@@ -237,8 +235,6 @@ def _recalibrate(args: Namespace) -> bool:
 
 def _init_model(args: Namespace, methods: Sequence[str]) -> str | None:
     """--init-model: only with --train and one network method, and only a model directory."""
-    from ..model.network import NETWORK_METHODS
-
     if args.init_model is None:
         return None
     if not args.train:
@@ -260,11 +256,11 @@ def _init_architecture(init_model: str | None) -> dict:
     """A fine-tuning run builds the starting model's network (width, stem, wide term, fusion) unless the
     command line says otherwise (an explicit --width-multiplier wins and is then checked against it)."""
     from ..model.config import TrainConfig
-    from ..model.finetune import ARCHITECTURE_KEYS, read_model_json
+    from ..model.finetune import ARCHITECTURE_KEYS, read_init_model
 
     if init_model is None:
         return {}
-    stored = TrainConfig.from_dict(read_model_json(Path(init_model)).get("config") or {})
+    stored = TrainConfig.from_dict(read_init_model(Path(init_model)).get("config") or {})
     return {key: getattr(stored, key) for key in ARCHITECTURE_KEYS}
 
 
@@ -285,27 +281,124 @@ def _validate_dataset(config: AppConfig) -> None:
 
 
 def run_participant_level(config: AppConfig) -> int:
-    """Discover every participant/session, report problems, hand the good ones to the workflow."""
+    """Discover every participant/session, report problems, hand the good ones to the workflow.
+
+    Every selected unit ends with a ``logs/`` record (done, failed or skipped, with its reason) and a
+    line in the closing summary; the exit code says the worst that happened (see ``_participant_exit``).
+    """
     from ..bids import SelectionError, discover
 
+    since = datetime.now(timezone.utc)
     try:
         inputs, problems = discover(config)
     except SelectionError as err:
         raise UsageError(str(err), EXIT_NO_DATA if err.no_data else EXIT_USAGE) from None
     for problem in problems:
         LOGGER.error("%s", problem)
-    if not inputs and problems and all(p.missing for p in problems):
-        raise UsageError("no participant has the inputs qsmrim needs (QSM, FLAIR, lesion mask) "
-                         "with the given selection; check --participant-label, --session-label "
-                         "and --bids-filter-file", EXIT_NO_DATA)
-    LOGGER.info("%d participant/session unit(s) to process, %d skipped for input problems",
-                len(inputs), len(problems))
-    config = _threads_for_units(config, len(inputs))
-    configure_nipype(config.verbosity)
-    from ..workflows.participant import run_participants
+    refused = _record_refused_units(config, problems)
+    LOGGER.info("%d participant/session unit(s) to process, %d refused for their inputs",
+                len(inputs), len(refused))
+    code = EXIT_OK
+    if inputs:
+        config = _threads_for_units(config, len(inputs))
+        config = _with_radiomics_params(config)
+        configure_nipype(config.verbosity)
+        from ..workflows.participant import run_participants
 
-    code = run_participants(config, inputs, problems)
-    return max(int(code), EXIT_PARTICIPANT_FAILED if problems else EXIT_OK)
+        code = int(run_participants(config, inputs, problems))
+    labels = [_unit_label(i.subject, i.session) for i in inputs] + list(refused)
+    _log_unit_summary(config, labels, since)
+    return _participant_exit(config, code, bool(inputs), problems)
+
+
+def _unit_label(subject: str, session: str | None) -> str:
+    """``sub-X[_ses-Y]``: the prefix of a unit's outputs and of its ``logs/`` records."""
+    return f"sub-{subject}" + (f"_ses-{session}" if session else "")
+
+
+def _record_refused_units(config: AppConfig, problems: Sequence) -> dict[str, str]:
+    """A ``logs/`` record for every unit refused before the workflow; returns label -> status.
+
+    ``skipped`` when only required inputs are missing (nothing matched), ``failed`` when a file is
+    there but unusable (truncated, all NaN, wrong grid): the record holds every reason, the first file.
+    """
+    from .. import derivatives as drv
+
+    by_unit: dict[str, list] = {}
+    for problem in problems:
+        by_unit.setdefault(_unit_label(problem.subject, problem.session), []).append(problem)
+    if not by_unit:
+        return {}
+    drv.init_output_dir(config.output_dir, config.bids_dir, config.container)
+    record = drv.config_record(config)
+    statuses: dict[str, str] = {}
+    for label, found in by_unit.items():
+        statuses[label] = "skipped" if all(p.missing for p in found) else "failed"
+        reason = "; ".join(f"{p.file}: {p.message}" if p.file else p.message for p in found)
+        file = next((p.file for p in found if p.file is not None), None)
+        drv.write_unit_log(config.output_dir, label, config.command_line, record, statuses[label], reason, file)
+    return statuses
+
+
+def _log_unit_summary(config: AppConfig, labels: Sequence[str], since: datetime) -> None:
+    """The run's closing lines, after nipype's: units done / failed / skipped, each with its reason and log."""
+    from .. import derivatives as drv
+
+    def this_run(record: dict | None) -> bool:  # not an earlier run's record of the same unit
+        return bool(record and record.get("started_at")) and datetime.fromisoformat(record["started_at"]) >= since
+
+    records = drv.latest_unit_logs(config.output_dir)
+    outcome: dict[str, list[str]] = {"done": [], "failed": [], "skipped": [], "not run": []}
+    for label in dict.fromkeys(labels):
+        record = records.get(label)
+        outcome[record["status"] if this_run(record) else "not run"].append(label)
+    LOGGER.info("summary: %d done, %d failed, %d skipped for missing inputs%s (of %d participant/session "
+                "units); one record per unit in %s", len(outcome["done"]), len(outcome["failed"]),
+                len(outcome["skipped"]), f", {len(outcome['not run'])} not run" if outcome["not run"] else "",
+                len(labels), Path(config.output_dir) / "logs")
+    if outcome["done"]:
+        LOGGER.info("  done: %s", ", ".join(outcome["done"]))
+    for status, log in (("failed", LOGGER.error), ("skipped", LOGGER.warning)):
+        for label in outcome[status]:
+            record = records[label]
+            log("  %s %s: %s (log: %s)", status, label, record.get("reason") or record.get("error", "?"),
+                record["log_file"])
+    if outcome["not run"]:
+        LOGGER.error("  not run (see the error above): %s", ", ".join(outcome["not run"]))
+
+
+def _participant_exit(config: AppConfig, code: int, any_ran: bool, problems: Sequence) -> int:
+    """1 when a unit failed (a step, or an unusable input); else 66 when a selected unit lacks a required
+    input; 18 instead when nothing at all could run because the --bids-filter-file queries matched nothing."""
+    if code:
+        return code
+    if any(not p.missing for p in problems):
+        return EXIT_PARTICIPANT_FAILED
+    if not problems:
+        return EXIT_OK
+    if not any_ran and config.bids_filters:
+        LOGGER.error("the selection matched no input files of any participant; check --participant-label, "
+                     "--session-label and --bids-filter-file")
+        return EXIT_NO_DATA
+    if not any_ran:
+        LOGGER.error("no selected participant/session has the inputs qsmrim needs (QSM *_Chimap, FLAIR, "
+                     "lesion mask): add the files named above to the dataset or its derivatives, or point "
+                     "-d at the pipelines' outputs that hold them")
+    else:
+        LOGGER.warning("some participants/sessions were skipped for missing inputs (listed above); "
+                       "exit code %d", EXIT_INPUT_MISSING)
+    return EXIT_INPUT_MISSING
+
+
+def _with_radiomics_params(config: AppConfig) -> AppConfig:
+    """The radiomics YAML, read and validated once here; every unit's node gets the result."""
+    from ..radiomics import RadiomicsConfigError, load_params
+
+    try:
+        params = load_params(config.preproc.radiomics_params)
+    except RadiomicsConfigError as err:
+        raise UsageError(str(err), EXIT_INPUT_MISSING) from None
+    return replace(config, preproc=replace(config.preproc, radiomics=params))
 
 
 def _threads_for_units(config: AppConfig, n_units: int) -> AppConfig:
@@ -314,9 +407,8 @@ def _threads_for_units(config: AppConfig, n_units: int) -> AppConfig:
     A 2-thread N4 of one unit would otherwise wait for both cores while the other unit's
     single-threaded registration holds one of them.
     """
-    given = any(arg.startswith(("--omp-", "--omp_")) for arg in config.command_line)
     threads = max(1, min(8, config.nprocs // max(1, n_units)))
-    if n_units < 2 or given or threads == config.omp_nthreads:
+    if n_units < 2 or config.omp_nthreads_given or threads == config.omp_nthreads:
         return config
     LOGGER.info("%d units share %d processes: %d thread(s) per process (set --omp-nthreads to change)",
                 n_units, config.nprocs, threads)

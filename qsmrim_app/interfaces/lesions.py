@@ -9,8 +9,8 @@ import pandas as pd
 from nipype.interfaces.base import (BaseInterfaceInputSpec, File, SimpleInterface, TraitedSpec,
                                     traits)
 
-from ..lesion_split import MASK_KINDS, SPLIT_METHODS, LesionValueError, SplitParams, prepare_lesions, voxel_sizes
-from ..lesions import LesionMaskError, carry_rim_labels, label_instances, lesion_geometry, with_split_from
+from ..lesion_split import LESION_THRESHOLD, MASK_KINDS, SPLIT_METHODS, LesionValueError, SplitParams, prepare_lesions, voxel_sizes
+from ..lesions import MIN_LESION_VOXELS, LesionMaskError, carry_rim_labels, label_instances, lesion_geometry, with_split_from
 from ._base import InputDataError, load_3d, out_path, save_like
 
 LOGGER = logging.getLogger("nipype.interface")
@@ -25,7 +25,7 @@ class _PrepareInputSpec(BaseInterfaceInputSpec):
     source_file = traits.Str(desc="the original lesion file, named in messages")
     kind = traits.Enum(*MASK_KINDS, mandatory=True)
     split = traits.Enum(*SPLIT_METHODS, usedefault=True)
-    threshold = traits.Float(0.5, usedefault=True, desc="probability maps: lesion where value >= this")
+    threshold = traits.Float(LESION_THRESHOLD, usedefault=True, desc="probability maps: lesion where value >= this")
     sigma_mm = traits.Float(SplitParams().sigma_mm, usedefault=True)
     min_centre_mm3 = traits.Float(SplitParams().min_centre_mm3, usedefault=True)
     notes = traits.List(traits.Str, desc="discovery notes about this file (e.g. a soft mask read as probability)")
@@ -35,6 +35,7 @@ class _PrepareOutputSpec(TraitedSpec):
     out_file = File(exists=True, desc="instance map (int32) or, with split none, 0/1 mask, same grid")
     split_file = File(exists=True, desc="TSV lesion_id, split_from (component id of split lesions)")
     n_components = traits.Int()
+    is_instance_map = traits.Bool(desc="out_file holds lesion ids (split), not a 0/1 mask (--lesion-split none)")
     messages = traits.List(traits.Str)
 
 
@@ -62,6 +63,7 @@ class PrepareLesionMask(SimpleInterface):
         for message in messages:
             LOGGER.info(message)
         self._results["n_components"] = prepared.n_components
+        self._results["is_instance_map"] = bool(prepared.is_instance_map)
         self._results["messages"] = messages
         return runtime
 
@@ -70,7 +72,7 @@ class _LesionsInputSpec(BaseInterfaceInputSpec):
     mask_file = File(exists=True, mandatory=True, desc="lesion mask in the QSM grid")
     source_file = traits.Str(desc="the original mask file, named in messages")
     is_instance_map = traits.Bool(False, usedefault=True)
-    min_voxels = traits.Int(10, usedefault=True)
+    min_voxels = traits.Int(MIN_LESION_VOXELS, usedefault=True)
     rim_file = File(exists=True, desc="rim annotations (1 rim-, 2 rim+) in the QSM grid")
     split_file = File(exists=True, desc="TSV lesion_id, split_from from PrepareLesionMask")
     split_messages = traits.List(traits.Str, desc="messages of the split, passed on to the report")

@@ -8,7 +8,7 @@ import pandas as pd
 from nipype.interfaces.base import (BaseInterfaceInputSpec, File, SimpleInterface, TraitedSpec,
                                     traits)
 
-from ..patches import PatchGrid, extract_patches, normalise_flair, save_patches
+from ..patches import DEFAULT_EXTENT_MM, DEFAULT_SPACING_MM, PatchGrid, extract_patches, normalise_flair, save_patches
 from ..radial import FLOOR_COLUMN, feature_names, radial_table, shell_minus_core_ppb
 from ..reference import local_references
 from ._base import load_3d, out_path
@@ -21,8 +21,8 @@ class _PatchesInputSpec(BaseInterfaceInputSpec):
     flair_file = File(exists=True, mandatory=True, desc="FLAIR in the QSM grid")
     instances_file = File(exists=True, mandatory=True)
     brain_mask_file = File(exists=True, mandatory=True)
-    extent_mm = traits.Tuple(traits.Float, traits.Float, traits.Float, value=(24.0, 24.0, 24.0), usedefault=True)
-    spacing_mm = traits.Tuple(traits.Float, traits.Float, traits.Float, value=(0.75, 0.75, 1.5), usedefault=True)
+    extent_mm = traits.Tuple(traits.Float, traits.Float, traits.Float, value=DEFAULT_EXTENT_MM, usedefault=True)
+    spacing_mm = traits.Tuple(traits.Float, traits.Float, traits.Float, value=DEFAULT_SPACING_MM, usedefault=True)
 
 
 class _PatchesOutputSpec(TraitedSpec):

@@ -9,7 +9,7 @@ from nipype.interfaces.base import (BaseInterfaceInputSpec, File, SimpleInterfac
                                     traits)
 
 from ..derivatives import radiomics_dictionary
-from ..radiomics import RadiomicsInputError, extract_lesion_features, load_params
+from ..radiomics import RadiomicsInputError, extract_lesion_features
 from ._base import InputDataError, load_3d, out_path
 
 
@@ -17,7 +17,7 @@ class _RadiomicsInputSpec(BaseInterfaceInputSpec):
     qsm_file = File(exists=True, mandatory=True, desc="QSM in ppb")
     instances_file = File(exists=True, mandatory=True)
     geometry_file = File(exists=True, mandatory=True, desc="lesion geometry table (first columns)")
-    params_file = File(exists=True, mandatory=True, desc="pyradiomics YAML parameters")
+    params = traits.Dict(mandatory=True, desc="pyradiomics parameters, validated once (radiomics.load_params)")
     nprocs = traits.Int(1, usedefault=True)
     extra_features_file = File(exists=True, desc="lesion_id + more feature columns (radial profile) to append")
     source_file = traits.Str(desc="the input QSM map qsm_file was made from (named in errors)")
@@ -40,7 +40,7 @@ class RadiomicFeatures(SimpleInterface):
         geometry = pd.read_csv(self.inputs.geometry_file, sep="\t")
         try:
             features = extract_lesion_features(qsm, instances, tuple(float(z) for z in qsm_image.header.get_zooms()[:3]),
-                                               geometry["lesion_id"].tolist(), load_params(self.inputs.params_file),
+                                               geometry["lesion_id"].tolist(), self.inputs.params,
                                                nprocs=self.inputs.nprocs)
         except RadiomicsInputError as err:
             source = self.inputs.source_file or self.inputs.qsm_file

@@ -43,12 +43,14 @@ class ParticipantReport(SimpleInterface):
         if self.inputs.registration_file:
             with open(self.inputs.registration_file) as handle:
                 registration = json.load(handle)
+        annotations_file = drv.output_path(root, unit, "annotations")  # staged only when rim labels were given
+        annotations = drv.read_tsv(annotations_file) if annotations_file.is_file() else None
         messages = [*self.inputs.qsm_messages, *self.inputs.lesion_messages, *self.inputs.patch_messages]
         out = write_participant_report(
             drv.report_path(root, unit), subject=unit.subject, session=unit.session,
             qsm=self.inputs.qsm_file, flair_in_qsm=drv.output_path(root, unit, "flair_preproc"),
             lesions_dseg=drv.output_path(root, unit, "lesions_dseg"), lesion_table=table, summary=summary,
             inputs=dict(self.inputs.inputs_found), versions=drv.versions(), registration=registration,
-            messages=messages, qsm_units=self.inputs.qsm_units)
+            messages=messages, qsm_units=self.inputs.qsm_units, annotations=annotations)
         self._results["out_file"] = str(out)
         return runtime

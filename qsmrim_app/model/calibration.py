@@ -336,3 +336,18 @@ def expected_operating_points(p: np.ndarray, max_sensitivity: float = 0.95) -> d
     ok = np.flatnonzero(sens <= max_sensitivity + 1e-12)
     hs = last[ok[np.argmax(sens[ok])]] if ok.size else last[0]
     return {"f1": float(p[last[int(np.argmax(f1))]]), "high-sensitivity": float(p[hs])}
+
+
+def add_calibrated_column(oof_tsv, calibrated: np.ndarray) -> None:
+    """Add ``probability_calibrated`` (cross-fitted) after ``probability`` in ``oof_predictions.tsv``.
+
+    ``probability`` stays the ensemble's raw mean, what the AUCs and paired comparisons rank: one global
+    monotone map does not change a ranking, a map per fold would move pooled AUCs."""
+    import pandas as pd
+
+    from .. import derivatives as drv
+
+    table = pd.read_csv(oof_tsv, sep="\t", dtype={"session": str}, keep_default_na=False)
+    table.insert(int(table.columns.get_loc("probability")) + 1, "probability_calibrated",
+                 np.round(np.asarray(calibrated, dtype=float), 6))
+    drv.write_tsv(oof_tsv, table)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -19,7 +21,11 @@ from sklearn.compose import ColumnTransformer
 from sklearn.ensemble import RandomForestClassifier
 from sklearn.impute import SimpleImputer
 
+from .data import FeatureScaler
 from .folds import fold_assignments
+
+if TYPE_CHECKING:
+    from .methods import FeatureColumns
 
 FIRST_ORDER_PREFIX = "original_firstorder_"
 N_TREES = 500
@@ -114,28 +120,64 @@ class ShellCoreScore:
         return np.stack([1 - p, p], axis=1)
 
 
-def fit_comparator(method: str, features: np.ndarray, labels: np.ndarray, feature_names: Sequence[str],
-                   seed: int = 0):
-    """Fit one non-network member: ``aprl-rf``, ``rf`` / ``logreg`` (the 527 features, class-balanced:
-    the floors every model must beat) or ``shell-core`` (training-free)."""
+def fit_shell_core(features: np.ndarray, labels: np.ndarray, feature_names: Sequence[str], seed: int = 0
+                   ) -> ShellCoreScore:
+    """The training-free floor (nothing is fitted)."""
+    return ShellCoreScore().fit(np.asarray(features, dtype=float), labels)
+
+
+def fit_rf(features: np.ndarray, labels: np.ndarray, feature_names: Sequence[str], seed: int = 0
+           ) -> RandomForestClassifier:
+    """Floor: a class-balanced random forest on the 527 features."""
+    model = RandomForestClassifier(n_estimators=N_TREES, class_weight="balanced_subsample", min_samples_leaf=2,
+                                   random_state=seed, n_jobs=1)
+    return _fit_quietly(model, features, labels)
+
+
+def fit_logreg(features: np.ndarray, labels: np.ndarray, feature_names: Sequence[str], seed: int = 0):
+    """Floor: class-balanced penalised logistic regression on the 527 features, C by inner CV."""
     from sklearn.linear_model import LogisticRegressionCV
 
-    x = np.asarray(features, dtype=float)
     y = np.asarray(labels).astype(int).ravel()
-    if method == "aprl-rf":
-        return fit_aprl_rf(x, y, feature_names, seed)
-    if method == "shell-core":
-        return ShellCoreScore().fit(x, y)
-    x = np.nan_to_num(x)
-    if method == "rf":
-        model = RandomForestClassifier(n_estimators=N_TREES, class_weight="balanced_subsample", min_samples_leaf=2,
-                                       random_state=seed, n_jobs=1)
-    elif method == "logreg":
-        folds = max(2, min(3, int(y.sum()), int((1 - y).sum())))
-        model = LogisticRegressionCV(Cs=6, cv=folds, scoring="roc_auc", class_weight="balanced", max_iter=3000,
-                                     random_state=seed)
-    else:
-        raise ValueError(f"{method!r} is not a comparator (aprl-rf, rf, logreg, shell-core)")
+    folds = max(2, min(3, int(y.sum()), int((1 - y).sum())))
+    model = LogisticRegressionCV(Cs=6, cv=folds, scoring="roc_auc", class_weight="balanced", max_iter=3000,
+                                 random_state=seed)
+    return _fit_quietly(model, features, y)
+
+
+def _fit_quietly(model, features: np.ndarray, labels: np.ndarray):
+    x = np.nan_to_num(np.asarray(features, dtype=float))
+    y = np.asarray(labels).astype(int).ravel()
     with warnings.catch_warnings():  # sklearn's API-transition notices (FutureWarning) say nothing to a user
         warnings.simplefilter("ignore", FutureWarning)
         return model.fit(x, y)
+
+
+def fit_comparator(method: str, features: np.ndarray, labels: np.ndarray, feature_names: Sequence[str],
+                   seed: int = 0):
+    """Fit one non-network member with the registry's builder: ``aprl-rf``, ``rf`` / ``logreg`` (the 527
+    features, class-balanced: the floors every model must beat) or ``shell-core`` (training-free)."""
+    from .methods import get, names_of_kind
+
+    entry = get(method)
+    if entry.kind == "network":
+        raise ValueError(f"{method!r} is not a comparator ({', '.join(names_of_kind('sklearn', 'floor'))})")
+    return entry.build()(np.asarray(features, dtype=float), np.asarray(labels).astype(int).ravel(),
+                         feature_names, seed)
+
+
+def fit_sklearn_member(method: str, features: "FeatureColumns", labels: np.ndarray, train_idx: np.ndarray,
+                       test_idx: np.ndarray, scaler: FeatureScaler, seed: int, path: Path
+                       ) -> tuple[Path, np.ndarray]:
+    """One cross-validation member of a scikit-learn method or floor, on the same folds as the networks,
+    stored with joblib (an existing file is reused); returns its path and held-out probabilities."""
+    import joblib
+
+    if path.is_file():
+        model = joblib.load(path)
+    else:
+        model = fit_comparator(method, scaler.transform(features.values[train_idx]), labels[train_idx],
+                               features.names, seed)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        joblib.dump(model, path)
+    return path, model.predict_proba(scaler.transform(features.values[test_idx]))[:, 1].astype(np.float64)

@@ -4,12 +4,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
-Method = Literal["qsmrimnet", "aprl-rf", "aprl-nn", "rimnet", "image-only", "image-radiomics",
-                 "rf", "logreg", "shell-core"]
-# ``--method all``: the networks, the paper's comparators and the floors (rf, logreg: the 527 features;
-# shell-core: the training-free rim-minus-core score).
-ALL_METHODS: tuple[str, ...] = ("qsmrimnet", "aprl-rf", "aprl-nn", "rimnet", "image-only", "image-radiomics",
-                                "rf", "logreg", "shell-core")
+from .inputs import DEFAULT_LEVEL, PATCH_EXTENT_MM, PATCH_SPACING_MM
+
 PROTOCOLS: tuple[str, ...] = ("paper", "fast")
 
 
@@ -17,7 +13,7 @@ PROTOCOLS: tuple[str, ...] = ("paper", "fast")
 class TrainConfig:
     """Defaults are the paper's protocol (Zhang et al. 2022); the CLI overrides a few."""
 
-    method: str = "qsmrimnet"
+    method: str = "qsmrimnet"  # a name in model/methods.py METHODS
     epochs: int = 40
     batch_size: int = 64
     learning_rate: float = 1e-4
@@ -42,9 +38,9 @@ class TrainConfig:
     classifier_dropout: float = 0.5
     augment: bool = True
     # What the network sees (model/inputs.py): the input level and the physical patch grid.
-    input_level: str = "referenced"
-    patch_extent_mm: tuple[float, float, float] = (24.0, 24.0, 24.0)
-    patch_spacing_mm: tuple[float, float, float] = (0.75, 0.75, 1.5)
+    input_level: str = DEFAULT_LEVEL
+    patch_extent_mm: tuple[float, float, float] = PATCH_EXTENT_MM
+    patch_spacing_mm: tuple[float, float, float] = PATCH_SPACING_MM
     margin_mm: float = 3.0
     n_radiomic_features: int = 527
     base_seed: int = 0
@@ -89,7 +85,7 @@ class TrainConfig:
         return cls(**known)
 
 
-# Our CPU recipe (README, "Training protocols"): a narrow network whose stem strides 2 in-plane (a step of 32
+# Our CPU recipe (docs/training.md): a narrow network whose stem strides 2 in-plane (a step of 32
 # patches ~0.5 s on 2 CPU cores instead of ~2 s), a fixed budget of optimisation steps independent of the
 # cohort size, one-cycle LR at 1e-3 with AdamW, a quarter of every batch rim+ (DeepSMOTE still
 # interpolates them), a wide linear term fitted on the member's training lesions (the deep part learns a

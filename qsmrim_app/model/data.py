@@ -10,6 +10,8 @@ from typing import Sequence
 
 import numpy as np
 
+from .inputs import PATCH_SPACING_MM
+
 # Raw patch channels (patches.RAW_CHANNELS): QSM ppb, FLAIR, signed distance (mm), other lesions.
 # model/inputs.py turns them into the network's channels.
 PATCH_CHANNELS = 4
@@ -31,7 +33,7 @@ class LesionSet:
     labels: np.ndarray | None  # (N,) int64 0/1
     subjects: np.ndarray  # (N,) str
     lesion_ids: np.ndarray  # (N,) int
-    voxel_size_mm: np.ndarray = field(default_factory=lambda: np.asarray([0.75, 0.75, 1.5], np.float32))
+    voxel_size_mm: np.ndarray = field(default_factory=lambda: np.asarray(PATCH_SPACING_MM, np.float32))
     reference: np.ndarray | None = None  # (N, 2) local reference (median, scale) in ppb
     extent_mm: np.ndarray | None = None  # (3,)
     sessions: np.ndarray | None = None  # (N,) str, "" without sessions: a count belongs to one scan, not a person

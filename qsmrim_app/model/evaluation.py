@@ -13,8 +13,6 @@ import io
 import json
 import logging
 import math
-import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -22,6 +20,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from ..atomic import write_bytes
 from .calibration import ECE_BINS, calibration_metrics, reliability_figure
 from .metrics import CVCurves, cv_curve_aucs, lesion_and_subject_metrics, paired_bootstrap, subject_counts
 
@@ -38,21 +37,6 @@ TABLE_COLUMNS = (
 
 
 # ----------------------------------------------------------------------------- atomic writes
-def _write_bytes(path: Path, data: bytes) -> Path:
-    """Temp file beside ``path`` + ``os.replace``: readers never see a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
-
-
 def _json_ready(value):
     """NaN/inf -> None and numpy scalars -> Python, so metrics.json is strict JSON."""
     if isinstance(value, Mapping):
@@ -155,7 +139,7 @@ def _save_figure(fig: Figure, out_dir: Path, stem: str) -> str:
         buf = io.BytesIO()
         fig.savefig(buf, format=fmt, dpi=150 if fmt == "png" else None)
         buffers[fmt] = buf.getvalue()
-        _write_bytes(out_dir / f"{stem}.{fmt}", buffers[fmt])
+        write_bytes(out_dir / f"{stem}.{fmt}", buffers[fmt])
     svg = buffers["svg"].decode("utf-8")
     return svg[svg.index("<svg"):]
 
@@ -308,13 +292,13 @@ def write_evaluation(
         _, pred_c, true_c = subject_counts(subj, y, pred)
         counts[method] = (pred_c, true_c)
 
-    _write_bytes(out_dir / "metrics.json", (json.dumps(_json_ready(metrics), indent=2) + "\n").encode())
+    write_bytes(out_dir / "metrics.json", (json.dumps(_json_ready(metrics), indent=2) + "\n").encode())
     table = table2(metrics)
-    _write_bytes(out_dir / "table2.tsv", table.to_csv(sep="\t", index=False).encode())
+    write_bytes(out_dir / "table2.tsv", table.to_csv(sep="\t", index=False).encode())
     paired = None
     if len(results) > 1:  # the first method (the primary one) against each other, same lesions
         paired = paired_differences(valid, next(iter(valid)))  # validated once, above
-        _write_bytes(out_dir / "paired_differences.tsv",
+        write_bytes(out_dir / "paired_differences.tsv",
                      paired.to_csv(sep="\t", index=False, float_format="%.4f").encode())
 
     svgs = {
@@ -353,5 +337,5 @@ def write_evaluation(
             f"high-sensitivity point (sensitivity {_fmt(hs['sensitivity'])}) experts review "
             f"{hs['lesions_to_review']} lesions, saving {_fmt(100 * hs['review_time_saved'], 1)} % of review time."
         )
-    _write_bytes(out_dir / "report.html", _html(title, table, svgs, notes, paired).encode("utf-8"))
+    write_bytes(out_dir / "report.html", _html(title, table, svgs, notes, paired).encode("utf-8"))
     return metrics

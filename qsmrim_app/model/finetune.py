@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from .config import TrainConfig
+from .modeldir import ModelDirError, read_model_json
 
 #: model.json keys that define what a network reads (absent from both: nothing to compare).
 INPUT_KEYS: tuple[str, ...] = ("inputs", "patch_shape", "voxel_size_mm", "feature_names")
@@ -27,12 +28,12 @@ class InitModelError(ValueError):
     """The model given to ``--init-model`` cannot start this run's networks; the message says why."""
 
 
-def read_model_json(model_dir: Path) -> dict:
-    path = Path(model_dir) / "model.json"
+def read_init_model(model_dir: Path) -> dict:
+    """``--init-model``'s model.json (read by the one model-directory reader)."""
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise InitModelError(f"--init-model: cannot read {path} ({err})") from None
+        return read_model_json(model_dir)
+    except ModelDirError as err:
+        raise InitModelError(f"--init-model: {err}") from None
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -57,7 +58,7 @@ def check_init_model(init_meta: Mapping, run_inputs: Mapping, config: TrainConfi
 
     ``run_inputs`` holds what this run's model.json will say under :data:`INPUT_KEYS`.
     """
-    from .network import NETWORK_METHODS
+    from .methods import NETWORK_METHODS
 
     where = config.init_model
     init_method = str(init_meta.get("method"))

@@ -44,11 +44,16 @@ def is_feature_column(name: str) -> bool:
     return is_pyradiomics_feature(name) or str(name).startswith(RADIAL_PREFIX) or str(name) == FLOOR_COLUMN
 
 
+#: The default patch grid (the bundled model's): extent and sampling in mm along the world axes.
+PATCH_EXTENT_MM: tuple[float, float, float] = (24.0, 24.0, 24.0)
+PATCH_SPACING_MM: tuple[float, float, float] = (0.75, 0.75, 1.5)
+
+
 @dataclass(frozen=True)
 class InputSpec:
     level: str = DEFAULT_LEVEL
-    extent_mm: tuple[float, float, float] = (24.0, 24.0, 24.0)
-    spacing_mm: tuple[float, float, float] = (0.75, 0.75, 1.5)
+    extent_mm: tuple[float, float, float] = PATCH_EXTENT_MM
+    spacing_mm: tuple[float, float, float] = PATCH_SPACING_MM
     margin_mm: float = DEFAULT_MARGIN_MM
 
     def __post_init__(self) -> None:

@@ -374,6 +374,44 @@ def count_agreement(pred_counts: np.ndarray, true_counts: np.ndarray) -> dict:
     return {"count_pearson_r": r, "count_pearson_ci": ci, "count_mse": mse, "n_subjects": int(a.size)}
 
 
+def expert_count_agreement(model_counts: np.ndarray, expert_counts: np.ndarray) -> dict:
+    """Model vs expert rim+ counts over a group's units, saying why r or its interval is missing.
+
+    r needs at least 3 units and counts that vary on both sides; its 95 % interval (Fisher z, standard
+    error 1/sqrt(n - 3)) needs at least 4. MSE, the mean difference (model - expert) and the exact matches
+    are defined from one unit. Undefined values are None (JSON null) beside a one-sentence reason, so a
+    report never shows a bare "nan".
+    """
+    a = np.asarray(model_counts, dtype=float).ravel()
+    b = np.asarray(expert_counts, dtype=float).ravel()
+    if a.shape != b.shape:
+        raise ValueError("model and expert counts differ in length")
+    n = int(a.size)
+    out: dict = {"n": n, "count_pearson_r": None, "count_pearson_ci": None,
+                 "count_mse": float(np.mean((a - b) ** 2)) if n else None,
+                 "mean_difference": float(np.mean(a - b)) if n else None,
+                 "exact_matches": int(np.sum(a == b)), "r_not_computed": None, "ci_not_computed": None}
+    if n < 3:
+        out["r_not_computed"] = (f"Pearson r needs at least 3 participants/sessions with expert counts; "
+                                 f"{n} {'has' if n == 1 else 'have'} them.")
+    elif np.ptp(a) == 0:
+        out["r_not_computed"] = (f"The model's rim+ count is {a[0]:g} for every participant/session, so there "
+                                 "is no variation to correlate (r is undefined).")
+    elif np.ptp(b) == 0:
+        out["r_not_computed"] = (f"The expert rim+ count is {b[0]:g} for every participant/session, so there "
+                                 "is no variation to correlate (r is undefined).")
+    if out["r_not_computed"]:
+        out["ci_not_computed"] = "r is not computed."
+        return out
+    out["count_pearson_r"] = float(stats.pearsonr(a, b).statistic)
+    if n < 4:
+        out["ci_not_computed"] = (f"Its 95% interval (Fisher z, standard error 1/sqrt(n - 3)) needs at least 4 "
+                                  f"participants/sessions; {n} have expert counts.")
+    else:
+        out["count_pearson_ci"] = [float(v) for v in count_agreement(a, b)["count_pearson_ci"]]
+    return out
+
+
 def subject_counts(
     subjects: Sequence[str], y: np.ndarray, pred: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -2,15 +2,14 @@
 
 ``probability`` is the model's calibration map (``model.json`` ``calibration``, model/calibration.py;
 identity when the model has none) applied to the mean of the members' rim+ probabilities
-(``probability_raw``), and ``uncertainty`` the members' standard deviation. ``votes`` is the fraction of members whose probability reaches their own fold's F1-optimal
-threshold. ``rim_positive`` is, by default, the paper's majority vote (votes > 0.5); when a threshold is
+(``probability_raw``), and ``uncertainty`` the members' standard deviation. ``votes`` is the fraction of
+members whose probability reaches their own fold's F1-optimal threshold. ``rim_positive`` is, by default, the paper's majority vote (votes > 0.5); when a threshold is
 given (the app's ``--threshold`` or an operating point from :attr:`Ensemble.thresholds`) it is instead
 ``probability >= threshold`` on the mean, because the operating points are fitted on the mean
 out-of-fold probability.
 """
 from __future__ import annotations
 
-import json
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,12 +21,10 @@ from torch import nn
 
 from .config import TrainConfig
 from .data import FeatureScaler
-from .network import NETWORK_METHODS, build_network
+from .methods import NETWORK_METHODS
+from .modeldir import MODEL_FORMAT, MODEL_JSON, read_model_json
+from .network import build_network
 
-MODEL_JSON = "model.json"
-# 2: patches in mm with their surrounding tissue (model/inputs.py). 1 (qsmrim 0.1): 32x32x16 voxel
-# windows of the lesion only; such models cannot read today's patches and are refused by name.
-MODEL_FORMAT = 2
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -194,7 +191,7 @@ def load_ensemble(model_dir: Path, device: str = "auto") -> Ensemble:
     meta_path = model_dir / MODEL_JSON
     if not meta_path.is_file():
         raise FileNotFoundError(f"no {MODEL_JSON} in {model_dir}")
-    meta = json.loads(meta_path.read_text())
+    meta = read_model_json(model_dir)
     if int(meta.get("format_version", 1)) != MODEL_FORMAT:
         raise ValueError(
             f"{meta_path} is a model of format {meta.get('format_version', 1)} (qsmrim 0.1: 32x32x16 voxel "

@@ -18,7 +18,7 @@ import nibabel as nib
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 CSS = """
 body{font-family:-apple-system,'Segoe UI',Helvetica,Arial,sans-serif;margin:0 auto;max-width:1150px;
@@ -151,8 +151,10 @@ class Plane:
     """A display plane of a voxel grid: which voxel axis is cut, and how the other two map to screen.
 
     Slices stay in the data's own voxel grid (the lesion's k index is the one the model saw) and are only
-    flipped/transposed so that the screen follows the neurological convention: patient left on screen left,
-    anterior/superior at the top.
+    flipped/transposed so that the screen follows the radiological convention of the review page
+    (review/images.py): every world coordinate decreases left to right and top to bottom, so the patient's
+    right is on the screen's left (axial, coronal), anterior on the left (sagittal), anterior/superior at
+    the top. `col_labels`/`row_labels` name the screen's left/right and top/bottom edges.
     """
 
     axis: int
@@ -176,11 +178,11 @@ class Plane:
             axis=axis,
             col_axis=col,
             row_axis=row,
-            flip_cols=bool(ornt[col, 1] < 0),
+            flip_cols=bool(ornt[col, 1] > 0),
             flip_rows=bool(ornt[row, 1] > 0),
             col_mm=float(zooms[col]),
             row_mm=float(zooms[row]),
-            col_labels=names[int(ornt[col, 0])],
+            col_labels=names[int(ornt[col, 0])][::-1],
             row_labels=names[int(ornt[row, 0])][::-1],
         )
 
@@ -204,6 +206,25 @@ class Plane:
         if self.flip_cols:
             col = shape[self.col_axis] - 1 - col
         return row, col
+
+
+def label_edges(rgb: np.ndarray, left: str, right: str, colour: tuple[int, int, int] = (255, 255, 255)) -> np.ndarray:
+    """Write orientation letters into an RGB image (bottom left and bottom right corners), in place.
+
+    Drawn into the pixels rather than the page, so an image copied out of a report keeps its orientation.
+    """
+    height, width = rgb.shape[:2]
+    size = max(8, min(height, width) // 8)
+    image = Image.fromarray(np.ascontiguousarray(rgb[..., :3]))
+    draw = ImageDraw.Draw(image)
+    draw.fontmode = "1"  # no anti-aliasing: exact colours, crisp when the page scales the tile up
+    font = ImageFont.load_default(size=size)
+    for text, at_left in ((left, True), (right, False)):
+        x0, y0, x1, y1 = draw.textbbox((0, 0), text, font=font, stroke_width=1)  # no anchors: bitmap fonts too
+        x = 2 - x0 if at_left else width - 2 - x1
+        draw.text((x, height - 2 - y1), text, fill=colour, font=font, stroke_width=1, stroke_fill=(0, 0, 0))
+    rgb[..., :3] = np.asarray(image)
+    return rgb
 
 
 def new_figure(width_in: float, height_in: float) -> Figure:

@@ -30,10 +30,9 @@ PARTICIPANT_COLUMNS: dict[str, tuple[str, int | None]] = {
     "threshold": ("threshold", 3),
 }
 AGREEMENT_LABELS = {
-    "n": "Participants with expert counts",
-    "count_pearson_r": "Pearson r (rim+ counts)",
-    "count_pearson_ci": "95% confidence interval of r",
+    "n": "Participants/sessions with expert counts",
     "count_mse": "Mean squared error of counts",
+    "mean_difference": "Mean difference (model \u2212 expert)",
 }
 
 
@@ -133,13 +132,54 @@ def _failed_section(failed: Sequence[tuple[str, str]], participant_reports: Mapp
     )
 
 
-def _agreement_section(agreement: Mapping[str, Any] | None) -> str:
+def _pearson_text(agreement: Mapping[str, Any]) -> tuple[str, str]:
+    """(r, its 95% interval) as text, or the sentence why each is not computed: never a bare n/a."""
+    r = agreement.get("count_pearson_r")
+    if r is None or _missing(r):
+        return agreement.get("r_not_computed") or "not computed", agreement.get("ci_not_computed") or "not computed"
+    ci = agreement.get("count_pearson_ci")
+    if ci is None or any(_missing(v) for v in ci):
+        return fmt(float(r)), agreement.get("ci_not_computed") or "not computed"
+    return fmt(float(r)), f"[{fmt(float(ci[0]))}, {fmt(float(ci[1]))}]"
+
+
+def _expert_table(experts: pd.DataFrame, participant_reports: Mapping[str, str]) -> str:
+    """Model vs expert rim+ counts per participant/session, with the lesion-level tally."""
+    rows = []
+    for _, row in experts.iterrows():
+        href = _find_href(participant_reports, row["participant_id"], row.get("session"))
+        link = f'<a href="{esc(href)}#annotations">report</a>' if href else "no report"
+        model, expert = row.get("n_rimplus"), row.get("n_rimplus_expert")
+        diff = float(model) - float(expert) if not (_missing(model) or _missing(expert)) else float("nan")
+        rows.append([esc(row["participant_id"]), esc(fmt(row.get("session"))), esc(fixed(model, 0)),
+                     esc(fixed(expert, 0)), esc(f"{diff:+.0f}" if math.isfinite(diff) else "n/a"),
+                     esc(fixed(row.get("expert_rimplus_found"), 0)),
+                     esc(fixed(row.get("model_rimplus_expert_negative"), 0)), link])
+    return table(["participant", "session", "model rim+", "expert rim+", "difference",
+                  "expert rim+ the model calls rim+", "model rim+ the expert marked rim\u2212", "report"], rows,
+                 numeric=[False, False, True, True, True, True, True, False])
+
+
+def _agreement_section(agreement: Mapping[str, Any] | None, experts: pd.DataFrame | None = None,
+                       participant_reports: Mapping[str, str] | None = None) -> str:
     head = '<section id="agreement"><h2>Agreement with expert counts</h2>'
     if not agreement:
         return head + "<p>No expert rim+ counts were given, so agreement was not computed.</p></section>"
-    known = [(AGREEMENT_LABELS[k], agreement[k]) for k in AGREEMENT_LABELS if k in agreement]
-    extra = [(k, v) for k, v in agreement.items() if k not in AGREEMENT_LABELS]
-    return head + kv_table(known + extra) + "</section>"
+    r_text, ci_text = _pearson_text(agreement)
+    known = [("Pearson r (rim+ counts)", r_text), ("95% confidence interval of r", ci_text)]
+    known += [(AGREEMENT_LABELS[k], agreement[k]) for k in AGREEMENT_LABELS if k in agreement]
+    if "exact_matches" in agreement and "n" in agreement:
+        known.append(("Participants/sessions with equal counts", f"{agreement['exact_matches']} of {agreement['n']}"))
+    lesions = agreement.get("lesions") or {}
+    if lesions:
+        known.append(("Expert rim+ lesions the model calls rim+",
+                      f"{lesions.get('expert_rimplus_found')} of {lesions.get('expert_rimplus')}"))
+        known.append(("Expert rim\u2212 lesions the model calls rim+", lesions.get("model_rimplus_expert_negative")))
+    caption = ('<p class="caption">Expert counts come from the rim annotations given to the participant level '
+               "(each lesion's majority label). Each participant report lists the disagreements lesion by "
+               "lesion.</p>")
+    units = (_expert_table(experts, participant_reports or {}) if experts is not None and len(experts) else "")
+    return head + caption + units + kv_table(known) + "</section>"
 
 
 def _expected_rows(group_table: pd.DataFrame) -> list[tuple[str, Any]]:
@@ -161,10 +201,13 @@ def write_group_report(
     participant_reports: Mapping[str, str],
     agreement: Mapping[str, Any] | None,
     versions: Mapping[str, str],
+    experts: pd.DataFrame | None = None,
 ) -> Path:
     """Write the group HTML page to `out_file` and return its path.
 
     `participant_reports` maps `report_key(participant_id, session)` to a link relative to `out_file`.
+    `experts` (the group table joined with workflows.group.expert_counts) gives the per-participant
+    model vs expert table of the agreement section.
     """
     n_ok, n_failed = len(group_table), len(failed)
     n_lesions = pd.to_numeric(group_table.get("n_lesions", pd.Series(dtype=float)), errors="coerce").sum()
@@ -193,7 +236,7 @@ def write_group_report(
     body += ('<section id="participants"><h2>Participants</h2>'
              + _participants_table(group_table, participant_reports) + "</section>")
     body += _failed_section(failed, participant_reports)
-    body += _agreement_section(agreement)
+    body += _agreement_section(agreement, experts, participant_reports)
     body += ('<section id="versions"><h2>Software versions</h2>' + kv_table(versions, "No versions were recorded.")
              + "</section>")
     nav = [("overview", "Overview"), ("distributions", "Distributions"), ("participants", "Participants"),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from ._html import (
     fmt,
     img_tag,
     kv_table,
+    label_edges,
     new_figure,
     page,
     png_data_uri,
@@ -54,6 +56,9 @@ SUMMARY_LABELS = {
     "n_rimplus_ci_high": "Rim+ count, 95 % interval: high",
     "calibration": "Calibration of the probabilities",
 }
+
+
+IDENTITY_KEYS = ("participant_id", "session")  # the summary's own copy of what the page title already says
 
 
 def _label(prefix: str, value: str) -> str:
@@ -175,6 +180,8 @@ def _lesion_tile(
             panel[other] = OTHER_LESION_RGB
             panel[sibling] = SPLIT_SIBLING_RGB
             panel[this] = THIS_LESION_RGB
+    for panel in panels:
+        label_edges(panel, *plane.col_labels)
     gap = np.full((TILE_PX, TILE_GAP, 3), 255, dtype=np.uint8)
     parts: list[np.ndarray] = []
     for i, panel in enumerate(panels):
@@ -182,34 +189,130 @@ def _lesion_tile(
     return np.concatenate(parts, axis=1), k
 
 
+BRAIN_ERODE_MM = 4.0  # cuts the scalp (as bright as brain on FLAIR) off at the dark skull
+CLOSE_MM = 2.0  # sulci narrower than about twice this are filled
+MASK_VOXEL_MM = 1.5  # the brain mask is found on a grid about this coarse
+SAGITTAL_OFFSET_MM = 12.0  # the sagittal cut goes through the right hemisphere, not the midline's fissure
+
+
+def _otsu(values: np.ndarray, bins: int = 256) -> float:
+    """Otsu's threshold of a 1D sample: the cut maximising the between-class variance."""
+    hist, edges = np.histogram(values, bins=bins)
+    centres = 0.5 * (edges[:-1] + edges[1:])
+    weight = np.cumsum(hist).astype(float)
+    mean = np.cumsum(hist * centres)
+    total, grand = weight[-1], mean[-1]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        between = (grand * weight - total * mean) ** 2 / (weight * (total - weight))
+    between[~np.isfinite(between)] = -1.0
+    best = np.flatnonzero(between >= between.max() * (1.0 - 1e-9))  # empty bins between classes tie:
+    return float(edges[1:][int(best[len(best) // 2])])  # take the middle of the gap
+
+
+def flair_brain_mask(flair: np.ndarray, zooms: Sequence[float], seed: Sequence[float] | None = None,
+                     erode_mm: float = BRAIN_ERODE_MM) -> np.ndarray:
+    """The brain of the registered FLAIR from its own intensities: what the registration contour traces.
+
+    Otsu's threshold over the non-zero voxels separates tissue from CSF, skull and background; an erosion
+    of `erode_mm` detaches the scalp, the component at `seed` (voxel indices; the largest one otherwise) is
+    kept and grown back inside the threshold, then closed by CLOSE_MM so thin sulci do not clutter the
+    contour. Ventricles stay holes, so their edges are traced too. Taken from the FLAIR alone, never from
+    the QSM, so the contour over the QSM shows the alignment.
+    """
+    full = np.nan_to_num(np.asarray(flair, dtype=np.float32))
+    # on a grid of about MASK_VOXEL_MM (a display contour needs no finer; 4 distance maps of a 0.75 mm grid
+    # would take tens of seconds), brought back to the image's grid at the end
+    step = tuple(max(1, int(round(MASK_VOXEL_MM / float(z)))) for z in zooms)
+    data = full[::step[0], ::step[1], ::step[2]]
+    zooms = tuple(float(z) * s for z, s in zip(zooms, step))
+    seed = None if seed is None else tuple(float(c) / s for c, s in zip(seed, step))
+    brain = _brain_mask_on_grid(data, zooms, seed, erode_mm)
+    for axis, s in enumerate(step):
+        brain = np.repeat(brain, s, axis=axis)
+    return brain[: full.shape[0], : full.shape[1], : full.shape[2]]
+
+
+def _brain_mask_on_grid(data: np.ndarray, zooms: tuple[float, ...], seed: tuple[float, ...] | None,
+                        erode_mm: float) -> np.ndarray:
+    """flair_brain_mask's work on one grid."""
+    values = data[data > 0]
+    if values.size < 100:
+        return np.zeros(data.shape, dtype=bool)
+    tissue = data > _otsu(values)
+    core = ndimage.distance_transform_edt(tissue, sampling=zooms) > erode_mm
+    labels, n = ndimage.label(core)
+    if n == 0:
+        labels, n = ndimage.label(tissue)
+        if n == 0:
+            return tissue
+    keep = 0
+    if seed is not None:
+        ijk = tuple(int(np.clip(round(float(c)), 0, d - 1)) for c, d in zip(seed, data.shape))
+        keep = int(labels[ijk])
+    if keep == 0:
+        keep = int(np.argmax(np.bincount(labels.ravel())[1:])) + 1
+    grown = (ndimage.distance_transform_edt(labels != keep, sampling=zooms) <= erode_mm + max(zooms)) & tissue
+    pieces, _ = ndimage.label(grown)
+    brain = np.isin(pieces, np.unique(pieces[labels == keep]))
+    # a closing of CLOSE_MM fills sulci and the fissure (thin CSF) and keeps the ventricles: a readable contour
+    dilated = ndimage.distance_transform_edt(~brain, sampling=zooms) <= CLOSE_MM
+    return ndimage.distance_transform_edt(dilated, sampling=zooms) > CLOSE_MM
+
+
+@dataclass(frozen=True)
+class RegistrationCut:
+    """One orthogonal cut of the registration check, as drawn (screen orientation of `plane`)."""
+
+    view: str
+    plane: Plane
+    index: int
+    qsm: np.ndarray
+    flair: np.ndarray
+    brain: np.ndarray  # the FLAIR's brain mask (flair_brain_mask) on this cut
+
+
+def registration_cuts(qsm: np.ndarray, flair: np.ndarray, affine: np.ndarray) -> list[RegistrationCut]:
+    """Sagittal, coronal and axial cuts through the brain centre, radiological, with the FLAIR's brain.
+
+    The sagittal cut is moved SAGITTAL_OFFSET_MM to the patient's right: through the midline it would cut
+    along the interhemispheric fissure, whose CSF the contour then traces.
+    """
+    support = np.isfinite(qsm) & (qsm != 0)
+    if not support.any():
+        support = flair > 0
+    centre = (np.asarray(ndimage.center_of_mass(support)) if support.any() else (np.asarray(qsm.shape) - 1) / 2.0)
+    zooms = np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))
+    brain = flair_brain_mask(flair, zooms, seed=centre)
+    names = {0: "sagittal", 1: "coronal", 2: "axial"}
+    ornt = nib.orientations.io_orientation(affine)
+    cuts = []
+    for axis in sorted(range(3), key=lambda a: -ornt[a, 0]):
+        plane = Plane.from_affine(affine, axis)
+        at = centre[axis]
+        if ornt[axis, 0] == 0:  # the voxel axis along world x: +1 voxel moves ornt[axis, 1] * zoom mm in x
+            at += ornt[axis, 1] * SAGITTAL_OFFSET_MM / zooms[axis]
+        idx = int(np.clip(round(at), 0, qsm.shape[axis] - 1))
+        cuts.append(RegistrationCut(names[int(ornt[axis, 0])], plane, idx, plane.take(qsm, idx),
+                                    plane.take(flair, idx), plane.take(brain, idx)))
+    return cuts
+
+
 def _registration_figure(qsm: np.ndarray, flair: np.ndarray, affine: np.ndarray,
                          qsm_window: tuple[float, float], flair_window: tuple[float, float]) -> str:
-    """Three orthogonal cuts through the brain centre: FLAIR contour over QSM, and a QSM/FLAIR checkerboard."""
-    brain = np.isfinite(qsm) & (qsm != 0)
-    if not brain.any():
-        brain = flair > 0
-    centre = (np.asarray(ndimage.center_of_mass(brain)) if brain.any() else (np.asarray(qsm.shape) - 1) / 2.0)
-    smooth = ndimage.gaussian_filter(np.nan_to_num(flair), 1.0)
-    positive = flair[flair > 0]
-    level = 0.5 * float(np.median(positive)) if positive.size else 0.5 * float(flair.max() or 1.0)
-    names = {0: "sagittal", 1: "coronal", 2: "axial"}
+    """Three orthogonal cuts through the brain centre: the FLAIR's brain contour over QSM, and a checkerboard."""
     fig = new_figure(10.5, 7.0)
     axes = fig.subplots(2, 3)
-    for col, axis in enumerate(sorted(range(3), key=lambda a: -nib.orientations.io_orientation(affine)[a, 0])):
-        plane = Plane.from_affine(affine, axis)
-        idx = int(round(centre[axis]))
-        q = plane.take(qsm, idx)
-        f = plane.take(flair, idx)
+    for col, cut in enumerate(registration_cuts(qsm, flair, affine)):
+        plane, q, f = cut.plane, cut.qsm, cut.flair
         extent = (0, q.shape[1] * plane.col_mm, q.shape[0] * plane.row_mm, 0)
-        view = names[int(nib.orientations.io_orientation(affine)[axis, 0])]
         ax = axes[0, col]
         ax.imshow(np.nan_to_num(q), cmap="gray", vmin=qsm_window[0], vmax=qsm_window[1], extent=extent,
                   interpolation="nearest")
         yy = (np.arange(q.shape[0]) + 0.5) * plane.row_mm
         xx = (np.arange(q.shape[1]) + 0.5) * plane.col_mm
-        if np.nanmax(plane.take(smooth, idx)) > level:
-            ax.contour(xx, yy, plane.take(smooth, idx), levels=[level], colors=["#ff3030"], linewidths=0.8)
-        ax.set_title(f"{view} (voxel index {idx} of axis {'ijk'[axis]})", fontsize=9)
+        if cut.brain.any() and not cut.brain.all():
+            ax.contour(xx, yy, cut.brain.astype(np.float32), levels=[0.5], colors=["#ff3030"], linewidths=0.8)
+        ax.set_title(f"{cut.view} (voxel index {cut.index} of axis {'ijk'[plane.axis]})", fontsize=9)
         # checkerboard of the two windowed images, 16 mm squares
         qn = np.clip((np.nan_to_num(q) - qsm_window[0]) / (qsm_window[1] - qsm_window[0]), 0, 1)
         qn[~np.isfinite(q) | (q == 0)] = 0.0  # outside the QSM mask: black like the FLAIR background
@@ -229,7 +332,7 @@ def _registration_figure(qsm: np.ndarray, flair: np.ndarray, affine: np.ndarray,
             ax.text(0.97 * w, 0.5 * h, plane.col_labels[1], **style)
             ax.text(0.5 * w, 0.04 * h, plane.row_labels[0], **style)
             ax.text(0.5 * w, 0.96 * h, plane.row_labels[1], **style)
-    axes[0, 0].set_ylabel("QSM + FLAIR contour", fontsize=9)
+    axes[0, 0].set_ylabel("QSM + FLAIR brain contour", fontsize=9)
     axes[1, 0].set_ylabel("checkerboard QSM/FLAIR", fontsize=9)
     fig.tight_layout()
     return figure_data_uri(fig, dpi=90)
@@ -250,7 +353,7 @@ def _summary_section(subject: str, session: str | None, summary: Mapping[str, An
                      f"{esc(fmt(summary.get('n_rimplus_ci_low')))}-{esc(fmt(summary.get('n_rimplus_ci_high')))} "
                      f"(from the calibrated probabilities; calibration: {esc(fmt(summary.get('calibration')))}).</p>")
     known = [(SUMMARY_LABELS[k], summary[k]) for k in SUMMARY_LABELS if k in summary]
-    extra = [(k, v) for k, v in summary.items() if k not in SUMMARY_LABELS]
+    extra = [(k, v) for k, v in summary.items() if k not in SUMMARY_LABELS and k not in IDENTITY_KEYS]
     ident = [("Participant", subject)] + ([("Session", session)] if session else [])
     return (
         '<section id="summary"><h2>Summary</h2>' + headline
@@ -280,8 +383,28 @@ def _split_of(lesion_id: int, groups: Mapping[int, list[int]]) -> tuple[int | No
     return None, []
 
 
+def _rater_labels(annotations: pd.DataFrame | None) -> dict[int, float]:
+    """lesion_id -> the rater's label (1 rim+, 0 rim-, NaN unlabelled); empty without annotations."""
+    if annotations is None or annotations.empty:
+        return {}
+    values = pd.to_numeric(annotations["rim_positive"], errors="coerce")
+    return dict(zip(annotations["lesion_id"].astype(int), values))
+
+
+def _rater_caption(lesion_id: int, rim: bool, rater: Mapping[int, float]) -> str:
+    """' · rater: rim+' for the tile caption, marked when it disagrees with the model."""
+    if lesion_id not in rater:
+        return ""
+    value = rater[lesion_id]
+    if pd.isna(value):
+        return "<br>rater: no label"
+    css = "ok" if bool(int(value) == 1) == rim else "bad"
+    return f'<br>rater: <span class="{css}">{esc(_rater_cell(value))}</span>'
+
+
 def _lesion_sections(ordered: pd.DataFrame, tiles: Mapping[int, tuple[str, int, int]], qsm_units: str,
-                     qsm_window: tuple[float, float], has_flair: bool, dseg_has_lesions: bool) -> str:
+                     qsm_window: tuple[float, float], has_flair: bool, dseg_has_lesions: bool,
+                     rater: Mapping[int, float] | None = None) -> str:
     if ordered.empty:
         note = (" The lesion map does contain labelled voxels, so the table and map disagree: check the run's "
                 "messages below." if dseg_has_lesions else "")
@@ -313,12 +436,14 @@ def _lesion_sections(ordered: pd.DataFrame, tiles: Mapping[int, tuple[str, int, 
         figures.append(
             f'<figure class="lesion{" rimpos" if rim else ""}" id="lesion-{lid}">{image}<figcaption>'
             f"<b>Lesion {lid}</b> {tag} #{rank}<br>p = {esc(_fixed(prob, 3))} ± {esc(_fixed(unc, 3))}"
-            f" · {esc(_fixed(vol, 1))} mm³{f' · k = {k}' if k >= 0 else ''}{split_caption}</figcaption></figure>"
+            f" · {esc(_fixed(vol, 1))} mm³{f' · k = {k}' if k >= 0 else ''}{split_caption}"
+            f"{_rater_caption(lid, rim, rater or {})}</figcaption></figure>"
         )
     panels = "QSM | QSM + outline | FLAIR + outline" if has_flair else "QSM | QSM + outline"
     caption = (
         f'<p class="caption">Each tile: {panels}, through the lesion centre on the axial (k) slice of the QSM '
-        f"grid (the slice index k is given), neurological convention (patient left on the left, anterior up). "
+        f"grid (the slice index k is given), radiological convention as on the review page (the patient's right"
+        f" on the image's left, labelled R and L on each panel; anterior up). "
         f"QSM in {esc(qsm_units)}, fixed window {fmt(qsm_window[0])} to {fmt(qsm_window[1])} {esc(qsm_units)}"
         " (paramagnetic bright); FLAIR window: 1st-99.5th percentile of the brain. Red: this lesion's outline"
         " (and centre ticks on the plain QSM); yellow: lesions split from the same confluent component"
@@ -351,6 +476,71 @@ def _is_rim(value: Any) -> bool:
         return False
 
 
+def rater_vs_model(lesion_table: pd.DataFrame, annotations: pd.DataFrame) -> pd.DataFrame:
+    """One row per lesion: the rater's label beside the model's, disagreements first.
+
+    Columns `lesion_id, rater` (1 rim+, 0 rim-, NaN unlabelled), `model` (1/0), `probability`, `status`
+    (`missed`: rater rim+, model rim-; `extra`: model rim+, rater rim-; `agree`; `unlabelled`). Within a
+    status, decreasing probability, so the closest calls of each kind are together.
+    """
+    rater = annotations[["lesion_id", "rim_positive"]].rename(columns={"rim_positive": "rater"})
+    rater = rater.assign(lesion_id=rater["lesion_id"].astype(int),
+                         rater=pd.to_numeric(rater["rater"], errors="coerce"))
+    ids = lesion_table["lesion_id"].astype(int).to_numpy() if "lesion_id" in lesion_table else np.zeros(0, int)
+    calls = lesion_table["rim_positive"] if "rim_positive" in lesion_table else pd.Series(0, index=lesion_table.index)
+    probability = (pd.to_numeric(lesion_table["probability"], errors="coerce").to_numpy(dtype=float)
+                   if "probability" in lesion_table else np.full(len(ids), np.nan))
+    model = pd.DataFrame({"lesion_id": ids, "model": [float(_is_rim(v)) for v in calls],
+                          "probability": probability})
+    both = model.merge(rater, on="lesion_id", how="outer")
+    status = np.select([both["rater"].isna() | both["model"].isna(), (both["rater"] == 1) & (both["model"] == 0),
+                        (both["rater"] == 0) & (both["model"] == 1)], ["unlabelled", "missed", "extra"], "agree")
+    both["status"] = status
+    order = {"missed": 0, "extra": 1, "agree": 2, "unlabelled": 3}
+    keys = pd.DataFrame({"s": both["status"].map(order), "p": (-both["probability"]).fillna(np.inf),
+                         "id": both["lesion_id"]})
+    return both.loc[keys.sort_values(["s", "p", "id"], kind="mergesort").index].reset_index(drop=True)
+
+
+def _rater_cell(value: Any) -> str:
+    if pd.isna(value):
+        return "no label"
+    return "rim+" if int(value) == 1 else "rim\u2212"
+
+
+def _annotations_section(lesion_table: pd.DataFrame, annotations: pd.DataFrame | None) -> str:
+    """The rater's rim labels given as input, lesion by lesion beside the model's calls."""
+    head = '<section id="annotations"><h2>Rater vs model</h2>'
+    if annotations is None:
+        return ""
+    both = rater_vs_model(lesion_table, annotations)
+    labelled = both[both["status"] != "unlabelled"]
+    n_rater = int((labelled["rater"] == 1).sum())
+    n_model = int((labelled["model"] == 1).sum())
+    missed, extra = (both["status"] == "missed").sum(), (both["status"] == "extra").sum()
+    agree = int((both["status"] == "agree").sum())
+    found = n_rater - int(missed)
+    text = (f"<p class=\"rater-summary\">The rim annotations given as input label <b>{len(labelled)}</b> of "
+            f"{len(both)} lesion(s): the rater calls <b>{n_rater}</b> rim+, the model <b>{n_model}</b> of the same "
+            f"lesions. They agree on <b>{agree}</b> of {len(labelled)}: the model finds {found} of the rater's "
+            f"{n_rater} rim+ lesion(s), misses {int(missed)} and calls {int(extra)} rim+ that the rater marked "
+            "rim\u2212.</p>")
+    rows = []
+    for _, row in both.iterrows():
+        lid = int(row["lesion_id"])
+        css = {"missed": "bad", "extra": "bad", "agree": "ok"}.get(row["status"], "")
+        status = {"missed": "disagree: rater rim+, model rim\u2212", "extra": "disagree: model rim+, rater rim\u2212",
+                  "agree": "agree", "unlabelled": "not labelled by the rater"}[row["status"]]
+        model = "n/a" if pd.isna(row["model"]) else ("rim+" if int(row["model"]) == 1 else "rim\u2212")
+        rows.append([f'<a href="#lesion-{lid}">{lid}</a>', esc(_rater_cell(row["rater"])), esc(model),
+                     esc(_fixed(row["probability"], 3)), f'<span class="{css}">{esc(status)}</span>'])
+    return (head + text + '<p class="caption">Disagreements first (rater rim+ the model missed, then model rim+ '
+            "the rater marked rim\u2212), each by decreasing probability; the rater's label is the majority of "
+            "the annotation's voxels in the lesion.</p>"
+            + table(["lesion", "rater", "model", "probability", ""], rows,
+                    numeric=[True, False, False, True, False]) + "</section>")
+
+
 def _messages_section(messages: Sequence[str]) -> str:
     if not messages:
         return '<section id="messages"><h2>Errors and warnings</h2><p>None were recorded for this run.</p></section>'
@@ -377,11 +567,14 @@ def write_participant_report(
     registration: Mapping[str, Any] | None = None,
     messages: Sequence[str] = (),
     qsm_units: str = "ppb",
+    annotations: pd.DataFrame | None = None,
 ) -> Path:
     """Write `out_file` (a self-contained HTML page) for one participant/session and return its path.
 
     Missing or mismatched images do not abort the report; they become warnings on the page, because the
-    report is most needed exactly when part of a run went wrong.
+    report is most needed exactly when part of a run went wrong. `annotations` (lesion_id, rim_positive:
+    the rater's labels carried onto the lesions) adds the rater-vs-model section and the rater's label to
+    each tile.
     """
     if qsm_units not in QSM_WINDOW:
         raise ValueError(f"qsm_units must be one of {sorted(QSM_WINDOW)}, got {qsm_units!r}")
@@ -434,18 +627,23 @@ def write_participant_report(
         reg_html += (
             img_tag(uri, "registration check: FLAIR contour over QSM and QSM/FLAIR checkerboard")
             + '<p class="caption">Top: QSM (' + esc(qsm_units) + ", window "
-            + f"{fmt(qsm_window[0])} to {fmt(qsm_window[1])}) with the registered FLAIR's brain and ventricle "
-            "boundary (red contour at half the median brain FLAIR intensity). Bottom: 16 mm checkerboard "
-            "alternating QSM and FLAIR; edges should continue across squares. Cuts through the brain centre.</p>"
+            + f"{fmt(qsm_window[0])} to {fmt(qsm_window[1])}) with the outline of the brain in the registered "
+            "FLAIR (red: its own Otsu threshold, the scalp cut off at the skull, sulci closed; ventricle edges "
+            "inside). It should follow the QSM's brain edge and ventricles. Bottom: 16 mm checkerboard "
+            "alternating QSM and FLAIR; edges should continue across squares. Cuts through the brain centre "
+            f"(sagittal: {SAGITTAL_OFFSET_MM:.0f} mm to the right of it, off the midline); "
+            "radiological convention (the patient's right on the image's left, as labelled).</p>"
         )
     else:
         reg_html += "<p>No registration figure: the QSM or the registered FLAIR is not available.</p>"
     reg_html += kv_table(registration or {}, "No registration check values were recorded.") + "</section>"
     body += reg_html
+    body += _annotations_section(ordered, annotations)
     body += _lesion_sections(ordered, tiles, qsm_units, qsm_window, flair_data is not None,
-                             bool(labels is not None and np.any(labels > 0)))
+                             bool(labels is not None and np.any(labels > 0)), _rater_labels(annotations))
     body += _messages_section([*messages, *notes])
     nav = [("summary", "Summary"), ("registration", "Registration")]
+    nav += [("annotations", "Rater vs model")] if annotations is not None else []
     nav += [("review", "Review list")] if not ordered.empty else []
     nav += [("lesions", "Lesions"), ("messages", "Errors and warnings")]
     return write_text(Path(out_file), page(title, nav, body))

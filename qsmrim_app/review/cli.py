@@ -16,18 +16,12 @@ from pathlib import Path
 from typing import Sequence
 
 from .. import __version__
-from ..cli.parser import _HelpFormatter  # one help style for both commands
+from ..cli.common import (EXIT_INPUT_MISSING, EXIT_USAGE, ArgumentParser, HelpFormatter, container_name,
+                          int_in_range)
 from ..config import ReviewConfig
 
 LOGGER = logging.getLogger("qsmrim.review")
-EXIT_USAGE, EXIT_INPUT_MISSING = 64, 66
 _RATER_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # usage errors exit 64, as qsmrim's
-        self.print_usage(sys.stderr)
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
 
 
 def _rater(value: str) -> str:
@@ -37,14 +31,7 @@ def _rater(value: str) -> str:
     return value
 
 
-def _port(value: str) -> int:
-    try:
-        port = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a port number") from None
-    if not 0 <= port <= 65535:
-        raise argparse.ArgumentTypeError(f"{value!r} must be within 0..65535 (0: a free port)")
-    return port
+_port = int_in_range(0, 65535, "a port number", " (0: a free port)")
 
 
 def _default_rater() -> str:
@@ -56,7 +43,7 @@ def _default_rater() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="qsmrim-review", formatter_class=_HelpFormatter,
+    parser = ArgumentParser(prog="qsmrim-review", formatter_class=HelpFormatter,
                      description="Review qsmrim's rim+ candidates in the browser and save the decisions as a "
                                  "BIDS derivatives dataset (desc-rim_dseg + a decisions table) for "
                                  "`qsmrim ... participant --rim-annotations` and `group --train`.")
@@ -119,7 +106,8 @@ def build_config(args: argparse.Namespace) -> ReviewConfig:
         if not (model_dir / "model.json").is_file():
             raise UsageError(f"--model {args.model} holds no model.json", EXIT_INPUT_MISSING)
     return ReviewConfig(output_dir=output_dir, review_dir=review_dir, bids_dir=bids_dir, model_dir=model_dir,
-                        operating_point=args.operating_point, rater=args.rater, host=args.host, port=args.port)
+                        operating_point=args.operating_point, rater=args.rater, host=args.host, port=args.port,
+                        container=container_name())
 
 
 def _setup_logging(verbosity: int) -> None:
@@ -151,7 +139,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CatalogError as err:
         LOGGER.error("%s", err)
         return EXIT_INPUT_MISSING
-    store = DecisionStore(config.review_dir, config.output_dir, catalog)
+    store = DecisionStore(config.review_dir, config.output_dir, catalog, container=config.container)
     store.reconcile()
     app = ReviewApp(catalog=catalog, store=store, rater=config.rater)
     try:

@@ -51,13 +51,13 @@ def utc_now() -> str:
 class DecisionStore:
     """Reads and writes the review dataset of one output directory."""
 
-    def __init__(self, review_dir: Path, output_dir: Path, catalog: Catalog) -> None:
+    def __init__(self, review_dir: Path, output_dir: Path, catalog: Catalog, container: str | None = None) -> None:
         self.review_dir = Path(review_dir)
         self.output_dir = Path(output_dir)
         self.catalog = catalog
         self._thread_lock = threading.Lock()
         self._cache: dict[drv.Unit, tuple[int, pd.DataFrame]] = {}
-        drv.init_review_dir(self.review_dir, self.output_dir)
+        drv.init_review_dir(self.review_dir, self.output_dir, container)
 
     # -- reading -----------------------------------------------------------------------------
     def table(self, unit: drv.Unit) -> pd.DataFrame:
@@ -115,8 +115,7 @@ class DecisionStore:
 
     def _write(self, unit: ReviewUnit, table: pd.DataFrame) -> None:
         path = drv.review_path(self.review_dir, unit.unit, "rim_decisions")
-        drv.write_tsv(path, table[COLUMNS])
-        drv.fsync_file(path)
+        drv.write_tsv(path, table[COLUMNS], fsync=True)
         drv.write_json(drv.sidecar_path(path), {
             "Description": "Rater decisions made in qsmrim-review, one row per lesion and rater (the latest)",
             "Sources": [self._uri(unit.lesions_dseg), self._uri(unit.rim_table)],
@@ -134,8 +133,7 @@ class DecisionStore:
             if 0 < int(lesion_id) < lookup.size:
                 lookup[int(lesion_id)] = majority(rows["decision"])
         path = drv.review_path(self.review_dir, unit.unit, "rim_dseg")
-        drv.write_nifti(path, lookup[lesions], image.affine, dtype=np.uint8)
-        drv.fsync_file(path)
+        drv.write_nifti(path, lookup[lesions], image.affine, dtype=np.uint8, fsync=True)
         raters = sorted(set(table["rater"]))
         drv.write_json(drv.sidecar_path(path), {
             "Description": "Rim annotation from qsmrim-review: the majority of all raters' decisions per lesion "

@@ -38,6 +38,7 @@ SIZES: dict[str, SizeSpec] = {
 
 # Zero-inflated negative binomial for rim+ counts: most patients have none, a few have many
 # (Zhang et al. 2022: 4.25 % of lesions rim+, concentrated in a minority of patients).
+CLINICAL_RIMPLUS_FRACTION = 0.0425
 ZERO_INFLATION = 0.3
 NB_DISPERSION = 0.8
 
@@ -48,14 +49,26 @@ def rng_for(seed: int, subject_index: int, stream: int) -> np.random.Generator:
 
 
 def draw_counts(rng: np.random.Generator, spec: SizeSpec, rimplus_fraction: float) -> tuple[int, int]:
-    """(n_lesions, n_rimplus) of one subject; rim+ from a zero-inflated negative binomial."""
+    """(n_lesions, n_rimplus) of one subject.
+
+    Up to the clinical rate, rim+ counts follow the skewed zero-inflated negative binomial (most subjects
+    none). A higher `rimplus_fraction` asks for an enriched dataset (demos, training): each subject gets
+    the excess share of its remaining lesions, randomly rounded to a whole count, so rim+ lesions spread
+    over every subject instead of piling into the few the skewed draw favours. At or below the clinical
+    rate the draws are exactly those of the skewed model alone.
+    """
     n_lesions = int(rng.integers(spec.n_lesions[0], spec.n_lesions[1] + 1))
-    mean = rimplus_fraction * n_lesions / (1.0 - ZERO_INFLATION)
+    clinical = min(rimplus_fraction, CLINICAL_RIMPLUS_FRACTION)
+    mean = clinical * n_lesions / (1.0 - ZERO_INFLATION)
     lam = rng.gamma(NB_DISPERSION, mean / NB_DISPERSION) if mean > 0 else 0.0
     n_rim = int(rng.poisson(lam))
     if rng.random() < ZERO_INFLATION:
         n_rim = 0
-    return n_lesions, min(n_rim, n_lesions)
+    n_rim = min(n_rim, n_lesions)
+    if rimplus_fraction > clinical:  # E[n_rim] = clinical * n + (n - clinical * n) * excess = fraction * n
+        excess = (rimplus_fraction - clinical) / (1.0 - clinical)
+        n_rim += int(np.floor(excess * (n_lesions - n_rim) + rng.random()))
+    return n_lesions, n_rim
 
 
 def sample_lesion_counts(n_subjects: int, seed: int = 0, size: str = "small",

@@ -105,8 +105,15 @@ def render_veins(anat: Anatomy, grid: Grid) -> np.ndarray:
     return frac
 
 
+MIDLINE_MM = 1.2  # half-width of the interhemispheric fissure drawn by render_tissue
+
+
 def render_lesions(anat: Anatomy, grid: Grid, tissue: np.ndarray) -> np.ndarray:
-    """int32 instance map, lesion k labelled k+1; overlapping lesions split where each is 'deeper'."""
+    """int32 instance map, lesion k labelled k+1; overlapping lesions split where each is 'deeper'.
+
+    A lesion stays in its centre's hemisphere (MS lesions do not cross the midline's fissure) and, where
+    tissue or a neighbour cuts it, only its largest connected piece is kept: one lesion, one blob.
+    """
     ids = np.zeros(grid.shape, np.int32)
     best = np.full(grid.shape, np.inf, np.float32)
     allowed = np.isin(tissue, LESION_TISSUES)
@@ -114,10 +121,24 @@ def render_lesions(anat: Anatomy, grid: Grid, tissue: np.ndarray) -> np.ndarray:
         sl = grid.box(lesion.center, lesion.bound)
         if sl is None:
             continue
-        level = lesion.level(grid.head_points(sl))
-        win = (level < 1.0) & (level < best[sl]) & allowed[sl]
+        pts = grid.head_points(sl)
+        side = 1.0 if lesion.center[0] >= 0 else -1.0
+        level = lesion.level(pts)
+        win = (level < 1.0) & (level < best[sl]) & allowed[sl] & (side * pts[0] >= MIDLINE_MM)
         ids[sl][win] = k + 1
         best[sl][win] = level[win]
+    return _largest_pieces(ids)
+
+
+def _largest_pieces(ids: np.ndarray) -> np.ndarray:
+    """Keep each label's largest 6-connected piece (ties: the first in scan order)."""
+    for label, sl in enumerate(ndimage.find_objects(ids), start=1):
+        if sl is None:
+            continue
+        pieces, n = ndimage.label(ids[sl] == label)
+        if n > 1:
+            largest = int(np.argmax(np.bincount(pieces.ravel())[1:])) + 1
+            ids[sl][(pieces > 0) & (pieces != largest)] = 0
     return ids
 
 

@@ -100,6 +100,15 @@ def _root_cause(crash_dir: Path) -> str | None:
     return None
 
 
+_DETAILS_RE = re.compile(r"details: (?P<file>\S+?)\)?$")
+
+
+def crash_file_of(cause: str | None) -> str | None:
+    """The crash file a root cause (``_root_cause``) names, for the unit's ``logs/`` record."""
+    match = _DETAILS_RE.search(cause or "")
+    return match["file"] if match else None
+
+
 def crash_dir_for(config: AppConfig, label: str) -> Path:
     """Each unit's crash files go to a folder of its own, so failures are told apart per unit."""
     return Path(config.work_dir) / "crashes" / label

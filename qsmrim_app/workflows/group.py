@@ -50,33 +50,87 @@ def build_group_table(config: AppConfig) -> tuple[pd.DataFrame, list[tuple[str, 
     # the table); its latest failure is listed too, so it is not mistaken for an up-to-date result.
     for unit in sorted(summaries, key=lambda u: (u.subject, u.session or "")):
         record = logs.get(unit.prefix)
-        if record and record["status"] == "failed":
-            failed.append((unit.prefix, f"latest participant run failed ({record.get('error', '?')}; log: "
-                                        f"{record['log_file']}); the outputs of its earlier complete run are kept"))
+        if record and record["status"] in ("failed", "skipped"):
+            failed.append((unit.prefix, f"latest participant run {record['status']} ({_logged_reason(record)}; "
+                                        f"log: {record['log_file']}); the outputs of its earlier complete run are kept"))
     return table, failed
 
 
+def _logged_reason(record: dict) -> str:
+    """The one-line reason a unit's ``logs/`` record gives (older records have only ``error``)."""
+    return record.get("reason") or record.get("error") or "?"
+
+
 def _failure_reason(config: AppConfig, label: str, logs: dict[str, dict]) -> str:
-    errors = [f"{prefix}: {record.get('error', '?')} (log: {record['log_file']})"
-              for prefix, record in sorted(logs.items())
-              if record["status"] == "failed" and (prefix == f"sub-{label}" or prefix.startswith(f"sub-{label}_ses-"))]
-    if errors:
-        return "participant level failed: " + "; ".join(errors)
+    ended = {prefix: record for prefix, record in sorted(logs.items()) if record["status"] in ("failed", "skipped")
+             and (prefix == f"sub-{label}" or prefix.startswith(f"sub-{label}_ses-"))}
+    if ended:  # quoted from the units' own records: "failed" (a step, an unusable input) or "skipped"
+        return "; ".join(f"participant level {record['status']}: {prefix}: {_logged_reason(record)} "
+                         f"(log: {record['log_file']})" for prefix, record in ended.items())
     crash_dirs = sorted((Path(config.work_dir) / "crashes").glob(f"sub-{label}*")) if config.work_dir else []
     crashes = [c for d in crash_dirs for c in d.glob("crash-*")]
     if crashes:
         return f"participant level failed (crash report: {crashes[0]})"
-    return "no participant-level outputs (not run, failed, or skipped for input problems: see its log)"
+    return "no participant-level outputs and no record in logs/: its participant level has not been run"
+
+
+EXPERT_COLUMNS = ["participant_id", "session", "n_labelled", "n_rimplus_expert", "expert_rimplus_found",
+                  "model_rimplus_expert_negative"]
 
 
 def expert_counts(output_dir: Path) -> pd.DataFrame:
-    """Expert rim+ count per unit, from the annotation tables of the participant level."""
+    """Per unit with rim annotations: the expert's rim+ count, and lesion by lesion against the model's calls,
+    how many of the expert's rim+ lesions the model also calls rim+ and how many of its rim+ calls the expert
+    marked rim- (NaN where the unit has no classified lesion table)."""
     rows = []
-    for unit, path in find_units(output_dir, "annotations").items():
-        labels = drv.read_tsv(path)["rim_positive"]
-        rows.append({"participant_id": unit.participant_id, "session": unit.session or "n/a",
-                     "n_rimplus_expert": int(np.nansum(labels.to_numpy(dtype=float)))})
-    return pd.DataFrame(rows, columns=["participant_id", "session", "n_rimplus_expert"])
+    model_tables = find_units(output_dir, "rim_lesions")
+    for unit, path in sorted(find_units(output_dir, "annotations").items(), key=lambda kv: kv[1]):
+        rater = drv.read_tsv(path)
+        labels = pd.to_numeric(rater["rim_positive"], errors="coerce")
+        row = {"participant_id": unit.participant_id, "session": unit.session or "n/a",
+               "n_labelled": int(labels.notna().sum()), "n_rimplus_expert": int(np.nansum(labels.to_numpy(float))),
+               "expert_rimplus_found": np.nan, "model_rimplus_expert_negative": np.nan}
+        if unit in model_tables:
+            model = drv.read_tsv(model_tables[unit])[["lesion_id", "rim_positive"]]
+            both = model.merge(pd.DataFrame({"lesion_id": rater["lesion_id"], "expert": labels}), on="lesion_id")
+            called = pd.to_numeric(both["rim_positive"], errors="coerce") == 1
+            row["expert_rimplus_found"] = int((called & (both["expert"] == 1)).sum())
+            row["model_rimplus_expert_negative"] = int((called & (both["expert"] == 0)).sum())
+        rows.append(row)
+    return pd.DataFrame(rows, columns=EXPERT_COLUMNS)
+
+
+def expert_agreement(merged: pd.DataFrame) -> dict:
+    """Counts agreement (model.metrics.expert_count_agreement) plus the lesion-level tally over all units."""
+    from ..model.metrics import expert_count_agreement
+
+    agreement = expert_count_agreement(merged["n_rimplus"].to_numpy(float),
+                                       merged["n_rimplus_expert"].to_numpy(float))
+    scored = merged.dropna(subset=["expert_rimplus_found"])
+    agreement["lesions"] = {"expert_rimplus": int(scored["n_rimplus_expert"].sum()),
+                            "expert_rimplus_found": int(scored["expert_rimplus_found"].sum()),
+                            "model_rimplus_expert_negative": int(scored["model_rimplus_expert_negative"].sum())}
+    return agreement
+
+
+def agreement_line(agreement: dict) -> str:
+    """The log's one line: numbers where they are defined, the reason where they are not (never 'nan')."""
+    n = agreement["n"]
+    if n == 0:
+        return "agreement with expert rim+ counts not computed: no unit with expert counts has model counts"
+    if agreement["count_pearson_r"] is None:
+        reason = agreement["r_not_computed"].rstrip(".")
+        r_text = f"r not computed: {reason[0].lower()}{reason[1:]};"
+    elif agreement["count_pearson_ci"] is None:
+        r_text = f"r={agreement['count_pearson_r']:.3f} (no 95% CI: fewer than 4 units),"
+    else:
+        lo, hi = agreement["count_pearson_ci"]
+        r_text = f"r={agreement['count_pearson_r']:.3f} [95% CI {lo:.3f}, {hi:.3f}],"
+    les = agreement["lesions"]
+    return (f"agreement with expert rim+ counts over {n} unit(s): {r_text} MSE={agreement['count_mse']:.3f}, "
+            f"mean model-expert difference {agreement['mean_difference']:+.2f}, {agreement['exact_matches']} of {n} "
+            f"exact; lesions: the model calls {les['expert_rimplus_found']} of the experts' {les['expert_rimplus']} "
+            f"rim+ lesions rim+, and {les['model_rimplus_expert_negative']} of their rim- lesions rim+")
 
 
 def lesion_probabilities(output_dir: Path) -> pd.DataFrame:
@@ -93,7 +147,7 @@ def lesion_probabilities(output_dir: Path) -> pd.DataFrame:
 
 def run_group(config: AppConfig) -> int:
     output_dir = Path(config.output_dir)
-    drv.init_output_dir(output_dir, config.bids_dir)
+    drv.init_output_dir(output_dir, config.bids_dir, config.container)
     drv.write_run_log(output_dir, "group", config.command_line, {"train": config.train}, label="group")
     if config.train:
         from .training import train_from_derivatives
@@ -113,18 +167,13 @@ def run_group(config: AppConfig) -> int:
     drv.write_json(drv.sidecar_path(output_dir / GROUP_TABLE),
                    {k: v for k, v in drv.SUMMARY_DICTIONARY.items() if k in GROUP_COLUMNS})
 
+    given = expert_counts(output_dir)
+    experts = table.merge(given, on=["participant_id", "session"], how="inner")
     agreement = None
-    experts = expert_counts(output_dir)
-    merged = table.merge(experts, on=["participant_id", "session"], how="inner")
-    if len(merged) >= 3:
-        from ..model.metrics import count_agreement
-
-        agreement = dict(count_agreement(merged["n_rimplus"].to_numpy(float),
-                                         merged["n_rimplus_expert"].to_numpy(float)))
-        agreement["n"] = int(len(merged))
+    if len(given):  # even when none of them has model counts: the report then says so, not "none given"
+        agreement = expert_agreement(experts)
         drv.write_json(output_dir / "group_agreement.json", agreement)
-        LOGGER.info("agreement with expert rim+ counts over %d units: r=%.3f, MSE=%.3f", len(merged),
-                    agreement["count_pearson_r"], agreement["count_mse"])
+        LOGGER.info("%s", agreement_line(agreement))
 
     from ..reports.group import write_group_report
 
@@ -133,7 +182,8 @@ def run_group(config: AppConfig) -> int:
         unit = drv.Unit(row["participant_id"][4:], None if row["session"] == "n/a" else row["session"])
         reports[unit.prefix] = drv.report_path(output_dir, unit).name
     write_group_report(output_dir / GROUP_REPORT, group_table=table, probabilities=lesion_probabilities(output_dir),
-                       failed=failed, participant_reports=reports, agreement=agreement, versions=drv.versions())
+                       failed=failed, participant_reports=reports, agreement=agreement, versions=drv.versions(),
+                       experts=experts)
     for participant, reason in failed:
         LOGGER.warning("%s: %s", participant, reason)
     LOGGER.info("group table: %s (%d units, %d rim+ lesions); report: %s", output_dir / GROUP_TABLE,

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import networkx as nx
 import numpy as np
-from nipype.pipeline.plugins.base import _graph_to_lil_matrix
+import scipy.sparse as ssp
 from nipype.pipeline.plugins.multiproc import MultiProcPlugin, process_initializer, run_node
 
 LOGGER = logging.getLogger("qsmrim")
@@ -35,6 +35,13 @@ LOGGER = logging.getLogger("qsmrim")
 
 class WorkerDiedError(RuntimeError):
     """A node's worker process died (not a Python exception): almost always the memory limit."""
+
+
+def dependency_matrix(graph: nx.DiGraph, nodelist: list) -> ssp.lil_matrix:
+    """The graph's adjacency in ``nodelist`` order as the sparse LIL matrix nipype's scheduler edits in
+    place (``depidx``: row i, column j set when node j waits for node i). Our own three lines instead of
+    nipype's private helper, so a nipype release that moves it cannot break the scheduler."""
+    return ssp.lil_matrix(nx.to_scipy_sparse_array(graph, nodelist=nodelist, format="lil"))
 
 
 def worker_died_message(node_name: str) -> str:
@@ -96,7 +103,7 @@ class UnitMultiProcPlugin(MultiProcPlugin):
         rank = {node: (self._unit_rank.get(unit_of(node), len(self._unit_rank)), i) for i, node in enumerate(order)}
         # Units are disconnected subgraphs, so a stable sort by unit keeps the order topological.
         self.procs = sorted(order, key=rank.__getitem__)
-        self.depidx = _graph_to_lil_matrix(graph, nodelist=self.procs)
+        self.depidx = dependency_matrix(graph, self.procs)
         self.refidx = self.depidx.astype(int)
         self.proc_done = np.zeros(len(self.procs), dtype=bool)
         self.proc_pending = np.zeros(len(self.procs), dtype=bool)

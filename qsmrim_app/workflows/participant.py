@@ -9,7 +9,7 @@ complete run published). With MultiProc, every unit runs in one graph under --np
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -18,7 +18,7 @@ from nipype.interfaces.utility import IdentityInterface, Merge
 from nipype.pipeline import engine as pe
 
 from .. import derivatives as drv
-from ..config import AppConfig
+from ..config import AppConfig, PreprocConfig
 from ..interfaces.bids import DerivativesDataSink, PublishUnit
 from ..interfaces.classify import ClassifyLesions
 from ..interfaces.lesions import LesionInstances, PrepareLesionMask
@@ -28,7 +28,7 @@ from ..interfaces.qsm import PrepareQSM
 from ..interfaces.radiomics import RadiomicFeatures
 from ..interfaces.registration import ApplyTransform, RegisterFLAIRToQSM
 from ..interfaces.reports import ParticipantReport
-from .execution import run_units, run_workflow, scheduler_errors
+from .execution import crash_file_of, run_units, run_workflow, scheduler_errors
 from .resources import set_memory_estimates
 
 LOGGER = logging.getLogger("qsmrim")
@@ -39,6 +39,16 @@ class ParticipantOutcome:
     unit: drv.Unit
     ok: bool
     message: str = ""
+
+
+def radiomics_params(pre: PreprocConfig) -> dict:
+    """The validated radiomics parameters: read once at start by the command line (cli/run.py); a caller
+    that built its configuration itself gets them read here, once per workflow."""
+    if pre.radiomics is not None:
+        return pre.radiomics
+    from ..radiomics import load_params
+
+    return load_params(pre.radiomics_params)
 
 
 def model_available(config: AppConfig) -> bool:
@@ -64,7 +74,7 @@ def init_participant_wf(config: AppConfig, inputs, classify: bool = True) -> Wor
     flair_n4 = pe.Node(N4BiasCorrection(in_file=str(inputs.flair), **n4_kwargs), name="flair_n4")
     if not inputs.magnitude:
         LOGGER.warning("%s: no magnitude image in the QSM grid; registering FLAIR %s to a QSM-derived stand-in, "
-                       "which is not validated and failed (4.25 mm off) on one of three benchmark cases (README, "
+                       "which is not validated and failed (4.25 mm off) on one of three benchmark cases (docs/performance.md, "
                        "'Registration accuracy'): add "
                        "the GRE magnitude (e.g. *_part-mag_echo-1_MEGRE) and check the report's overlay",
                        unit.prefix, inputs.flair)
@@ -118,7 +128,7 @@ def init_participant_wf(config: AppConfig, inputs, classify: bool = True) -> Wor
     wf.connect([(qsm_ppb, patches, [("out_file", "qsm_file"), ("mask_file", "brain_mask_file")]),
                 (flair_in_qsm, patches, [("out_file", "flair_file")]),
                 (lesions, patches, [("instances_file", "instances_file")])])
-    radiomics = pe.Node(RadiomicFeatures(params_file=str(pre.radiomics_params), nprocs=config.omp_nthreads,
+    radiomics = pe.Node(RadiomicFeatures(params=radiomics_params(pre), nprocs=config.omp_nthreads,
                                          source_file=str(inputs.qsm), source_units=inputs.qsm_units),
                         name="lesion_radiomics", n_procs=config.omp_nthreads)
     wf.connect([(qsm_ppb, radiomics, [("out_file", "qsm_file")]),
@@ -247,8 +257,12 @@ def _inputs_found(inputs) -> dict:
 
 
 def run_participants(config: AppConfig, inputs: Sequence, problems: Sequence = ()) -> int:
-    """Run every unit; a failed unit is reported and skipped, the others complete. Exit code 0/1."""
-    drv.init_output_dir(config.output_dir, config.bids_dir)
+    """Run every unit; a failed unit is reported and skipped, the others complete. Exit code 0/1.
+
+    Each unit's ``logs/`` record says how it ended (``done`` / ``failed`` with the reason and the crash
+    file); ``problems`` (units refused for their inputs) are recorded by the caller.
+    """
+    drv.init_output_dir(config.output_dir, config.bids_dir, config.container)
     classify = config.classify
     if classify and not model_available(config):
         LOGGER.error("no model (model.json) in %s: pass --model with a directory written by "
@@ -256,7 +270,7 @@ def run_participants(config: AppConfig, inputs: Sequence, problems: Sequence = (
         return 1
     drv.staging_root(config.work_dir).mkdir(parents=True, exist_ok=True)
     units = {drv.Unit(i.subject, i.session).prefix: i for i in inputs}
-    logs = {label: drv.write_run_log(config.output_dir, "participant", config.command_line, _config_record(config),
+    logs = {label: drv.write_run_log(config.output_dir, "participant", config.command_line, drv.config_record(config),
                                      label=label) for label in units}
     errors: dict[str, str] = {}
     built = {}
@@ -271,7 +285,7 @@ def run_participants(config: AppConfig, inputs: Sequence, problems: Sequence = (
                                 "summary" if classify else "radiomics")
         if error is None and not final.is_file():
             error = f"the workflow ended without writing {final.name}"
-        drv.finish_run_log(logs[label], "failed" if error else "done", error)
+        drv.finish_run_log(logs[label], "failed" if error else "done", error, crash_file_of(error))
         if error:
             errors[label] = error
             LOGGER.error("%s: FAILED: %s", label, error)
@@ -302,13 +316,6 @@ def run_participants(config: AppConfig, inputs: Sequence, problems: Sequence = (
     for label in set(units) - set(built):
         drv.finish_run_log(logs[label], "failed", errors[label])
         LOGGER.error("%s: FAILED: %s", label, errors[label])
-    failed = len(errors) + len(problems)
-    if failed:
-        LOGGER.error("%d of %d participant units failed or were skipped", failed, len(units) + len(problems))
-        return 1
-    return 0
-
-
-def _config_record(config: AppConfig) -> dict:
-    record = asdict(config)
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in record.items()}
+    # The units refused for their inputs (``problems``) have their own records and exit code (cli/run.py);
+    # the run's closing summary of every unit is written there too.
+    return 1 if errors else 0

@@ -5,7 +5,7 @@ it runs: ``overhead + sum(voxels x bytes per voxel)``. The per-voxel terms count
 arrays each node holds at once; the totals were checked against measured peaks: every MultiProc run
 writes each node's peak resident memory to ``<work>/node_memory.tsv``, and on the small phantom
 (FLAIR 144x120x120, QSM 96x96x48) nodes peaked at 0.17-0.51 GB (worker baseline included) where these
-estimates give 0.27-0.81 GB; the full-size participant's largest process peaked at 1.1 GB (README),
+estimates give 0.27-0.81 GB; the full-size participant's largest process peaked at 1.1 GB (docs/performance.md),
 where the FLAIR N4 and registration estimates are 1.1 and 1.15 GB. Estimates are rounded up: a node over-estimated waits a little,
 one under-estimated can push a run past --mem-gb.
 """

@@ -6,8 +6,6 @@ BIDS-aware step) and hands it to ``model/``.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from dataclasses import replace
 from pathlib import Path
@@ -63,19 +61,11 @@ def collect_lesion_set(output_dir: Path):
     return concat(sets)
 
 
-def model_id_for(lesions, config_dict: dict) -> str:
-    """Same data + same configuration -> same id, so rerunning the command resumes its training."""
-    digest = hashlib.sha1()
-    digest.update(json.dumps(config_dict, sort_keys=True, default=str).encode())
-    digest.update(np.asarray(lesions.subjects).astype(str).tobytes())
-    digest.update(np.asarray(lesions.lesion_ids).tobytes())
-    digest.update(np.asarray(lesions.labels).tobytes())
-    return digest.hexdigest()[:10]
-
-
 def train_from_derivatives(config: AppConfig) -> int:
     from ..model.evaluation import write_evaluation
-    from ..model.train import estimate_training_seconds, method_feature_names, train
+    from ..model.methods import select_features
+    from ..model.modeldir import model_id
+    from ..model.train import estimate_training_seconds, train
 
     lesions = collect_lesion_set(config.output_dir)
     if lesions is None:
@@ -88,7 +78,8 @@ def train_from_derivatives(config: AppConfig) -> int:
     methods = list(config.train_methods)
     primary = methods[0]
     base = replace(config.training, device=config.device)
-    model_dir = Path(config.output_dir) / "models" / f"{primary}-{model_id_for(lesions, base.to_dict() | {'methods': methods})}"
+    # Same lesions + same configuration -> same directory, so rerunning the command resumes its training.
+    model_dir = Path(config.output_dir) / "models" / model_id(primary, base.to_dict() | {"methods": methods}, lesions)
     results: dict[str, pd.DataFrame] = {}
     effective = {k: getattr(base, k) for k in ("protocol", "epochs", "max_steps", "folds", "seeds",
                                                  "width_multiplier", "stem_stride", "wide", "batch_size",
@@ -98,8 +89,8 @@ def train_from_derivatives(config: AppConfig) -> int:
     for method in methods:
         target = model_dir if method == primary else model_dir / "comparators" / method
         cfg = replace(base, method=method)
-        estimate = estimate_training_seconds(cfg, len(lesions), len(method_feature_names(
-            method, cfg, list(lesions.feature_names))))
+        features = select_features(lesions, cfg)  # once per method and run, from this run's configuration
+        estimate = estimate_training_seconds(cfg, len(lesions), len(features.names))
         if estimate["seconds"]:
             LOGGER.info("method %s: estimated %.1f min on %s (%d members x %d steps at %.2f s/step)", method,
                         estimate["seconds"] / 60, estimate["device"], estimate["members"],
@@ -108,7 +99,7 @@ def train_from_derivatives(config: AppConfig) -> int:
                 LOGGER.warning("the paper protocol takes hours on a CPU; `--protocol fast` is our CPU recipe "
                                "(about 5 min for ~1,200 lesions on 2 cores)")
         LOGGER.info("method %s -> %s", method, target)
-        train(lesions, cfg, target)
+        train(lesions, cfg, target, features=features, model_id=model_dir.name if method == primary else None)
         results[method] = drv.read_tsv(target / "oof_predictions.tsv")
     metrics = write_evaluation(results, model_dir, title=f"qsmrim cross-validation ({', '.join(methods)})")
     LOGGER.info("model: %s; metrics: %s", model_dir, model_dir / "metrics.json")
