@@ -82,6 +82,7 @@ class AppConfig:
     skip_bids_validation: bool = False
     verbosity: int = 0
     train: bool = False
+    recalibrate: bool = False  # group --recalibrate: a site's calibration from its rater (workflows/recalibrate.py)
     classify: bool = True  # False: participant level stops after preprocessing (--no-classify)
     # Group level: keep the counts of units whose registration failed the gate (--keep-failed-registration).
     keep_failed_registration: bool = False

@@ -480,7 +480,9 @@ GEOMETRY_DICTIONARY = {
 
 RIM_DICTIONARY = {
     **GEOMETRY_DICTIONARY,
-    "probability": {"Description": "Rim+ probability: mean over the ensemble's fold/seed models"},
+    "probability": {"Description": "Rim+ probability: the model's calibration map applied to the mean over the "
+                                   "ensemble's fold/seed models (equal to probability_raw for a model without a map)"},
+    "probability_raw": {"Description": "Mean rim+ probability of the ensemble's fold/seed models, before calibration"},
     "uncertainty": {"Description": "Standard deviation of the ensemble members' probabilities"},
     "votes": {"Description": "Fraction of ensemble members whose own fold threshold calls the lesion rim+"},
     "rim_positive": {"Description": "1 if probability >= threshold (a paramagnetic rim lesion), else 0",
@@ -498,6 +500,14 @@ SUMMARY_DICTIONARY = {
     "threshold": {"Description": "Probability threshold applied"},
     "operating_point": {"Description": "f1 (model's F1-optimal threshold), high-sensitivity, or user (--threshold)"},
     "model_id": {"Description": "Identifier of the model directory used"},
+    "n_rimplus_expected": {"Description": "Expected number of rim+ lesions: sum of the lesions' calibrated rim+ "
+                                          "probabilities"},
+    "n_rimplus_ci_low": {"Description": "Lower end of the 95 % interval of the rim+ count (2.5 % quantile of the "
+                                        "Poisson-binomial distribution of the calibrated probabilities)"},
+    "n_rimplus_ci_high": {"Description": "Upper end of the 95 % interval of the rim+ count (97.5 % quantile of the "
+                                         "Poisson-binomial distribution of the calibrated probabilities)"},
+    "calibration": {"Description": "The model's calibration map of the probabilities (none: the ensemble's raw "
+                                   "mean, whose counts are not calibrated)"},
 }
 
 ANNOTATION_DICTIONARY = {

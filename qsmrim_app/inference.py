@@ -24,6 +24,7 @@ class Classification:
     threshold: float
     operating_point: str
     model_id: str
+    calibration: str = "none"  # the calibration map, in words (CalibrationMap.describe)
 
 
 def choose_threshold(thresholds: dict[str, float], threshold: float | None, operating_point: str) -> tuple[float, str]:
@@ -83,11 +84,16 @@ def classify_lesions(patches_file: Path, features_file: Path, model_dir: Path, *
                                   reference=patchset.reference)
     table = features[[c for c in NON_FEATURE_COLUMNS if c in features.columns]].copy()
     table["probability"] = np.asarray(prediction.probability, dtype=float)
+    table["probability_raw"] = np.asarray(prediction.probability_raw, dtype=float)
     table["uncertainty"] = np.asarray(prediction.uncertainty, dtype=float)
     table["votes"] = np.asarray(prediction.votes, dtype=float)
     table["rim_positive"] = (table["probability"] >= cutoff).astype(int)
     table["threshold"] = cutoff
-    return Classification(table=table, threshold=cutoff, operating_point=point, model_id=ensemble.model_id)
+    calibration = ensemble.calibration
+    if calibration.is_identity:
+        LOGGER.info("model %s has no calibration map: probabilities are the ensemble's raw mean", ensemble.model_id)
+    return Classification(table=table, threshold=cutoff, operating_point=point, model_id=ensemble.model_id,
+                          calibration=calibration.describe())
 
 
 def paint_lesions(instances: np.ndarray, lesion_ids, values) -> np.ndarray:

@@ -269,6 +269,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--train", action="store_true",
                        help="at the group level, train a model (cross-validated) from the participants' "
                             "rim annotations (desc-rim_dseg) and write it to <output_dir>/models/<model-id>/")
+    train.add_argument("--recalibrate", action="store_true",
+                       help="at the group level, refit the model's calibration and operating points on the lesions "
+                            "a rater reviewed (--rim-annotations: the qsmrim-review folder) and write a site model "
+                            "to <output_dir>/models/<model-id>-site-<hash>/ (docs/calibration.md)")
     train.add_argument("--method", choices=[*ALL_METHODS, "all"], default="qsmrimnet",
                        help="what --train trains: QSMRim-Net, a comparator (aprl-rf, aprl-nn, rimnet), "
                             "an ablation (image-only, image-radiomics = no DeepSMOTE), a floor (rf, logreg "

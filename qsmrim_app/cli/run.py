@@ -202,6 +202,7 @@ def build_config(args: Namespace, argv: Sequence[str]) -> AppConfig:
         skip_bids_validation=args.skip_bids_validation,
         verbosity=args.verbose,
         train=args.train,
+        recalibrate=_recalibrate(args),
         classify=not args.no_classify,
         keep_failed_registration=args.keep_failed_registration,
         train_methods=tuple(methods),
@@ -224,6 +225,14 @@ def _rim_annotations(args: Namespace, output_dir: Path) -> Path | None:
         raise UsageError(f"--rim-annotations {path} overlaps output_dir {output_dir}; the annotations are "
                          "a dataset of their own")
     return path
+
+
+def _recalibrate(args: Namespace) -> bool:
+    """--recalibrate: group level, with the review folder, not with --train."""
+    if args.recalibrate and (args.analysis_level != "group" or args.train or args.rim_annotations is None):
+        raise UsageError("--recalibrate is a group-level option without --train and needs --rim-annotations "
+                         "REVIEW_DIR (the qsmrim-review folder with the rater's decisions)")
+    return bool(args.recalibrate)
 
 
 def _init_model(args: Namespace, methods: Sequence[str]) -> str | None:
@@ -414,10 +423,11 @@ def run_group_level(config: AppConfig) -> int:
     configure_nipype(config.verbosity)
     from ..model.finetune import InitModelError
     from ..workflows.group import run_group
+    from ..workflows.recalibrate import RecalibrationError
 
     try:
         return int(run_group(config))
-    except InitModelError as err:  # found only once the lesions are gathered: still a usage error
+    except (InitModelError, RecalibrationError) as err:  # found once the lesions are gathered: a usage error
         raise UsageError(str(err)) from None
 
 

@@ -7,6 +7,7 @@ from nipype.interfaces.base import (BaseInterfaceInputSpec, Directory, File, Sim
                                     TraitedSpec, traits)
 
 from ..inference import classify_lesions, paint_lesions
+from ..model.counts import count_columns
 from ._base import load_3d, out_path, save_like
 
 
@@ -56,6 +57,8 @@ class ClassifyLesions(SimpleInterface):
             "threshold": result.threshold,
             "operating_point": result.operating_point,
             "model_id": result.model_id,
+            **count_columns(table["probability"].to_numpy(float)),  # expected count + 95 % interval
+            "calibration": result.calibration,
         }
         self._results["summary_file"] = out_path("summary.tsv")
         pd.DataFrame([summary]).to_csv(self._results["summary_file"], sep="\t", index=False, na_rep="n/a")

@@ -21,12 +21,13 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from ..atomic import write_bytes
+from .calibration import ECE_BINS, calibration_metrics, reliability_figure
 from .metrics import CVCurves, cv_curve_aucs, lesion_and_subject_metrics, paired_bootstrap, subject_counts
 
 LOGGER = logging.getLogger(__name__)
 REQUIRED_COLUMNS = ("subject", "lesion_id", "label", "fold", "probability")
 MAX_FPR = 0.1
-FIGURES = ("proc", "roc", "pr", "counts")
+FIGURES = ("proc", "roc", "pr", "counts", "reliability")
 PAIRED_BOOTSTRAP = 2000  # replicates of the paired participant bootstrap
 PAIRED_LABELS = {"roc_auc": "ROC AUC", "pauc": f"pROC AUC (FPR<{MAX_FPR:g})", "pr_auc": "PR AUC"}
 TABLE_COLUMNS = (
@@ -264,6 +265,8 @@ def write_evaluation(
     valid: dict[str, pd.DataFrame] = {}
     curves: dict[str, CVCurves] = {}
     counts: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    reliability: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    reliability_raw: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # the primary method before calibration
     for method, raw in results.items():
         t = valid[method] = _validated(method, raw)
         y = t["label"].to_numpy().astype(int)
@@ -272,6 +275,16 @@ def write_evaluation(
         subj = count_units(t)
         m = lesion_and_subject_metrics(y, p, fold, subj, max_fpr=MAX_FPR)
         m["n_excluded"] = int(len(raw) - len(t))
+        # calibration metrics on the calibrated (cross-fitted) probability when the table has one, beside the raw
+        if "probability_calibrated" in raw.columns:
+            p_cal = raw.loc[t.index, "probability_calibrated"].to_numpy(float)
+            m.update(calibration_metrics(y, p_cal, p))
+            if not reliability_raw:
+                reliability_raw[f"{method}, raw"] = (y, p)
+        else:
+            p_cal = p
+            m.update(calibration_metrics(y, p))
+        reliability[method] = (y, p_cal)
         metrics[method] = m
         curves[method] = cv_curve_aucs(y, p, fold, max_fpr=MAX_FPR)
         thr = {int(k): v for k, v in m["thresholds_f1_per_fold"].items()}
@@ -297,6 +310,11 @@ def write_evaluation(
         "counts": (_save_figure(_counts_figure(counts, metrics), out_dir, "counts"),
                    "Predicted vs expert rim+ lesions per subject at the per-fold F1-optimal thresholds; "
                    "dashed: identity; marker area ~ number of subjects."),
+        "reliability": (_save_figure(reliability_figure({**reliability_raw, **reliability}), out_dir, "reliability"),
+                        f"Reliability of the rim+ probability out of fold: {ECE_BINS} equal-mass bins of lesions, "
+                        "observed rim+ fraction (95 % Wilson interval) against the mean probability; dotted: "
+                        "perfect calibration. Calibrated probabilities are cross-fitted (each fold's map fitted "
+                        "without it); 'raw' is the ensemble's mean before calibration."),
     }
     notes = [
         f"pROC AUC: area under the ROC curve for FPR < {MAX_FPR:g} divided by {MAX_FPR:g} "
@@ -307,6 +325,11 @@ def write_evaluation(
         "over the folds. Subject counts: lesions predicted rim+ vs expert rim+ per subject; Pearson r with "
         "a 95 % Fisher-z confidence interval.",
     ]
+    notes.append(f"Calibration: expected calibration error (ECE) over {ECE_BINS} equal-mass bins of the "
+                 "calibrated (cross-fitted) probability, raw ensemble mean in brackets; AUCs and thresholds above "
+                 "rank the raw mean (the model's one monotone map does not change a ranking)" + "; ".join(
+                     [""] + [f"{k}: {_fmt(m['ece'])}" + (f" (raw {_fmt(m['ece_raw'])})" if "ece_raw" in m else "")
+                             for k, m in metrics.items()]))
     for method, m in metrics.items():
         hs = m["high_sensitivity"]
         notes.append(

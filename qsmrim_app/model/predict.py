@@ -1,8 +1,9 @@
 """Inference with a trained model directory: every fold x seed member, combined into one prediction.
 
-``probability`` is the mean of the members' rim+ probabilities and ``uncertainty`` their standard
-deviation. ``votes`` is the fraction of members whose probability reaches their own fold's F1-optimal
-threshold. ``rim_positive`` is, by default, the paper's majority vote (votes > 0.5); when a threshold is
+``probability`` is the model's calibration map (``model.json`` ``calibration``, model/calibration.py;
+identity when the model has none) applied to the mean of the members' rim+ probabilities
+(``probability_raw``), and ``uncertainty`` the members' standard deviation. ``votes`` is the fraction of
+members whose probability reaches their own fold's F1-optimal threshold. ``rim_positive`` is, by default, the paper's majority vote (votes > 0.5); when a threshold is
 given (the app's ``--threshold`` or an operating point from :attr:`Ensemble.thresholds`) it is instead
 ``probability >= threshold`` on the mean, because the operating points are fitted on the mean
 out-of-fold probability.
@@ -74,11 +75,12 @@ def load_state(path: Path, net: nn.Module) -> nn.Module:
 
 @dataclass
 class EnsemblePrediction:
-    probability: np.ndarray  # (N,) mean member probability
+    probability: np.ndarray  # (N,) the model's calibration map applied to the mean member probability
     votes: np.ndarray  # (N,) fraction of members above their fold threshold
     rim_positive: np.ndarray  # (N,) bool
     uncertainty: np.ndarray  # (N,) std of member probabilities
     member_probabilities: np.ndarray  # (M, N)
+    probability_raw: np.ndarray | None = None  # (N,) mean member probability (before calibration)
 
     def __len__(self) -> int:
         return int(self.probability.size)
@@ -134,6 +136,13 @@ class Ensemble:
         return features[:, [where[name] for name in self.feature_names]]
 
     @property
+    def calibration(self):
+        """The model's calibration map (model.json ``calibration``; identity for a model without one)."""
+        from .calibration import CalibrationMap
+
+        return CalibrationMap.from_dict(self.meta.get("calibration"))
+
+    @property
     def inputs(self):
         from .inputs import InputSpec
 
@@ -152,7 +161,7 @@ class Ensemble:
         if n == 0:
             empty = np.zeros(0, np.float32)
             return EnsemblePrediction(empty, empty.copy(), np.zeros(0, bool), empty.copy(),
-                                      np.zeros((len(self.members), 0), np.float32))
+                                      np.zeros((len(self.members), 0), np.float32), empty.copy())
         spec = self.inputs
         expected = (4, *spec.shape)
         if patches.shape[1:] != expected:
@@ -163,9 +172,10 @@ class Ensemble:
         probs = np.stack([self._member_probability(m, patches, feats, batch_size) for m in self.members])
         thr = np.array([m.threshold for m in self.members], dtype=np.float32)[:, None]
         votes = (probs >= thr).mean(axis=0).astype(np.float32)
-        mean = probs.mean(axis=0).astype(np.float32)
+        raw = probs.mean(axis=0).astype(np.float32)
+        mean = self.calibration.apply(raw).astype(np.float32)  # thresholds live on this scale (train.py)
         positive = mean >= threshold if threshold is not None else votes > 0.5
-        return EnsemblePrediction(mean, votes, positive, probs.std(axis=0).astype(np.float32), probs)
+        return EnsemblePrediction(mean, votes, positive, probs.std(axis=0).astype(np.float32), probs, raw)
 
     def _member_probability(self, member: Member, patches: np.ndarray, feats: np.ndarray,
                             batch_size: int) -> np.ndarray:

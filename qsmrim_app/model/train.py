@@ -12,8 +12,10 @@ from pathlib import Path
 import numpy as np
 
 from .config import TrainConfig
-from .cv import CVResult, EpochCallback, cross_validate, with_data_grid
+from .calibration import add_calibrated_column, fit_cv_calibration
+from .cv import CVResult, EpochCallback, cross_validate, ensemble_thresholds, safe_threshold, with_data_grid
 from .data import LesionSet
+from .metrics import f1_optimal_threshold
 from .loop import binary_auc, estimate_training_seconds, lr_milestones, train_fold
 from .methods import FeatureColumns, get as get_method, select_features
 from .modeldir import (MODEL_FORMAT, OOF_TSV, created_now, model_id as make_model_id, versions, write_model_json,
@@ -72,8 +74,20 @@ def train(lesions: LesionSet, config: TrainConfig, out_dir: Path, progress: bool
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     cv = cross_validate(lesions, config, out_dir, progress, epoch_callback, features)
+    # A monotone calibration map of the OOF probability (calibration.py); the operating points on its scale.
+    calibration = fit_cv_calibration(lesions.labels, cv.probability, cv.fold)
+    cv.thresholds = calibrated_thresholds(lesions.labels, calibration.map.apply(cv.probability), cv.fold)
     model_id = model_id or make_model_id(config.method, config.to_dict(), lesions)
-    write_model_json(out_dir, _model_meta(lesions, config, cv, inputs, model_id))
+    write_model_json(out_dir, {**_model_meta(lesions, config, cv, inputs, model_id),
+                               "calibration": calibration.map.to_dict()})
     write_oof_predictions(out_dir / OOF_TSV, lesions, cv.probability, cv.member_probability, cv.fold, cv.vote,
                           cv.vote_fraction)
+    add_calibrated_column(out_dir / OOF_TSV, calibration.crossfit)
     return out_dir
+
+
+def calibrated_thresholds(labels: np.ndarray, calibrated: np.ndarray, fold_of: np.ndarray) -> dict[str, float]:
+    """The operating points of :func:`cv.ensemble_thresholds` chosen on the calibrated probability."""
+    fold_thr = [safe_threshold(f1_optimal_threshold(labels[fold_of == k], calibrated[fold_of == k]))
+                for k in np.unique(fold_of)]
+    return ensemble_thresholds(labels, calibrated, fold_of, fold_thr)

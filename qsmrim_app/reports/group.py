@@ -21,6 +21,9 @@ PARTICIPANT_COLUMNS: dict[str, tuple[str, int | None]] = {
     "session": ("session", None),
     "n_lesions": ("lesions", 0),
     "n_rimplus": ("rim+", 0),
+    "n_rimplus_expected": ("expected rim+", 1),  # sum of calibrated probabilities (model/counts.py)
+    "n_rimplus_ci_low": ("95% low", 0),
+    "n_rimplus_ci_high": ("95% high", 0),
     "lesion_volume_mm3": ("lesion volume (mm³)", 1),
     "rimplus_volume_mm3": ("rim+ volume (mm³)", 1),
     "model_id": ("model", None),
@@ -181,6 +184,16 @@ def _agreement_section(agreement: Mapping[str, Any] | None, experts: pd.DataFram
     return head + caption + units + kv_table(known) + "</section>"
 
 
+def _expected_rows(group_table: pd.DataFrame) -> list[tuple[str, Any]]:
+    """Expected rim+ count over all units and how the probabilities were calibrated (model/counts.py)."""
+    expected = pd.to_numeric(group_table.get("n_rimplus_expected", pd.Series(dtype=float)), errors="coerce")
+    if expected.dropna().empty:
+        return []
+    maps = sorted({str(c) for c in group_table.get("calibration", pd.Series(dtype=str)).dropna()})
+    return [("Expected rim+ lesions (sum of calibrated probabilities)", f"{expected.sum():.1f}"),
+            ("Calibration of the probabilities", "; ".join(maps) if maps else "n/a")]
+
+
 def write_group_report(
     out_file: Path,
     *,
@@ -212,6 +225,7 @@ def write_group_report(
         ("Rim+ lesions (all participants)", int(n_rim)),
         ("Participants with at least one rim+ lesion", with_rim),
         ("Model(s)", ", ".join(models) if models else "n/a"),
+        *_expected_rows(group_table),
     ]
     body = '<section id="overview"><h2>Overview</h2>' + kv_table(overview)
     if n_failed:

@@ -20,10 +20,12 @@ LOGGER = logging.getLogger("qsmrim")
 GROUP_TABLE = "group_rimcounts.tsv"
 GROUP_REPORT = "group_report.html"
 GROUP_COLUMNS = ["participant_id", "session", "n_lesions", "n_rimplus", "lesion_volume_mm3",
-                 "rimplus_volume_mm3", "model_id", "threshold", "operating_point"]
+                 "rimplus_volume_mm3", "model_id", "threshold", "operating_point",
+                 "n_rimplus_expected", "n_rimplus_ci_low", "n_rimplus_ci_high", "calibration"]  # model/counts.py
 # From each unit's transform sidecar: which target its FLAIR was registered to and the gate's verdict.
 GATE_COLUMNS = ["registration_target", "registration_gate_mm", "registration_gate"]
-COUNT_COLUMNS = ["n_lesions", "n_rimplus", "lesion_volume_mm3", "rimplus_volume_mm3"]
+COUNT_COLUMNS = ["n_lesions", "n_rimplus", "lesion_volume_mm3", "rimplus_volume_mm3", "n_rimplus_expected",
+                 "n_rimplus_ci_low", "n_rimplus_ci_high"]
 GATE_DICTIONARY = {
     "registration_target": {"Description": "What the FLAIR was registered to: the magnitude, the QSM-derived "
                                            "stand-in (no magnitude), or none (--registration header)"},
@@ -201,6 +203,10 @@ def run_group(config: AppConfig) -> int:
         from .training import train_from_derivatives
 
         return train_from_derivatives(config)
+    if config.recalibrate:
+        from .recalibrate import run_recalibration
+
+        return run_recalibration(config)
 
     table, failed = build_group_table(config)
     if table.empty:
