@@ -118,10 +118,18 @@ def _features_only(train: LesionSet, test: LesionSet, seed: int) -> tuple[np.nda
 
 def fit_and_predict(method: str, train: LesionSet, test: LesionSet, model_dir: Path, args: argparse.Namespace
                     ) -> tuple[np.ndarray, float, np.ndarray]:
-    """(test probabilities, F1 threshold fitted on the training lesions, training out-of-fold probabilities)."""
+    """(test probabilities, F1 threshold fitted on the training lesions, training out-of-fold probabilities).
+
+    A method `model:DIR` is a trained model directory (e.g. the bundled model) scored as it is, untrained here.
+    """
+    from qsmrim_app.model.predict import load_ensemble
+
     if method == FEATURES_ONLY:
         return _features_only(train, test, args.seed)
-    from qsmrim_app.model.predict import load_ensemble
+    if method.startswith("model:"):
+        ens = load_ensemble(Path(method[len("model:"):]), device="cpu")
+        prob = ens.predict(test.patches, test.features, test.feature_names, reference=test.reference).probability
+        return np.asarray(prob, float), float(ens.thresholds["f1"]), np.zeros(0)
     from qsmrim_app.model.train import train as train_model
 
     cfg = protocol_config(args.protocol, method=method, device="cpu", folds=args.folds, seeds=args.seeds,
@@ -187,6 +195,7 @@ def in_family(lesions: LesionSet, families: np.ndarray, methods: Sequence[str], 
               ) -> tuple[dict, pd.DataFrame]:
     """Each training family's own cross-validation (out-of-fold, subject-stratified folds)."""
     out, rows = {}, []
+    methods = [m for m in methods if not m.startswith("model:")]
     for fam in dict.fromkeys(families.tolist()):
         part = lesions.subset(np.flatnonzero(families == fam))
         if part.labels.sum() < 3 or np.unique(part.subjects).size < 2:
@@ -235,7 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--test-family", action="append", default=[], metavar="NAME=OUT",
                         help="a family only ever tested on (e.g. the blind family)")
     parser.add_argument("--methods", default=",".join((RECIPE,) + FLOORS),
-                        help=f"comma-separated; the first is compared with the others (also: {FEATURES_ONLY}, image-only)")
+                        help=f"comma-separated; the first is compared with the others (also: {FEATURES_ONLY}, image-only, "
+                             "model:DIR for a trained model directory scored as it is)")
     parser.add_argument("--protocol", default="fast", choices=("fast", "paper"))
     parser.add_argument("--folds", type=int, default=None, help="override the protocol's folds (cost)")
     parser.add_argument("--seeds", type=int, default=None)
