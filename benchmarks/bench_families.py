@@ -153,7 +153,8 @@ def _paired(y: np.ndarray, probs: dict[str, np.ndarray], people: np.ndarray, ref
 
 
 def run(lesions: LesionSet, families: np.ndarray, test_only: Sequence[str], methods: Sequence[str],
-        args: argparse.Namespace) -> tuple[dict, pd.DataFrame]:
+        args: argparse.Namespace, on_split=None) -> tuple[dict, pd.DataFrame]:
+    """Every split and method; `on_split(summary, rows)` after each split (partial results of a long run)."""
     rows, results, pooled = [], {}, {m: [] for m in methods}
     pooled_y, pooled_people = [], []
     reference = methods[0]
@@ -178,6 +179,8 @@ def run(lesions: LesionSet, families: np.ndarray, test_only: Sequence[str], meth
         if len(methods) > 1 and 0 < test.labels.sum() < len(test):
             entry["paired_vs_" + reference] = _paired(test.labels, probs, test.subjects, reference, args.n_boot)
         results[split.left_out] = entry
+        if on_split is not None:
+            on_split({"lofo": results, "partial": True}, pd.DataFrame(rows))
         if not split.test_only:
             for m in methods:
                 pooled[m].append(probs[m])
@@ -262,22 +265,28 @@ def main(argv: list[str] | None = None) -> int:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     lesions, families = load_families({**train_dirs, **test_dirs})
     start = time.perf_counter()
-    summary, preds = run(lesions, families, list(test_dirs), methods, args)
+
+    def write(summary: dict, preds: pd.DataFrame) -> None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"command": " ".join(sys.argv), "protocol": args.protocol,
+                                        "overrides": {"folds": args.folds, "seeds": args.seeds,
+                                                      "max_steps": args.max_steps}, "methods": methods,
+                                        "seconds": round(time.perf_counter() - start, 1), **summary},
+                                       indent=1, default=float))
+        if args.predictions:
+            args.predictions.parent.mkdir(parents=True, exist_ok=True)
+            preds.to_csv(args.predictions, sep="\t", index=False)
+
+    summary, preds = run(lesions, families, list(test_dirs), methods, args, on_split=write)
     if args.in_family:
         keep = np.flatnonzero(~np.isin(families, list(test_dirs)))
         summary["in_family"], cv_rows = in_family(lesions.subset(keep), families[keep], methods, args)
         preds = pd.concat([preds, cv_rows], ignore_index=True)
-    summary = {"command": " ".join(sys.argv), "protocol": args.protocol,
-               "overrides": {"folds": args.folds, "seeds": args.seeds, "max_steps": args.max_steps},
-               "families": {f: {"lesions": int((families == f).sum()), "rimplus": int(lesions.labels[families == f].sum()),
+    summary = {"families": {f: {"lesions": int((families == f).sum()), "rimplus": int(lesions.labels[families == f].sum()),
                                 "participants": int(np.unique(lesions.subjects[families == f]).size),
                                 "test_only": f in test_dirs} for f in dict.fromkeys(families.tolist())},
-               "methods": methods, "seconds": round(time.perf_counter() - start, 1), **summary}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(summary, indent=1, default=float))
-    if args.predictions:
-        args.predictions.parent.mkdir(parents=True, exist_ok=True)
-        preds.to_csv(args.predictions, sep="\t", index=False)
+               **summary}
+    write(summary, preds)
     print(table(summary, methods).to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     key = "pooled_lofo_paired_vs_" + methods[0]
     if key in summary:
