@@ -132,8 +132,12 @@ def fit_and_predict(method: str, train: LesionSet, test: LesionSet, model_dir: P
         return np.asarray(prob, float), float(ens.thresholds["f1"]), np.zeros(0)
     from qsmrim_app.model.train import train as train_model
 
-    cfg = protocol_config(args.protocol, method=method, device="cpu", folds=args.folds, seeds=args.seeds,
-                          max_steps=args.max_steps)
+    from qsmrim_app.model.network import NETWORK_METHODS
+
+    overrides = dict(folds=args.folds, seeds=args.seeds, max_steps=args.max_steps) if method in NETWORK_METHODS else {}
+    cfg = protocol_config(args.protocol, method=method, device="cpu", **overrides)
+    if any(v is not None for v in overrides.values()):  # a reduced budget trains into a directory of its own
+        model_dir = model_dir.with_name(model_dir.name + "".join(f"-{k}{v}" for k, v in overrides.items() if v))
     train_model(train, cfg, model_dir, progress=False)
     oof = pd.read_csv(model_dir / "oof_predictions.tsv", sep="\t")["probability"].to_numpy()
     ens = load_ensemble(model_dir, device="cpu")
@@ -156,7 +160,7 @@ def run(lesions: LesionSet, families: np.ndarray, test_only: Sequence[str], meth
         args: argparse.Namespace, on_split=None) -> tuple[dict, pd.DataFrame]:
     """Every split and method; `on_split(summary, rows)` after each split (partial results of a long run)."""
     rows, results, pooled = [], {}, {m: [] for m in methods}
-    pooled_y, pooled_people = [], []
+    pooled_y, pooled_people, pooled_scans, pooled_fold, pooled_thr = [], [], [], [], {m: {} for m in methods}
     reference = methods[0]
     for split in lofo_splits(families, test_only):
         train, test = lesions.subset(split.train_idx), lesions.subset(split.test_idx)
@@ -168,6 +172,7 @@ def run(lesions: LesionSet, families: np.ndarray, test_only: Sequence[str], meth
             start = time.perf_counter()
             p, thr, _ = fit_and_predict(method, train, test, Path(args.work) / f"without-{split.left_out}" / method, args)
             probs[method] = p
+            pooled_thr[method][len(pooled_y)] = thr
             entry["methods"][method] = score(test.labels, p, thr, scan_ids) | {"seconds": round(time.perf_counter() - start, 1)}
             LOGGER.info("left out %s, %s: PR AUC %.3f, ROC AUC %.3f (%.0f s)", split.left_out, method,
                         entry["methods"][method]["pr_auc_pooled"], entry["methods"][method]["roc_auc_pooled"],
@@ -186,7 +191,19 @@ def run(lesions: LesionSet, families: np.ndarray, test_only: Sequence[str], meth
                 pooled[m].append(probs[m])
             pooled_y.append(test.labels)
             pooled_people.append(test.subjects)
+            pooled_scans.append(scan_ids)
+            pooled_fold.append(np.full(len(test), len(pooled_y) - 1))
     summary = {"lofo": results}
+    if pooled_y:
+        # every left-out family at once, each lesion at its own model's stored threshold; counts per scan
+        y, ids, folds = np.concatenate(pooled_y), np.concatenate(pooled_scans), np.concatenate(pooled_fold)
+        summary["pooled_lofo"] = {}
+        for m in methods:
+            met = lesion_and_subject_metrics(y, np.concatenate(pooled[m]), folds, ids,
+                                             thresholds_per_fold={k: pooled_thr[m][k] for k in np.unique(folds)})
+            summary["pooled_lofo"][m] = {k: met.get(k) for k in KEYS} | {
+                "n_lesions": int(y.size), "n_rimplus": int(y.sum()), "n_scans": int(np.unique(ids).size),
+                "note": "AUCs on all left-out lesions pooled; recall/precision/counts at each model's stored F1 threshold"}
     if pooled_y and len(methods) > 1:
         y, people = np.concatenate(pooled_y), np.concatenate(pooled_people)
         summary["pooled_lofo_paired_vs_" + reference] = _paired(
@@ -237,6 +254,11 @@ def table(summary: dict, methods: Sequence[str]) -> pd.DataFrame:
                          "PR": r["pr_auc_pooled"], "recall": r["sensitivity"], "precision": r["ppv"],
                          "count r": r["count_pearson_r"],
                          "in-family PR": summary.get("in_family", {}).get(fam, {}).get(m, {}).get("pr_auc_pooled")})
+    for m, r in summary.get("pooled_lofo", {}).items():
+        rows.append({"left out": "all training families, pooled", "method": m,
+                     "n/rim+": f"{r['n_lesions']}/{r['n_rimplus']}", "ROC": r["roc_auc_pooled"],
+                     "PR": r["pr_auc_pooled"], "recall": r["sensitivity"], "precision": r["ppv"],
+                     "count r": r["count_pearson_r"], "in-family PR": None})
     return pd.DataFrame(rows)
 
 
@@ -250,7 +272,8 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"comma-separated; the first is compared with the others (also: {FEATURES_ONLY}, image-only, "
                              "model:DIR for a trained model directory scored as it is)")
     parser.add_argument("--protocol", default="fast", choices=("fast", "paper"))
-    parser.add_argument("--folds", type=int, default=None, help="override the protocol's folds (cost)")
+    parser.add_argument("--folds", type=int, default=None,
+                        help="override the protocol's folds for the networks (cost; the floors keep theirs)")
     parser.add_argument("--seeds", type=int, default=None)
     parser.add_argument("--max-steps", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)

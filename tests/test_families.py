@@ -155,3 +155,4 @@ def test_lofo_benchmark_end_to_end_on_a_tiny_table(tmp_path: Path) -> None:
         assert entry["train_lesions"] == 120
     assert len(preds) == 2 * 180 and set(preds["method"]) == {"shell-core", "logreg"}
     assert "logreg" in summary["pooled_lofo_paired_vs_shell-core"]
+    assert summary["pooled_lofo"]["shell-core"]["n_lesions"] == 180 and summary["pooled_lofo"]["shell-core"]["n_scans"] == 12
