@@ -111,13 +111,13 @@ def _features_only(train: LesionSet, test: LesionSet, seed: int) -> tuple[np.nda
     x, y = train.features[:, idx], train.labels
     oof = np.zeros(len(train))
     test_p = fit_predict(x, y, test.features[:, idx]) if len(test) else np.zeros(0)
-    for tr, te in stratified_subject_folds(train.subjects, y, 5, seed):
+    for tr, te in stratified_subject_folds(train.subjects, y, min(5, int(np.unique(train.subjects).size)), seed):
         oof[np.asarray(te)] = fit_predict(x[np.asarray(tr)], y[np.asarray(tr)], x[np.asarray(te)])
     return test_p, f1_optimal_threshold(y, oof), oof
 
 
-def fit_and_predict(method: str, train: LesionSet, test: LesionSet, model_dir: Path, args: argparse.Namespace
-                    ) -> tuple[np.ndarray, float, np.ndarray]:
+def fit_and_predict(method: str, train: LesionSet, test: LesionSet, model_dir: Path, args: argparse.Namespace,
+                    folds: int | None = None) -> tuple[np.ndarray, float, np.ndarray]:
     """(test probabilities, F1 threshold fitted on the training lesions, training out-of-fold probabilities).
 
     A method `model:DIR` is a trained model directory (e.g. the bundled model) scored as it is, untrained here.
@@ -135,6 +135,8 @@ def fit_and_predict(method: str, train: LesionSet, test: LesionSet, model_dir: P
     from qsmrim_app.model.network import NETWORK_METHODS
 
     overrides = dict(folds=args.folds, seeds=args.seeds, max_steps=args.max_steps) if method in NETWORK_METHODS else {}
+    if folds is not None:  # a family's own CV: no more folds than it has participants
+        overrides["folds"] = folds
     cfg = protocol_config(args.protocol, method=method, device="cpu", **overrides)
     if any(v is not None for v in overrides.values()):  # a reduced budget trains into a directory of its own
         model_dir = model_dir.with_name(model_dir.name + "".join(f"-{k}{v}" for k, v in overrides.items() if v))
@@ -213,7 +215,8 @@ def run(lesions: LesionSet, families: np.ndarray, test_only: Sequence[str], meth
 
 def in_family(lesions: LesionSet, families: np.ndarray, methods: Sequence[str], args: argparse.Namespace
               ) -> tuple[dict, pd.DataFrame]:
-    """Each training family's own cross-validation (out-of-fold, subject-stratified folds)."""
+    """Each training family's own cross-validation (out-of-fold, subject-stratified folds, at most one fold
+    per participant: with two or three participants a family's CV is leave-one-participant-out)."""
     out, rows = {}, []
     methods = [m for m in methods if not m.startswith("model:")]
     for fam in dict.fromkeys(families.tolist()):
@@ -223,8 +226,10 @@ def in_family(lesions: LesionSet, families: np.ndarray, methods: Sequence[str], 
             continue
         out[fam] = {}
         for method in methods:
-            _, _, oof = fit_and_predict(method, part, part.subset(np.arange(0)), Path(args.work) / f"cv-{fam}" / method,
-                                        args)
+            # the models are trained for their out-of-fold probabilities; one lesion stands in as a test set
+            k = min(protocol_config(args.protocol).folds, int(np.unique(part.subjects).size))
+            _, _, oof = fit_and_predict(method, part, part.subset([0]), Path(args.work) / f"cv-{fam}" / method, args,
+                                        folds=k)
             thr = f1_optimal_threshold(part.labels, oof)
             out[fam][method] = score(part.labels, oof, thr, scans(part)) | {"threshold_note": "F1-optimal on the OOF"}
             rows += [{"evaluation": "in-family-cv", "left_out": "", "family": fam, "method": method, "subject": s,

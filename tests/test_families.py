@@ -156,3 +156,6 @@ def test_lofo_benchmark_end_to_end_on_a_tiny_table(tmp_path: Path) -> None:
     assert len(preds) == 2 * 180 and set(preds["method"]) == {"shell-core", "logreg"}
     assert "logreg" in summary["pooled_lofo_paired_vs_shell-core"]
     assert summary["pooled_lofo"]["shell-core"]["n_lesions"] == 180 and summary["pooled_lofo"]["shell-core"]["n_scans"] == 12
+    cv, cv_rows = bench.in_family(lesions, families, ["shell-core", "model:unused"], Args)
+    assert set(cv) == {"a", "b", "c"} and set(cv["a"]) == {"shell-core"}  # a fixed model has no in-family CV
+    assert cv["a"]["shell-core"]["roc_auc_pooled"] > 0.8 and len(cv_rows) == 180
