@@ -165,6 +165,8 @@ def run(lesions: LesionSet, families: np.ndarray, test_only: Sequence[str], meth
     pooled_y, pooled_people, pooled_scans, pooled_fold, pooled_thr = [], [], [], [], {m: {} for m in methods}
     reference = methods[0]
     for split in lofo_splits(families, test_only):
+        if getattr(args, "only", None) and split.left_out not in args.only:
+            continue
         train, test = lesions.subset(split.train_idx), lesions.subset(split.test_idx)
         scan_ids = scans(test)
         entry = {"test_only": split.test_only, "train_families": sorted(set(families[split.train_idx])),
@@ -228,8 +230,12 @@ def in_family(lesions: LesionSet, families: np.ndarray, methods: Sequence[str], 
         for method in methods:
             # the models are trained for their out-of-fold probabilities; one lesion stands in as a test set
             k = min(protocol_config(args.protocol).folds, int(np.unique(part.subjects).size))
-            _, _, oof = fit_and_predict(method, part, part.subset([0]), Path(args.work) / f"cv-{fam}" / method, args,
-                                        folds=k)
+            try:
+                _, _, oof = fit_and_predict(method, part, part.subset([0]), Path(args.work) / f"cv-{fam}" / method,
+                                            args, folds=k)
+            except (ValueError, IndexError) as exc:  # a fold whose training participants hold no rim+ lesion
+                out[fam][method] = {"skipped": f"{k}-fold subject CV impossible: {exc}"}
+                continue
             thr = f1_optimal_threshold(part.labels, oof)
             out[fam][method] = score(part.labels, oof, thr, scans(part)) | {"threshold_note": "F1-optimal on the OOF"}
             rows += [{"evaluation": "in-family-cv", "left_out": "", "family": fam, "method": method, "subject": s,
@@ -258,7 +264,7 @@ def table(summary: dict, methods: Sequence[str]) -> pd.DataFrame:
                          "n/rim+": f"{r['n_lesions']}/{r['n_rimplus']}", "ROC": r["roc_auc_pooled"],
                          "PR": r["pr_auc_pooled"], "recall": r["sensitivity"], "precision": r["ppv"],
                          "count r": r["count_pearson_r"],
-                         "in-family PR": summary.get("in_family", {}).get(fam, {}).get(m, {}).get("pr_auc_pooled")})
+                         "in-family PR": (summary.get("in_family", {}).get(fam, {}).get(m) or {}).get("pr_auc_pooled")})
     for m, r in summary.get("pooled_lofo", {}).items():
         rows.append({"left out": "all training families, pooled", "method": m,
                      "n/rim+": f"{r['n_lesions']}/{r['n_rimplus']}", "ROC": r["roc_auc_pooled"],
@@ -283,6 +289,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-steps", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--n-boot", type=int, default=2000)
+    parser.add_argument("--only", type=lambda t: t.split(","), default=None, metavar="NAMES",
+                        help="evaluate only these left-out families (comma-separated; the others still train)")
     parser.add_argument("--in-family", action="store_true", help="also each family's own cross-validation")
     parser.add_argument("--work", type=Path, required=True, help="model directories (reruns resume from them)")
     parser.add_argument("--out", type=Path, required=True)
