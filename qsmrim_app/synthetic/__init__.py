@@ -15,6 +15,7 @@ from pathlib import Path
 from .anatomy import SIZES, sample_lesion_counts
 from .breakage import HOWS, break_participant
 from .dataset import generate_dataset
+from .families import FAMILIES
 from .semireal import GRIDS, generate_semireal
 
 __all__ = ["GRIDS", "SIZES", "HOWS", "break_participant", "generate_dataset", "generate_semireal", "main",
@@ -47,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="patients to make, e.g. 1-14 or 3,7,15 (default: all 20)")
     semi.add_argument("--grids", nargs="+", choices=list(GRIDS), default=None,
                       help="QSM grids, one session each (default: all three); 0.6x0.6x2 is held out for judging")
+    semi.add_argument("--family", choices=list(FAMILIES), default=None,
+                      help="generator family (docs/families.md): background, rim physics and reconstruction drawn "
+                           "together; implies --semi-real; its grids are the default --grids")
     semi.add_argument("--head-cache", type=Path, default=None, metavar="DIR",
                       help="where the semi-real head's registration is cached (default <truth>/head; ~1.5 min "
                            "to make once, shareable between cohorts)")
@@ -73,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--subjects and --sessions must be >= 1")
     if not 0.0 <= args.rimplus_fraction <= 1.0:
         parser.error("--rimplus-fraction must be within [0, 1]")
-    if args.semi_real:
+    if args.semi_real or args.family:
         return _semireal(parser, args)
     if args.longitudinal:
         return _longitudinal(parser, args)
@@ -111,7 +115,7 @@ def _semireal(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     try:
         truth = generate_semireal(args.out, args.data_dir, patients=args.patients, grids=args.grids,
                                   seed=args.seed, truth_dir=args.truth_dir, overwrite=args.overwrite,
-                                  head_cache=args.head_cache)
+                                  head_cache=args.head_cache, family=args.family)
     except (FileExistsError, FileNotFoundError, ValueError) as exc:
         print(f"qsmrim-synth: {exc}", file=sys.stderr)
         return 1

@@ -35,7 +35,9 @@ from .anatomy import random_rotation, rng_for
 from .dataset import BIDS_VERSION, DERIV_NAME, FLAIR_SIDECAR, MAG_SIDECAR, _write_json, _write_pair, write_truth
 from .physics import b0_in_grid, bias_field, dipole_kernel, rician
 from .semireal_head import PATIENTS, Head, Volume, load_head
-from .semireal_lesions import COUNTED_VOXELS, LesionDesign, PatientLesions, design_patient, in_arc, rim_band
+from .families import Family, get_family
+from .semireal_lesions import (COUNTED_VOXELS, LesionDesign, PatientLesions, design_patient, in_arc, rim_band,
+                               rim_modulation, zlib_crc)
 from .simulate import FLAIR_AXES, grid_affine, rigid
 
 LOGGER = logging.getLogger(__name__)
@@ -54,7 +56,11 @@ GRIDS: dict[str, GridSpec] = {
     "0.75x0.75x3": GridSpec((0.75, 0.75, 3.0), (288, 288, 48), "075x075x3"),  # Zhang et al. 2022
     "1x1x1": GridSpec((1.0, 1.0, 1.0), (224, 224, 144), "1x1x1"),
     "0.6x0.6x2": GridSpec((0.6, 0.6, 2.0), (352, 352, 64), "06x06x2"),
+    # grids of the generator families (families.py)
+    "1x1x3": GridSpec((1.0, 1.0, 3.0), (224, 224, 44), "1x1x3"),
+    "0.9x0.9x2": GridSpec((0.9, 0.9, 2.0), (240, 240, 64), "09x09x2"),
 }
+_PLAIN_GRIDS = ("0.75x0.75x3", "1x1x1", "0.6x0.6x2")  # the plain semi-real cohort's grids
 HELD_OUT_PATIENTS = tuple(range(15, 21))
 HELD_OUT_GRIDS = ("0.6x0.6x2",)
 FLAIR_SHAPE = (208, 192, 160)  # sagittal 1 mm: A-P, S-I, L-R
@@ -152,11 +158,19 @@ class Geometry:
         return self.head_to_cosmos @ np.linalg.inv(self.head_to_scanner) @ self.flair_to_qsm @ self.flair_affine
 
 
-def draw_geometry(head: Head, spec: GridSpec, rng: np.random.Generator) -> Geometry:
+def draw_geometry(head: Head, spec: GridSpec, rng: np.random.Generator, family: Family | None = None,
+                  extra: np.random.Generator | None = None) -> Geometry:
+    """The session's transforms; a randomised family (with its own `extra` stream) widens the head's pose."""
     centre = (head.brain.affine @ np.r_[ndimage.center_of_mass(head.brain.data), 1.0])[:3]
     mirrored = bool(rng.random() < 0.5)
     head_to_cosmos = rigid(np.diag([-1.0 if mirrored else 1.0, 1.0, 1.0]), centre)
     head_to_scanner = rigid(random_rotation(rng, (8, 6, 5)), np.clip(rng.normal(0, 2.5, size=3), -5, 5))
+    if family is not None and extra is not None:
+        mirrored = bool(extra.random() < family.mirror_share)
+        scale = float(extra.uniform(*family.head_scale))
+        head_to_cosmos = rigid(np.diag([-1.0 if mirrored else 1.0, 1.0, 1.0]) / scale, centre)
+        head_to_scanner = rigid(random_rotation(extra, family.head_rotation_deg),
+                                np.clip(extra.normal(0, 2.5, size=3), -5, 5))
     slab = random_rotation(rng, (6, 0, 3))  # slab angulation
     # Thin slabs do not cover the whole brain: shift them up or down by up to 10 mm.
     qsm_centre = rng.uniform(-2, 2, size=3) + np.array([0.0, 0.0, rng.uniform(-10, 10)])
@@ -209,14 +223,41 @@ def _slice_average(fine: np.ndarray, grid: FineGrid, spec: GridSpec) -> np.ndarr
     return out
 
 
-def _convolve_dipole(data: np.ndarray, affine: np.ndarray, inverse: bool) -> np.ndarray:
-    """Dipole forward model (chi -> field) or its TKD inverse, zero-padded by PAD_MM against wrap-around."""
+@dataclass(frozen=True)
+class Inversion:
+    """How a session's field becomes a map: TKD (threshold), Tikhonov D/(D^2+l) or gradient-l2 D/(D^2+l|k/kmax|^2)."""
+
+    method: str = "tkd"
+    threshold: float = TKD_THRESHOLD
+    lam: float = 0.02
+
+    def describe(self) -> str:
+        if self.method == "tkd":
+            return f"TKD (threshold {self.threshold:.3f})"
+        return f"{self.method} (lambda {self.lam:.3f}), closed form"
+
+
+def _inverse_kernel(d: np.ndarray, pad: tuple[int, ...], vox: np.ndarray, inversion: Inversion) -> np.ndarray:
+    if inversion.method == "tkd":
+        t = inversion.threshold
+        return np.where(np.abs(d) > t, 1.0 / np.where(d == 0, 1.0, d), np.sign(d + 1e-12) / t).astype(np.float32)
+    if inversion.method == "tikhonov":
+        return (d / (d * d + inversion.lam)).astype(np.float32)
+    if inversion.method == "gradient-l2":
+        ks = np.meshgrid(*[fft.fftfreq(n, d=float(v)) * 2.0 * float(v) for n, v in zip(pad, vox)], indexing="ij")
+        k2 = sum(k ** 2 for k in ks) / 3.0  # |k / k_nyquist|^2 averaged over the axes: 0 at DC, 1 at the corner
+        return (d / (d * d + inversion.lam * k2 + 1e-6)).astype(np.float32)
+    raise ValueError(f"unknown inversion {inversion.method!r}")
+
+
+def _convolve_dipole(data: np.ndarray, affine: np.ndarray, inverse: bool, inversion: Inversion | None = None
+                     ) -> np.ndarray:
+    """Dipole forward model (chi -> field) or an inverse (TKD by default), zero-padded by PAD_MM."""
     vox = np.sqrt(np.sum(affine[:3, :3] ** 2, axis=0))
     pad = tuple(fft.next_fast_len(int(n + 2 * PAD_MM / v)) for n, v in zip(data.shape, vox))
     d = dipole_kernel(pad, vox, b0_in_grid(affine)).astype(np.float32)
     if inverse:
-        d = np.where(np.abs(d) > TKD_THRESHOLD, 1.0 / np.where(d == 0, 1.0, d),
-                     np.sign(d + 1e-12) / TKD_THRESHOLD).astype(np.float32)
+        d = _inverse_kernel(d, pad, vox, inversion or Inversion())
     spectrum = fft.rfftn(data.astype(np.float32), s=pad, workers=1)
     half = d[..., :spectrum.shape[-1]]
     out = fft.irfftn(spectrum * half, s=pad, workers=1)
@@ -253,9 +294,12 @@ def _edit_lesions(chi: np.ndarray, fields: Fields, lesions: PatientLesions, to_c
             # Outward normal = gradient of the signed distance, taken to world axes (inverse transpose).
             grad = np.stack(np.gradient(sdf)) if min(sdf.shape) > 1 else np.zeros((3,) + sdf.shape)
             normal = np.tensordot(np.linalg.inv(to_cosmos[:3, :3]).T, grad, axes=1)
-            band = rim_band(sdf, design, h) * own * brain * in_arc(np.arctan2(normal[1], normal[0]), design)
+            azimuth = np.arctan2(normal[1], normal[0])
+            band = rim_band(sdf, design, h) * own * brain * in_arc(azimuth, design)
+            if design.rim_modulation > 0:
+                band = band * rim_modulation(azimuth, design)
             new = new + design.rim_chi * band
-            rim[sl] = np.maximum(rim[sl], band)
+            rim[sl] = np.maximum(rim[sl], np.minimum(band, 1.0))
         chi[sl] = np.where(own, new, bg).astype(np.float32)
         if design.kind == "vein":
             _add_vein(chi, fields.brain, design, to_cosmos, cosmos_of_mni, h)
@@ -335,6 +379,7 @@ class SessionResult:
     geometry: Geometry
     rows: list[dict]
     seconds: float
+    acquisition: Acquisition | None = None
 
 
 def _relabel(lut_src: dict[int, int], labels: np.ndarray) -> np.ndarray:
@@ -378,16 +423,55 @@ def _truth(lesions: PatientLesions, kept: list[int], labels_q: np.ndarray, label
                      "chi_core_ppm": design.chi_core, "chi_hyper_ppm": design.chi_hyper,
                      "rim_chi_ppm": design.rim_chi, "rim_thickness_mm": design.rim_thickness if design.has_rim_source else 0.0,
                      "rim_coverage_designed": design.rim_coverage, "rim_position": design.rim_position if design.has_rim_source else "n/a",
-                     "vein_chi_ppm": design.vein_chi, "flair_contrast": design.flair_contrast})
+                     "vein_chi_ppm": design.vein_chi, "flair_contrast": design.flair_contrast,
+                     "rim_modulation": design.rim_modulation})
     return rows, rim_lut
 
 
-def simulate_session(head: Head, lesions: PatientLesions, grid: str, seed: int) -> SessionResult:
-    """All images and truth of one patient on one grid (deterministic in seed, patient, grid)."""
+@dataclass(frozen=True)
+class Acquisition:
+    """A session's drawn reconstruction settings (families.py); the defaults are the plain semi-real ones."""
+
+    inversion: Inversion = Inversion()
+    noise_scale: float = 1.0
+    background_field_ppm: float = 0.0
+    map_scale: float = 1.0
+    map_offset_ppm: float = 0.0
+
+
+def draw_acquisition(family: Family, rng: np.random.Generator) -> Acquisition:
+    method = str(family.inversion[int(rng.integers(len(family.inversion)))])
+    inversion = Inversion(method, float(rng.uniform(*family.tkd_threshold)), float(rng.uniform(*family.tikhonov_lambda)))
+    return Acquisition(inversion, float(rng.uniform(*family.noise_scale)),
+                       float(rng.uniform(*family.background_field_ppm)), float(rng.uniform(*family.map_scale)),
+                       float(rng.uniform(*family.map_offset_ppm)))
+
+
+def _background_field(world: np.ndarray, amplitude: float, rng: np.random.Generator) -> np.ndarray:
+    """A residual background field (ppm): a smooth random second-order polynomial of scanner position,
+    scaled to `amplitude` at 80 mm (what an imperfect background removal leaves near the brain's edge)."""
+    x = world / np.float32(80.0)
+    terms = [x[0], x[1], x[2], x[0] * x[1], x[0] * x[2], x[1] * x[2], x[0] ** 2 - x[1] ** 2, x[2] ** 2]
+    coeffs = rng.normal(0.0, 1.0, size=len(terms))
+    coeffs = coeffs / np.linalg.norm(coeffs)
+    return (amplitude * sum(np.float32(c) * t for c, t in zip(coeffs, terms))).astype(np.float32)
+
+
+def simulate_session(head: Head, lesions: PatientLesions, grid: str, seed: int, family: Family | None = None
+                     ) -> SessionResult:
+    """All images and truth of one patient on one grid (deterministic in seed, patient, grid, family).
+
+    Without a family (or with `semireal`) the session is the plain semi-real one, bit for bit; a randomised
+    family draws its pose and reconstruction from a stream of its own.
+    """
     start = time.perf_counter()
     spec = GRIDS[grid]
     rng = rng_for(seed, lesions.patient, 1 + list(GRIDS).index(grid))
-    geom = draw_geometry(head, spec, rng)
+    if family is not None and not family.randomised:
+        family = None
+    extra = rng_for(seed, lesions.patient, 500_000 * (1 + list(GRIDS).index(grid)) + zlib_crc(family.name)) if family else None
+    acq = draw_acquisition(family, extra) if family else Acquisition()
+    geom = draw_geometry(head, spec, rng, family, extra)
     qsm_to_cosmos, flair_to_cosmos = geom.qsm_to_cosmos(), geom.flair_to_cosmos()
 
     # Which lesions this session can show: >= MIN_LESION_VOXELS in both grids.
@@ -411,8 +495,14 @@ def simulate_session(head: Head, lesions: PatientLesions, grid: str, seed: int) 
     del field
     brain_q = ndimage.binary_erosion(q.brain, iterations=1)
     noise = float(rng.uniform(*FIELD_NOISE_PPM)) * (0.75 * 0.75 * 3.0) / float(np.prod(spec.voxel))
-    field_q = (field_q + rng.normal(0.0, noise, size=spec.shape).astype(np.float32)) * brain_q
-    qsm = _convolve_dipole(field_q, geom.qsm_affine, inverse=True) * brain_q
+    field_q = (field_q + rng.normal(0.0, noise * acq.noise_scale, size=spec.shape).astype(np.float32)) * brain_q
+    if acq.background_field_ppm > 0:
+        world = _points(geom.qsm_affine, tuple(slice(0, n) for n in spec.shape)).astype(np.float32)
+        field_q = field_q + _background_field(world, acq.background_field_ppm, extra) * brain_q
+        del world
+    qsm = _convolve_dipole(field_q, geom.qsm_affine, inverse=True, inversion=acq.inversion) * brain_q
+    if acq.map_scale != 1.0 or acq.map_offset_ppm != 0.0:
+        qsm = ((qsm * acq.map_scale + acq.map_offset_ppm) * brain_q).astype(np.float32)
     rim_q = _slice_average(rim_fine, fg, spec)
 
     # Magnitude: FLAIR-derived tissue contrast, darkened by paramagnetic tissue, thick slices, bias, noise.
@@ -445,7 +535,7 @@ def simulate_session(head: Head, lesions: PatientLesions, grid: str, seed: int) 
     labels_f = _relabel(new_id, f.labels)
     rows, rim_lut = _truth(lesions, kept, labels_q, labels_f, q.nearest, rim_q, geom, spec, count_q, count_f)
     return SessionResult(qsm, mag_q, flair.astype(np.float32), labels_f, labels_q, rim_lut[labels_f],
-                         rim_lut[labels_q], rim_q, geom, rows, time.perf_counter() - start)
+                         rim_lut[labels_q], rim_q, geom, rows, time.perf_counter() - start, acq)
 
 
 def _design_lut(lesions: PatientLesions, attr: str, nearest: np.ndarray) -> np.ndarray:
@@ -472,13 +562,26 @@ def _flair_reference(flair: Volume, lesions: PatientLesions) -> np.ndarray:
 # The dataset
 
 
-def _write_session(bids: Path, truth: Path, patient: int, grid: str, res: SessionResult) -> None:
+def _qsm_sidecar(res: SessionResult, family: Family | None) -> tuple[dict, float]:
+    """The Chimap's sidecar and the factor from ppm to its stored units."""
+    if family is None or not family.randomised or res.acquisition is None:
+        return QSM_SIDECAR, 1.0
+    acq = res.acquisition
+    factor = 1000.0 if family.units == "ppb" else 1.0
+    method = (f"{acq.inversion.describe()} of the local field simulated from the {family.background} map + "
+              f"lesions (family {family.name})")
+    return {**QSM_SIDECAR, "Units": family.units, "QSMMethod": method}, factor
+
+
+def _write_session(bids: Path, truth: Path, patient: int, grid: str, res: SessionResult,
+                   family: Family | None = None) -> None:
     sub, ses = f"{patient:02d}", GRIDS[grid].session
     rel = Path(f"sub-{sub}") / f"ses-{ses}" / "anat"
     stem = f"sub-{sub}_ses-{ses}"
     anat, deriv, tdir = bids / rel, bids / "derivatives" / DERIV_NAME / rel, truth / rel
     g = res.geometry
-    _write_pair(anat / f"{stem}_Chimap.nii.gz", res.qsm_ppm, g.qsm_affine, np.float32, QSM_SIDECAR)
+    sidecar, factor = _qsm_sidecar(res, family)
+    _write_pair(anat / f"{stem}_Chimap.nii.gz", res.qsm_ppm * np.float32(factor), g.qsm_affine, np.float32, sidecar)
     _write_pair(anat / f"{stem}_part-mag_T2starw.nii.gz", np.clip(np.round(res.magnitude * 1000), 0, 32767),
                 g.qsm_affine, np.int16, MAG_SIDECAR)
     _write_pair(anat / f"{stem}_FLAIR.nii.gz", np.clip(np.round(res.flair * 10), 0, 32767), g.flair_affine,
@@ -497,6 +600,17 @@ def _write_session(bids: Path, truth: Path, patient: int, grid: str, res: Sessio
     _write_pair(tdir / f"{stem}_space-QSM_desc-rim_dseg.nii.gz", res.rim_dseg_qsm, g.qsm_affine, np.uint8, tsrc)
     _write_pair(tdir / f"{stem}_space-QSM_desc-rimsource_probseg.nii.gz", res.rim_fraction_qsm, g.qsm_affine,
                 np.float32, {**tsrc, "Description": "share of each QSM voxel filled by simulated rim source"})
+
+
+def _acquisition_row(family: Family | None, res: SessionResult) -> dict:
+    if family is None or not family.randomised or res.acquisition is None:
+        return {}
+    acq = res.acquisition
+    return {"family": family.name, "background": family.background, "inversion": acq.inversion.method,
+            "tkd_threshold": round(acq.inversion.threshold, 4), "lambda": round(acq.inversion.lam, 4),
+            "noise_scale": round(acq.noise_scale, 3), "background_field_ppm": round(acq.background_field_ppm, 4),
+            "map_scale": round(acq.map_scale, 3), "map_offset_ppm": round(acq.map_offset_ppm, 4),
+            "units": family.units}
 
 
 def _readme(patients: list[int], grids: list[str]) -> str:
@@ -523,15 +637,18 @@ def _prepare(out_dir: Path, truth_dir: Path, overwrite: bool) -> None:
 
 def generate_semireal(out_dir: Path, data_dir: Path, patients: list[int] | None = None,
                       grids: list[str] | None = None, seed: int = 0, truth_dir: Path | None = None,
-                      overwrite: bool = False, head_cache: Path | None = None) -> Path:
+                      overwrite: bool = False, head_cache: Path | None = None, family: str | None = None) -> Path:
     """Write the semi-real BIDS dataset to `out_dir`; return the truth directory.
 
-    Each session depends only on (seed, patient, grid): selecting fewer patients or grids never changes the
-    others. The head registration is cached in `head_cache` (default `<truth>/head/`; reused when it was
-    made from the same data, so several cohorts can share it).
+    Each session depends only on (seed, patient, grid, family): selecting fewer patients or grids never
+    changes the others. The head registration is cached in `head_cache` (default `<truth>/head/`; reused
+    when it was made from the same data, so several cohorts can share it). `family` (families.py) picks a
+    generator family; its grids are the default grids.
     """
+    fam = get_family(family) if family else None
     patients = sorted(set(patients or PATIENTS))
-    grids = list(dict.fromkeys(grids or GRIDS))
+    default_grids = list(fam.grids) if fam is not None and fam.randomised else [g for g in GRIDS if g in _PLAIN_GRIDS]
+    grids = list(dict.fromkeys(grids or default_grids))
     if bad := [p for p in patients if p not in PATIENTS]:
         raise ValueError(f"patients must be within 1-20, got {bad}")
     if bad := [g for g in grids if g not in GRIDS]:
@@ -539,19 +656,20 @@ def generate_semireal(out_dir: Path, data_dir: Path, patients: list[int] | None 
     out_dir = Path(out_dir)
     truth_dir = Path(truth_dir) if truth_dir else out_dir.with_name(out_dir.name + "_truth")
     _prepare(out_dir, truth_dir, overwrite)
-    head = load_head(data_dir, Path(head_cache) if head_cache else truth_dir / "head")
+    head = load_head(data_dir, Path(head_cache) if head_cache else truth_dir / "head",
+                     fam.background if fam is not None else "cosmos")
     _write_json(truth_dir / "head" / "head.json", {k: v for k, v in head.registration.items()})
     lesion_rows, session_rows, participants, transforms = [], [], [], {}
     for patient in patients:
-        lesions = design_patient(data_dir, patient, seed)
+        lesions = design_patient(data_dir, patient, seed, fam)
         sub = f"sub-{patient:02d}"
         participants.append({"participant_id": sub, "patient": f"patient{patient:02d}",
                              "grids": ",".join(grids), "split": split_of(patient, ""),
                              "flair_source": f"patient{lesions.flair_patient:02d}", "group": "MS"})
         sessions = []
         for grid in grids:
-            res = simulate_session(head, lesions, grid, seed)
-            _write_session(out_dir, truth_dir, patient, grid, res)
+            res = simulate_session(head, lesions, grid, seed, fam)
+            _write_session(out_dir, truth_dir, patient, grid, res, fam)
             ses = f"ses-{GRIDS[grid].session}"
             n_rim = sum(r["rim_positive"] for r in res.rows)
             LOGGER.info("%s %s (%s): %d lesions, %d rim+, %.1f s", sub, ses, grid, len(res.rows), n_rim, res.seconds)
@@ -559,7 +677,8 @@ def generate_semireal(out_dir: Path, data_dir: Path, patients: list[int] | None 
                              "split": split_of(patient, grid)})
             session_rows.append({"participant_id": sub, "session_id": ses, "patient": patient, "grid": grid,
                                  "split": split_of(patient, grid), "n_lesions": len(res.rows), "n_rimplus": n_rim,
-                                 "mirrored": int(res.geometry.mirrored), "seconds": round(res.seconds, 2)})
+                                 "mirrored": int(res.geometry.mirrored), "seconds": round(res.seconds, 2),
+                                 **_acquisition_row(fam, res)})
             for row in res.rows:
                 lesion_rows.append({"participant_id": sub, "session_id": ses, "grid": grid, **row})
             g = res.geometry
@@ -568,8 +687,11 @@ def generate_semireal(out_dir: Path, data_dir: Path, patients: list[int] | None 
                 "qsm_affine": g.qsm_affine.tolist(), "head_to_qsm_world": g.head_to_scanner.tolist(),
                 "head_to_cosmos_world": g.head_to_cosmos.tolist(), "mirrored": g.mirrored}
         pd.DataFrame(sessions).to_csv(out_dir / sub / f"{sub}_sessions.tsv", sep="\t", index=False)
+    fam_text = f" family={fam.name}" if fam is not None else ""
     generated = [{"Name": "qsmrim-synth", "Version": __version__,
-                  "Description": f"--semi-real seed={seed} patients={patients} grids={grids}"}]
+                  "Description": f"--semi-real seed={seed} patients={patients} grids={grids}{fam_text}"}]
+    if fam is not None:
+        _write_json(truth_dir / "family.json", fam.to_dict())
     _write_json(out_dir / "dataset_description.json", {
         "Name": "qsmrim-synth semi-real MS dataset", "BIDSVersion": BIDS_VERSION, "DatasetType": "raw",
         "License": "CC-BY-4.0 (derived from CC-BY lesion masks and the public QSM challenge data)",

@@ -32,6 +32,14 @@ FLAIR_NAME = "FLAIR_N4_noneck_reduced_winsor_regtoFLAIR_brain_N4_regtoMNI.nii.gz
 MASK_NAME = "GOLD_STANDARD_N4_noneck_reduced_winsor_regtoFLAIR_regtoMNI.nii.gz"
 CHI_PATH = "qsm_challenge_2016/chi_cosmos.nii.gz"
 CHI_MASK_PATH = "qsm_challenge_2016/msk.nii.gz"
+#: Real QSM maps a head can take its texture from: (chi, brain mask) under the shared data folder. The two
+#: ICH maps are two other people and reconstructions, each with a haemorrhage (a paramagnetic confounder);
+#: they carry no licence file, so they are read at run time only and never copied into the project.
+BACKGROUNDS: dict[str, tuple[str, str]] = {
+    "cosmos": (CHI_PATH, CHI_MASK_PATH),
+    "ich-a": ("qsm_ich/patientA_Chimap.nii.gz", "qsm_ich/patientA_desc-brain_mask.nii.gz"),
+    "ich-b": ("qsm_ich/patientB_Chimap.nii.gz", "qsm_ich/patientB_desc-brain_mask.nii.gz"),
+}
 FLAIR_PATIENTS = (7, 19)  # the only patients whose FLAIR is in the data
 REGISTERED_PATIENT = 7  # its FLAIR defines the MNI -> COSMOS transform
 PATIENTS = tuple(range(1, 21))
@@ -44,9 +52,9 @@ def patient_dir(data_dir: Path, patient: int) -> Path:
     return Path(data_dir) / MS_DIR / f"patient{patient:02d}"
 
 
-def check_data(data_dir: Path) -> None:
+def check_data(data_dir: Path, background: str = "cosmos") -> None:
     """Raise FileNotFoundError naming the first missing input and where it comes from."""
-    needed = [Path(data_dir) / CHI_PATH, Path(data_dir) / CHI_MASK_PATH]
+    needed = [Path(data_dir) / rel for rel in BACKGROUNDS[background]]
     needed += [patient_dir(data_dir, p) / FLAIR_NAME for p in FLAIR_PATIENTS]
     needed += [patient_dir(data_dir, p) / MASK_NAME for p in PATIENTS]
     for path in needed:
@@ -118,9 +126,9 @@ def inpaint_lesions(flair: np.ndarray, lesions: np.ndarray) -> np.ndarray:
     return out
 
 
-def _fingerprint(data_dir: Path) -> str:
+def _fingerprint(data_dir: Path, background: str = "cosmos") -> str:
     digest = hashlib.sha256(_HEAD_VERSION.encode())
-    for rel in (CHI_PATH, CHI_MASK_PATH, f"{MS_DIR}/patient{REGISTERED_PATIENT:02d}/{FLAIR_NAME}"):
+    for rel in (*BACKGROUNDS[background], f"{MS_DIR}/patient{REGISTERED_PATIENT:02d}/{FLAIR_NAME}"):
         path = Path(data_dir) / rel
         digest.update(rel.encode())
         digest.update(str(path.stat().st_size).encode())
@@ -215,25 +223,35 @@ def _transform_to_ras(transform: sitk.Transform) -> np.ndarray:
     return _LPS @ lps @ _LPS
 
 
-def load_head(data_dir: Path, cache_dir: Path) -> Head:
-    """The semi-real head; the registration is read from `cache_dir` when it was made from the same data."""
+def load_head(data_dir: Path, cache_dir: Path, background: str = "cosmos") -> Head:
+    """The semi-real head; the registration is read from `cache_dir` when it was made from the same data.
+
+    `background` (BACKGROUNDS) picks whose real QSM is the texture; other than COSMOS, the registration
+    is cached in `cache_dir/<background>`.
+    """
     data_dir = Path(data_dir)
-    check_data(data_dir)
-    chi = _load(data_dir / CHI_PATH)
-    brain = Volume((_load(data_dir / CHI_MASK_PATH).data > 0.5).astype(np.float32), chi.affine)
+    if background not in BACKGROUNDS:
+        raise ValueError(f"unknown background {background!r} (one of {', '.join(BACKGROUNDS)})")
+    check_data(data_dir, background)
+    chi_rel, mask_rel = BACKGROUNDS[background]
+    chi = _load(data_dir / chi_rel)
+    brain = Volume((_load(data_dir / mask_rel).data > 0.5).astype(np.float32), chi.affine)
+    if background != "cosmos":  # the ICH maps hold values (and NaN) outside their masks
+        chi = Volume(np.nan_to_num(chi.data) * brain.data, chi.affine)
     flairs = {}
     for p in FLAIR_PATIENTS:
         src = _load(patient_dir(data_dir, p) / FLAIR_NAME)
         own = _load(patient_dir(data_dir, p) / MASK_NAME)
         flairs[p] = Volume(inpaint_lesions(src.data, own.data), src.affine)
-    cache_dir = Path(cache_dir)
-    key = _fingerprint(data_dir)
+    cache_dir = Path(cache_dir) if background == "cosmos" else Path(cache_dir) / background
+    key = _fingerprint(data_dir, background)
     xfm_path, info_path = cache_dir / "cosmos_to_mni_xfm.txt", cache_dir / "head_registration.json"
     if info_path.is_file() and xfm_path.is_file() and json.loads(info_path.read_text()).get("key") == key:
         transform, report = read_transform(xfm_path), json.loads(info_path.read_text())
         LOGGER.info("semi-real head: registration read from %s", cache_dir)
     else:
-        LOGGER.info("semi-real head: registering patient%02d FLAIR onto the COSMOS brain (once)", REGISTERED_PATIENT)
+        LOGGER.info("semi-real head: registering patient%02d FLAIR onto the %s brain (once)", REGISTERED_PATIENT,
+                    background)
         transform, report = _register_head(flairs[REGISTERED_PATIENT], brain)
         cache_dir.mkdir(parents=True, exist_ok=True)
         write_transform(transform, xfm_path)

@@ -8,12 +8,16 @@ is decided afterwards on the simulated truth with the consensus rule (semireal.p
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 from scipy import ndimage
 
 from .anatomy import rng_for
 from .semireal_head import FLAIR_PATIENTS, PATIENTS, Volume, lesion_instances
+
+if TYPE_CHECKING:
+    from .families import Family
 
 #: Share of lesions (>= COUNTED_VOXELS in the 1 mm source) that get a paramagnetic rim around >= 80 % of
 #: their edge; in Zhang et al. 2022 4.25 % of lesions were rim+, in other cohorts 5-10 %.
@@ -25,7 +29,7 @@ COUNTED_VOXELS = 12
 #: Rims need room: chronic active lesions are rarely tiny, and the rule asks for >= 2 slices.
 ELIGIBLE_VOLUME_MM3 = (80.0, 12000.0)
 ELIGIBLE_HEIGHT_MM = 9.0
-KINDS = ("plain", "rim", "arc", "vein", "hyper")
+KINDS = ("plain", "rim", "arc", "vein", "hyper", "dia")
 POSITIONS = ("inside", "on", "outside")
 
 
@@ -51,6 +55,9 @@ class LesionDesign:
     vein_radius: float
     vein_length: float
     vein_chi: float
+    rim_modulation: float = 0.0  # depth of a cosine modulation of the rim along the edge (families)
+    rim_modulation_cycles: int = 1
+    rim_modulation_phase: float = 0.0
 
     @property
     def has_rim_source(self) -> bool:
@@ -89,7 +96,8 @@ def _geometry(labels: np.ndarray, affine: np.ndarray) -> dict[int, tuple[float, 
     return out
 
 
-def _rates(data_dir) -> tuple[float, float]:
+def _rates(data_dir, rim_fraction: float = RIM_FRACTION, confounder_fraction: float = CONFOUNDER_FRACTION
+           ) -> tuple[float, float]:
     """Per eligible lesion probabilities of a rim and of each confounder so the cohort's shares are met."""
     counted = eligible = 0
     for p in PATIENTS:
@@ -97,16 +105,17 @@ def _rates(data_dir) -> tuple[float, float]:
         for volume, height, _, _ in geo.values():
             counted += volume >= COUNTED_VOXELS
             eligible += ELIGIBLE_VOLUME_MM3[0] <= volume <= ELIGIBLE_VOLUME_MM3[1] and height >= ELIGIBLE_HEIGHT_MM
-    return min(0.24, RIM_FRACTION * counted / eligible), min(0.24, CONFOUNDER_FRACTION * counted / eligible)
+    return min(0.24, rim_fraction * counted / eligible), min(0.24, confounder_fraction * counted / eligible)
 
 
-_RATE_CACHE: dict[str, tuple[float, float]] = {}
+_RATE_CACHE: dict[tuple, tuple[float, float]] = {}
 
 
-def cohort_rates(data_dir) -> tuple[float, float]:
-    key = str(data_dir)
+def cohort_rates(data_dir, rim_fraction: float = RIM_FRACTION, confounder_fraction: float = CONFOUNDER_FRACTION
+                 ) -> tuple[float, float]:
+    key = (str(data_dir), rim_fraction, confounder_fraction)
     if key not in _RATE_CACHE:
-        _RATE_CACHE[key] = _rates(data_dir)
+        _RATE_CACHE[key] = _rates(data_dir, rim_fraction, confounder_fraction)
     return _RATE_CACHE[key]
 
 
@@ -130,8 +139,17 @@ def _edge_vein(rng: np.random.Generator, labels: np.ndarray, label: int, sl: tup
     return tuple(world.tolist()), tuple((world_dir / np.linalg.norm(world_dir)).tolist())
 
 
-def lesion_designs(data_dir, patient: int, seed: int, labels: Volume | None = None) -> dict[int, LesionDesign]:
-    """The drawn design of every lesion of one patient (cheap: no distance fields of the whole grid)."""
+def lesion_designs(data_dir, patient: int, seed: int, labels: Volume | None = None,
+                   family: "Family | None" = None) -> dict[int, LesionDesign]:
+    """The drawn design of every lesion of one patient (cheap: no distance fields of the whole grid).
+
+    Without a family (or with `semireal`) the draws are those of the generator before families existed,
+    bit for bit; a randomised family draws its ranges, the extra quantities from a stream of their own.
+    """
+    if family is not None and not family.randomised:
+        family = None
+    if family is not None:
+        return _family_designs(data_dir, patient, seed, labels, family)
     inst = labels if labels is not None else lesion_instances(data_dir, patient)
     rim_rate, confounder_rate = cohort_rates(data_dir)
     rng = rng_for(seed, patient, 100)
@@ -173,7 +191,75 @@ def lesion_designs(data_dir, patient: int, seed: int, labels: Volume | None = No
     return designs
 
 
-def design_patient(data_dir, patient: int, seed: int) -> PatientLesions:
+def _u(rng: np.random.Generator, bounds: tuple[float, float]) -> float:
+    return float(rng.uniform(*bounds))
+
+
+def _family_designs(data_dir, patient: int, seed: int, labels: Volume | None, family) -> dict[int, LesionDesign]:
+    """A randomised family's designs: every range from `family`, every draw made for every lesion."""
+    inst = labels if labels is not None else lesion_instances(data_dir, patient)
+    # Up to 45 % of the eligible lesions get a rim, the confounder kinds share the rest: enough rim+
+    # lesions per generated head to train on (the prevalence of a cohort is not what a family is about).
+    rim_rate, confounder_rate = cohort_rates(data_dir, family.rim_fraction, family.confounder_fraction)
+    rim_rate = min(0.45, rim_rate * 0.45 / 0.24) if rim_rate >= 0.24 else rim_rate
+    confounder_rate = min(confounder_rate, (1.0 - rim_rate) / max(1, len(family.confounders)))
+    rng = rng_for(seed, patient, 100 + zlib_crc(family.name))
+    weights = np.asarray(family.position_weights, float)
+    weights = weights / weights.sum()
+    kinds = tuple(family.confounders)
+    designs = {}
+    for label, (volume, height, centroid, sl) in _geometry(inst.data, inst.affine).items():
+        eligible = ELIGIBLE_VOLUME_MM3[0] <= volume <= ELIGIBLE_VOLUME_MM3[1] and height >= ELIGIBLE_HEIGHT_MM
+        u = rng.random()
+        if not eligible:
+            kind = "plain"
+        elif u < rim_rate:
+            kind = "rim"
+        elif u < rim_rate + len(kinds) * confounder_rate:
+            kind = kinds[min(len(kinds) - 1, int((u - rim_rate) / confounder_rate))]
+        else:
+            kind = "plain"
+        full_ring = rng.random() < family.full_ring_share
+        d = dict(chi_core=_u(rng, family.core_chi), chi_hyper=_u(rng, family.hyper_chi),
+                 chi_dia=_u(rng, family.dia_chi), rim_hyper=bool(rng.random() < family.rim_core_hyper_share),
+                 flair_contrast=_u(rng, family.flair_contrast), rim_chi=_u(rng, family.rim_chi),
+                 rim_thickness=_u(rng, family.rim_thickness),
+                 rim_coverage=1.0 if full_ring else min(1.0, _u(rng, family.rim_coverage)),
+                 arc_coverage=_u(rng, family.arc_coverage),
+                 rim_position=POSITIONS[int(rng.choice(3, p=weights))], rim_azimuth=float(rng.uniform(-np.pi, np.pi)),
+                 vein_radius=_u(rng, family.vein_radius), vein_length=float(rng.uniform(12.0, 24.0)),
+                 vein_chi=_u(rng, family.vein_chi), vein_offset=_u(rng, family.vein_offset),
+                 modulation=_u(rng, family.rim_modulation), cycles=int(rng.integers(1, 4)),
+                 phase=float(rng.uniform(-np.pi, np.pi)))
+        point = direction = None
+        if kind == "vein":
+            # the axis sits (0.5 + radius) mm outside the edge; an offset moves it in (touching, crossing)
+            point, direction = _edge_vein(rng_for(seed, patient, 10_000 + label), inst.data, label, sl,
+                                          inst.affine, d["vein_radius"] - d["vein_offset"])
+        hyper = {"hyper": d["chi_hyper"], "dia": d["chi_dia"]}.get(kind, 0.0)
+        if kind == "rim" and d["rim_hyper"]:
+            hyper = d["chi_hyper"]
+        designs[label] = LesionDesign(
+            source_id=label, kind=kind, volume_mm3=volume, height_mm=height,
+            centroid_mni=tuple(float(c) for c in centroid), chi_core=d["chi_core"], chi_hyper=hyper,
+            flair_contrast=d["flair_contrast"],
+            rim_chi=d["rim_chi"] if kind in ("rim", "arc") else 0.0, rim_thickness=d["rim_thickness"],
+            rim_coverage=d["rim_coverage"] if kind == "rim" else (d["arc_coverage"] if kind == "arc" else 0.0),
+            rim_position=d["rim_position"], rim_azimuth=d["rim_azimuth"],
+            vein_point_mni=point, vein_direction_mni=direction, vein_radius=d["vein_radius"],
+            vein_length=d["vein_length"], vein_chi=d["vein_chi"] if kind == "vein" else 0.0,
+            rim_modulation=d["modulation"], rim_modulation_cycles=d["cycles"], rim_modulation_phase=d["phase"])
+    return designs
+
+
+def zlib_crc(text: str) -> int:
+    """A stable small integer per name (Python's hash() is salted per process)."""
+    import zlib
+
+    return zlib.crc32(text.encode()) % 100_000
+
+
+def design_patient(data_dir, patient: int, seed: int, family: "Family | None" = None) -> PatientLesions:
     """Instances, distance fields and the drawn design of every lesion of one patient."""
     inst = lesion_instances(data_dir, patient)
     labels = inst.data
@@ -184,7 +270,7 @@ def design_patient(data_dir, patient: int, seed: int) -> PatientLesions:
     nearest = labels[tuple(nearest_idx)].astype(np.int32)
     del nearest_idx, d_out, d_in
     return PatientLesions(patient, inst, Volume(sdf, inst.affine), Volume(nearest, inst.affine),
-                          lesion_designs(data_dir, patient, seed, inst), flair_source_for(patient))
+                          lesion_designs(data_dir, patient, seed, inst, family), flair_source_for(patient))
 
 
 def rim_band(sdf: np.ndarray, design: LesionDesign, h: float) -> np.ndarray:
@@ -205,3 +291,11 @@ def in_arc(normal_azimuth: np.ndarray, design: LesionDesign) -> np.ndarray:
         return np.ones(normal_azimuth.shape, bool)
     delta = np.angle(np.exp(1j * (normal_azimuth - design.rim_azimuth)))
     return np.abs(delta) <= np.pi * design.rim_coverage
+
+
+def rim_modulation(normal_azimuth: np.ndarray, design: LesionDesign) -> np.ndarray:
+    """Rim strength along the edge: 1 + m cos(n (azimuth - phase)), never negative (patchy real rims)."""
+    if design.rim_modulation <= 0.0:
+        return np.ones(normal_azimuth.shape, np.float32)
+    wave = np.cos(design.rim_modulation_cycles * (normal_azimuth - design.rim_modulation_phase))
+    return np.clip(1.0 + design.rim_modulation * wave, 0.0, None).astype(np.float32)
