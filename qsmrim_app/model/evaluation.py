@@ -13,6 +13,7 @@ import io
 import json
 import logging
 import math
+from dataclasses import dataclass, field
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -247,75 +248,69 @@ def count_units(t: pd.DataFrame) -> np.ndarray:
     return np.where(session.isin(["n/a", ""]), subject, subject + "_ses-" + session)
 
 
-def write_evaluation(
-    results: dict[str, pd.DataFrame],
-    out_dir: Path,
-    title: str = "qsmrim cross-validated evaluation",
-    reference_points: Mapping[str, tuple[float, float]] | None = None,
-) -> dict:
-    """Compute every method's metrics and write metrics.json, table2.tsv, figures and report.html.
+@dataclass
+class _Evaluated:
+    """What write_evaluation gathers per method before writing: metrics, validated tables, curves, counts and
+    the reliability inputs (calibrated, and the primary method's raw mean)."""
 
-    ``reference_points`` (name -> (recall, precision)) are drawn on the PR figure, e.g. published
-    operating points. Returns ``{method: metrics}``.
-    """
-    if not results:
-        raise ValueError("no method results to evaluate")
-    out_dir = Path(out_dir)
-    metrics: dict[str, dict] = {}
-    valid: dict[str, pd.DataFrame] = {}
-    curves: dict[str, CVCurves] = {}
-    counts: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    reliability: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    reliability_raw: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # the primary method before calibration
-    for method, raw in results.items():
-        t = valid[method] = _validated(method, raw)
-        y = t["label"].to_numpy().astype(int)
-        p = t["probability"].to_numpy(dtype=float)
-        fold = t["fold"].to_numpy().astype(int)
-        subj = count_units(t)
-        m = lesion_and_subject_metrics(y, p, fold, subj, max_fpr=MAX_FPR)
-        m["n_excluded"] = int(len(raw) - len(t))
-        # calibration metrics on the calibrated (cross-fitted) probability when the table has one, beside the raw
-        if "probability_calibrated" in raw.columns:
-            p_cal = raw.loc[t.index, "probability_calibrated"].to_numpy(float)
-            m.update(calibration_metrics(y, p_cal, p))
-            if not reliability_raw:
-                reliability_raw[f"{method}, raw"] = (y, p)
-        else:
-            p_cal = p
-            m.update(calibration_metrics(y, p))
-        reliability[method] = (y, p_cal)
-        metrics[method] = m
-        curves[method] = cv_curve_aucs(y, p, fold, max_fpr=MAX_FPR)
-        thr = {int(k): v for k, v in m["thresholds_f1_per_fold"].items()}
-        pred = np.array([p_i >= thr[f_i] for p_i, f_i in zip(p, fold)], dtype=int)
-        _, pred_c, true_c = subject_counts(subj, y, pred)
-        counts[method] = (pred_c, true_c)
+    metrics: dict[str, dict] = field(default_factory=dict)
+    valid: dict[str, pd.DataFrame] = field(default_factory=dict)
+    curves: dict[str, CVCurves] = field(default_factory=dict)
+    counts: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    reliability: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    reliability_raw: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
 
-    write_bytes(out_dir / "metrics.json", (json.dumps(_json_ready(metrics), indent=2) + "\n").encode())
-    table = table2(metrics)
-    write_bytes(out_dir / "table2.tsv", table.to_csv(sep="\t", index=False).encode())
-    paired = None
-    if len(results) > 1:  # the first method (the primary one) against each other, same lesions
-        paired = paired_differences(valid, next(iter(valid)))  # validated once, above
-        write_bytes(out_dir / "paired_differences.tsv",
-                     paired.to_csv(sep="\t", index=False, float_format="%.4f").encode())
 
-    svgs = {
-        "proc": (_save_figure(_roc_figure(curves, MAX_FPR), out_dir, "proc"),
+def _evaluate_method(ev: _Evaluated, method: str, raw: pd.DataFrame) -> None:
+    """One method's lesion and subject metrics, calibration metrics, curves and per-subject counts."""
+    t = ev.valid[method] = _validated(method, raw)
+    y = t["label"].to_numpy().astype(int)
+    p = t["probability"].to_numpy(dtype=float)
+    fold = t["fold"].to_numpy().astype(int)
+    subj = count_units(t)
+    m = lesion_and_subject_metrics(y, p, fold, subj, max_fpr=MAX_FPR)
+    m["n_excluded"] = int(len(raw) - len(t))
+    # calibration metrics on the calibrated (cross-fitted) probability when the table has one, beside the raw
+    if "probability_calibrated" in raw.columns:
+        p_cal = raw.loc[t.index, "probability_calibrated"].to_numpy(float)
+        m.update(calibration_metrics(y, p_cal, p))
+        if not ev.reliability_raw:
+            ev.reliability_raw[f"{method}, raw"] = (y, p)
+    else:
+        p_cal = p
+        m.update(calibration_metrics(y, p))
+    ev.reliability[method] = (y, p_cal)
+    ev.metrics[method] = m
+    ev.curves[method] = cv_curve_aucs(y, p, fold, max_fpr=MAX_FPR)
+    thr = {int(k): v for k, v in m["thresholds_f1_per_fold"].items()}
+    pred = np.array([p_i >= thr[f_i] for p_i, f_i in zip(p, fold)], dtype=int)
+    _, pred_c, true_c = subject_counts(subj, y, pred)
+    ev.counts[method] = (pred_c, true_c)
+
+
+def _evaluation_figures(ev: _Evaluated, out_dir: Path,
+                        reference_points: Mapping[str, tuple[float, float]] | None) -> dict[str, tuple[str, str]]:
+    """The report's figures (saved beside it) with their captions."""
+    return {
+        "proc": (_save_figure(_roc_figure(ev.curves, MAX_FPR), out_dir, "proc"),
                  f"Mean ROC curves for FPR \u2264 {MAX_FPR:g}; pROC AUC = area / {MAX_FPR:g}."),
-        "roc": (_save_figure(_roc_figure(curves, None), out_dir, "roc"), "Mean ROC curves over the folds."),
-        "pr": (_save_figure(_pr_figure(curves, reference_points), out_dir, "pr"),
+        "roc": (_save_figure(_roc_figure(ev.curves, None), out_dir, "roc"), "Mean ROC curves over the folds."),
+        "pr": (_save_figure(_pr_figure(ev.curves, reference_points), out_dir, "pr"),
                "Mean precision-recall curves over the folds (step curves; area = mean average precision)."),
-        "counts": (_save_figure(_counts_figure(counts, metrics), out_dir, "counts"),
+        "counts": (_save_figure(_counts_figure(ev.counts, ev.metrics), out_dir, "counts"),
                    "Predicted vs expert rim+ lesions per subject at the per-fold F1-optimal thresholds; "
                    "dashed: identity; marker area ~ number of subjects."),
-        "reliability": (_save_figure(reliability_figure({**reliability_raw, **reliability}), out_dir, "reliability"),
+        "reliability": (_save_figure(reliability_figure({**ev.reliability_raw, **ev.reliability}), out_dir,
+                                     "reliability"),
                         f"Reliability of the rim+ probability out of fold: {ECE_BINS} equal-mass bins of lesions, "
                         "observed rim+ fraction (95 % Wilson interval) against the mean probability; dotted: "
                         "perfect calibration. Calibrated probabilities are cross-fitted (each fold's map fitted "
                         "without it); 'raw' is the ensemble's mean before calibration."),
     }
+
+
+def _evaluation_notes(metrics: dict[str, dict]) -> list[str]:
+    """The report's notes: how each metric is computed, calibration, and each method's review workload."""
     notes = [
         f"pROC AUC: area under the ROC curve for FPR < {MAX_FPR:g} divided by {MAX_FPR:g} "
         f"(perfect 1.0, random {MAX_FPR / 2:g}); not McClish-standardised.",
@@ -337,5 +332,35 @@ def write_evaluation(
             f"high-sensitivity point (sensitivity {_fmt(hs['sensitivity'])}) experts review "
             f"{hs['lesions_to_review']} lesions, saving {_fmt(100 * hs['review_time_saved'], 1)} % of review time."
         )
-    write_bytes(out_dir / "report.html", _html(title, table, svgs, notes, paired).encode("utf-8"))
-    return metrics
+    return notes
+
+
+def write_evaluation(
+    results: dict[str, pd.DataFrame],
+    out_dir: Path,
+    title: str = "qsmrim cross-validated evaluation",
+    reference_points: Mapping[str, tuple[float, float]] | None = None,
+) -> dict:
+    """Compute every method's metrics and write metrics.json, table2.tsv, figures and report.html.
+
+    ``reference_points`` (name -> (recall, precision)) are drawn on the PR figure, e.g. published
+    operating points. Returns ``{method: metrics}``.
+    """
+    if not results:
+        raise ValueError("no method results to evaluate")
+    out_dir = Path(out_dir)
+    ev = _Evaluated()
+    for method, raw in results.items():
+        _evaluate_method(ev, method, raw)
+    write_bytes(out_dir / "metrics.json", (json.dumps(_json_ready(ev.metrics), indent=2) + "\n").encode())
+    table = table2(ev.metrics)
+    write_bytes(out_dir / "table2.tsv", table.to_csv(sep="\t", index=False).encode())
+    paired = None
+    if len(results) > 1:  # the first method (the primary one) against each other, same lesions
+        paired = paired_differences(ev.valid, next(iter(ev.valid)))  # validated once, above
+        write_bytes(out_dir / "paired_differences.tsv",
+                     paired.to_csv(sep="\t", index=False, float_format="%.4f").encode())
+    svgs = _evaluation_figures(ev, out_dir, reference_points)
+    write_bytes(out_dir / "report.html",
+                _html(title, table, svgs, _evaluation_notes(ev.metrics), paired).encode("utf-8"))
+    return ev.metrics

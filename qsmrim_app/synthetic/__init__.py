@@ -81,10 +81,15 @@ def main(argv: list[str] | None = None) -> int:
         return _semireal(parser, args)
     if args.longitudinal:
         return _longitudinal(parser, args)
+    return _phantom(generate_dataset, args)
+
+
+def _phantom(generate, args: argparse.Namespace) -> int:
+    """Run a phantom generator (plain or longitudinal) with the command line's common arguments."""
     try:
-        truth = generate_dataset(args.out, args.subjects, seed=args.seed, size=args.size, sessions=args.sessions,
-                                 magnitude=not args.no_magnitude, truth_dir=args.truth_dir,
-                                 rimplus_fraction=args.rimplus_fraction, overwrite=args.overwrite)
+        truth = generate(args.out, args.subjects, seed=args.seed, size=args.size, sessions=args.sessions,
+                         magnitude=not args.no_magnitude, truth_dir=args.truth_dir,
+                         rimplus_fraction=args.rimplus_fraction, overwrite=args.overwrite)
     except FileExistsError as exc:
         print(f"qsmrim-synth: {exc}", file=sys.stderr)
         return 1
@@ -97,15 +102,7 @@ def _longitudinal(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
 
     if args.sessions < 2:
         parser.error("--longitudinal needs --sessions 2 or more")
-    try:
-        truth = generate_longitudinal(args.out, args.subjects, sessions=args.sessions, seed=args.seed, size=args.size,
-                                      magnitude=not args.no_magnitude, truth_dir=args.truth_dir,
-                                      rimplus_fraction=args.rimplus_fraction, overwrite=args.overwrite)
-    except FileExistsError as exc:
-        print(f"qsmrim-synth: {exc}", file=sys.stderr)
-        return 1
-    print(f"wrote {args.out} (truth: {truth})")
-    return 0
+    return _phantom(generate_longitudinal, args)
 
 
 def _semireal(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:

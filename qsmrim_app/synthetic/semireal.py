@@ -635,6 +635,29 @@ def _prepare(out_dir: Path, truth_dir: Path, overwrite: bool) -> None:
         path.mkdir(parents=True, exist_ok=True)
 
 
+def _write_dataset_files(out_dir: Path, generated: list[dict], participants: list[dict], patients: list[int],
+                         grids: list[str]) -> None:
+    """The dataset-level files: descriptions (raw and the truth derivatives), participants table and README."""
+    _write_json(out_dir / "dataset_description.json", {
+        "Name": "qsmrim-synth semi-real MS dataset", "BIDSVersion": BIDS_VERSION, "DatasetType": "raw",
+        "License": "CC-BY-4.0 (derived from CC-BY lesion masks and the public QSM challenge data)",
+        "GeneratedBy": generated,
+        "ReferencesAndLinks": ["Lesjak et al. 2017, Neuroinformatics, doi:10.1007/s12021-017-9348-7",
+                               "Langkammer et al. 2018, Magn Reson Med, doi:10.1002/mrm.26830"]})
+    pd.DataFrame(participants).to_csv(out_dir / "participants.tsv", sep="\t", index=False)
+    _write_json(out_dir / "participants.json", {
+        "patient": {"Description": "Ljubljana patient whose lesion masks this participant carries"},
+        "grids": {"Description": "QSM grids made for this patient, one session each (see sub-*_sessions.tsv)"},
+        "split": {"Description": "train, or test for the held-out judging patients 15-20; sessions on the "
+                                 "0.6x0.6x2 mm grid are held out as well (split column of sub-*_sessions.tsv)"},
+        "flair_source": {"Description": "whose real FLAIR is the FLAIR background"},
+        "group": {"Description": "diagnosis"}})
+    (out_dir / "README").write_text(_readme(patients, grids))
+    _write_json(out_dir / "derivatives" / DERIV_NAME / "dataset_description.json", {
+        "Name": "Lesion instances and rim labels (semi-real ground truth)", "BIDSVersion": BIDS_VERSION,
+        "DatasetType": "derivative", "GeneratedBy": generated, "DatasetLinks": {"raw": "../../"}})
+
+
 def generate_semireal(out_dir: Path, data_dir: Path, patients: list[int] | None = None,
                       grids: list[str] | None = None, seed: int = 0, truth_dir: Path | None = None,
                       overwrite: bool = False, head_cache: Path | None = None, family: str | None = None) -> Path:
@@ -692,24 +715,7 @@ def generate_semireal(out_dir: Path, data_dir: Path, patients: list[int] | None 
                   "Description": f"--semi-real seed={seed} patients={patients} grids={grids}{fam_text}"}]
     if fam is not None:
         _write_json(truth_dir / "family.json", fam.to_dict())
-    _write_json(out_dir / "dataset_description.json", {
-        "Name": "qsmrim-synth semi-real MS dataset", "BIDSVersion": BIDS_VERSION, "DatasetType": "raw",
-        "License": "CC-BY-4.0 (derived from CC-BY lesion masks and the public QSM challenge data)",
-        "GeneratedBy": generated,
-        "ReferencesAndLinks": ["Lesjak et al. 2017, Neuroinformatics, doi:10.1007/s12021-017-9348-7",
-                               "Langkammer et al. 2018, Magn Reson Med, doi:10.1002/mrm.26830"]})
-    pd.DataFrame(participants).to_csv(out_dir / "participants.tsv", sep="\t", index=False)
-    _write_json(out_dir / "participants.json", {
-        "patient": {"Description": "Ljubljana patient whose lesion masks this participant carries"},
-        "grids": {"Description": "QSM grids made for this patient, one session each (see sub-*_sessions.tsv)"},
-        "split": {"Description": "train, or test for the held-out judging patients 15-20; sessions on the "
-                                 "0.6x0.6x2 mm grid are held out as well (split column of sub-*_sessions.tsv)"},
-        "flair_source": {"Description": "whose real FLAIR is the FLAIR background"},
-        "group": {"Description": "diagnosis"}})
-    (out_dir / "README").write_text(_readme(patients, grids))
-    _write_json(out_dir / "derivatives" / DERIV_NAME / "dataset_description.json", {
-        "Name": "Lesion instances and rim labels (semi-real ground truth)", "BIDSVersion": BIDS_VERSION,
-        "DatasetType": "derivative", "GeneratedBy": generated, "DatasetLinks": {"raw": "../../"}})
+    _write_dataset_files(out_dir, generated, participants, patients, grids)
     write_truth(truth_dir, lesion_rows, ("sessions", session_rows), {
         "convention": ("flair_to_qsm_world is a 4x4 rigid matrix M with x_qsm = M @ [x_flair, 1] (RAS+ mm, NIfTI "
                        "world of each image); FLAIR voxel -> QSM voxel is inv(qsm_affine) @ M @ flair_affine. "

@@ -139,6 +139,20 @@ def _edge_vein(rng: np.random.Generator, labels: np.ndarray, label: int, sl: tup
     return tuple(world.tolist()), tuple((world_dir / np.linalg.norm(world_dir)).tolist())
 
 
+def _draw_kind(u: float, volume: float, height: float, rim_rate: float, confounder_rate: float,
+               kinds: tuple[str, ...]) -> str:
+    """A lesion's kind from one uniform draw `u`: rim, one of the confounder `kinds` or plain; lesions too
+    small or too flat for a judgeable rim are plain (the draw is still made, so others do not shift)."""
+    eligible = ELIGIBLE_VOLUME_MM3[0] <= volume <= ELIGIBLE_VOLUME_MM3[1] and height >= ELIGIBLE_HEIGHT_MM
+    if not eligible:
+        return "plain"
+    if u < rim_rate:
+        return "rim"
+    if u < rim_rate + len(kinds) * confounder_rate:
+        return kinds[min(len(kinds) - 1, int((u - rim_rate) / confounder_rate))]
+    return "plain"
+
+
 def lesion_designs(data_dir, patient: int, seed: int, labels: Volume | None = None,
                    family: "Family | None" = None) -> dict[int, LesionDesign]:
     """The drawn design of every lesion of one patient (cheap: no distance fields of the whole grid).
@@ -155,16 +169,7 @@ def lesion_designs(data_dir, patient: int, seed: int, labels: Volume | None = No
     rng = rng_for(seed, patient, 100)
     designs = {}
     for label, (volume, height, centroid, sl) in _geometry(inst.data, inst.affine).items():
-        eligible = ELIGIBLE_VOLUME_MM3[0] <= volume <= ELIGIBLE_VOLUME_MM3[1] and height >= ELIGIBLE_HEIGHT_MM
-        u = rng.random()
-        if not eligible:
-            kind = "plain"
-        elif u < rim_rate:
-            kind = "rim"
-        elif u < rim_rate + 3 * confounder_rate:
-            kind = KINDS[2 + int((u - rim_rate) / confounder_rate)]
-        else:
-            kind = "plain"
+        kind = _draw_kind(rng.random(), volume, height, rim_rate, confounder_rate, KINDS[2:5])
         # Every draw happens for every lesion, so a kind change never shifts the other lesions' values.
         full_ring = rng.random() < 0.5
         draws = dict(chi_core=float(rng.uniform(-0.004, 0.012)), chi_hyper=float(rng.uniform(0.02, 0.045)),
@@ -209,16 +214,7 @@ def _family_designs(data_dir, patient: int, seed: int, labels: Volume | None, fa
     kinds = tuple(family.confounders)
     designs = {}
     for label, (volume, height, centroid, sl) in _geometry(inst.data, inst.affine).items():
-        eligible = ELIGIBLE_VOLUME_MM3[0] <= volume <= ELIGIBLE_VOLUME_MM3[1] and height >= ELIGIBLE_HEIGHT_MM
-        u = rng.random()
-        if not eligible:
-            kind = "plain"
-        elif u < rim_rate:
-            kind = "rim"
-        elif u < rim_rate + len(kinds) * confounder_rate:
-            kind = kinds[min(len(kinds) - 1, int((u - rim_rate) / confounder_rate))]
-        else:
-            kind = "plain"
+        kind = _draw_kind(rng.random(), volume, height, rim_rate, confounder_rate, kinds)
         full_ring = rng.random() < family.full_ring_share
         d = dict(chi_core=_u(rng, family.core_chi), chi_hyper=_u(rng, family.hyper_chi),
                  chi_dia=_u(rng, family.dia_chi), rim_hyper=bool(rng.random() < family.rim_core_hyper_share),
