@@ -99,6 +99,110 @@ def _tissue_check(bg: Background, head_pts: np.ndarray, in_slab: Callable[[np.nd
     return None
 
 
+def _eligible_candidates(data_dir: str, patient: str, voxel_mm3: float,
+                         min_volume_mm3: float) -> list[tuple[str, int, np.ndarray]]:
+    """One patient's lesions as (patient, component, voxels), those too small in the head left out (they
+    could never reach 10 QSM voxels, so they are not worth trying)."""
+    return [(patient, comp, vox) for comp, vox in patient_components(data_dir, patient)
+            if len(vox) * voxel_mm3 >= min_volume_mm3]
+
+
+class _Placer:
+    """The growing placement (MNI instance map, lesions, rejection counts, near-bleed lesions still owed)
+    and the rules a candidate must pass; every draw goes to the one placement generator, in candidate order."""
+
+    def __init__(self, rng: np.random.Generator, bg: Background, to_head: np.ndarray, shape: tuple[int, int, int],
+                 in_slab: Callable[[np.ndarray], bool], n_near_bleed: int,
+                 grid_voxels: Callable[[np.ndarray], int] | None, min_grid_voxels: int) -> None:
+        self.rng, self.bg, self.to_head, self.shape, self.in_slab = rng, bg, to_head, shape, in_slab
+        self.grid_voxels, self.min_grid_voxels = grid_voxels, min_grid_voxels
+        self.instance = np.zeros(shape, dtype=np.int32)
+        self.lesions: list[Lesion] = []
+        self.rejected: dict[str, int] = {}
+        self.bleed_targets = _bleed_targets(bg, in_slab) if (n_near_bleed and bg.bleed is not None) else None
+        self.near_left = n_near_bleed if self.bleed_targets is not None and len(self.bleed_targets) else 0
+        self.struct = np.ones((3, 3, 3), dtype=bool)
+
+    def place_batch(self, batch: list[tuple[str, int, np.ndarray]], target: int) -> None:
+        """Try the candidates in turn until ``target`` lesions are placed."""
+        for patient, comp, voxels in batch:
+            if len(self.lesions) >= target:
+                break
+            self._place_one(patient, comp, voxels)
+
+    def _place_one(self, patient: str, comp: int, voxels: np.ndarray) -> None:
+        """Accept the candidate at its first passing shift, or count why its last shift failed."""
+        near = self.near_left > 0
+        why = "none"
+        for shift in self._shifts(voxels, near):
+            why, moved, partner = self._fit(voxels + shift, near)
+            if why != "ok":
+                continue
+            self._accept(patient, comp, moved, shift, partner, near)
+            break
+        if why != "ok":
+            self.rejected[why] = self.rejected.get(why, 0) + 1
+
+    def _shifts(self, voxels: np.ndarray, near: bool) -> list[np.ndarray]:
+        """Four MNI shifts to try: around a drawn bleed-side target for a near-haemorrhage lesion, else none
+        first and then three random ones (<= 5 voxels)."""
+        if near:
+            target_head = self.bleed_targets[self.rng.integers(len(self.bleed_targets))]
+            target_vox = apply(np.linalg.inv(self.to_head), target_head[None])[0]
+            return [np.round(target_vox - voxels.mean(axis=0)).astype(int) + self.rng.integers(-2, 3, 3)
+                    for _ in range(4)]
+        return [np.zeros(3, int)] + [self.rng.integers(-5, 6, 3) for _ in range(3)]
+
+    def _fit(self, moved: np.ndarray, near: bool) -> tuple[str, np.ndarray, int | None]:
+        """Why the shifted candidate fails, or 'ok' with its voxels (trimmed if confluent) and partner id."""
+        if moved.min() < 1 or np.any(moved.max(axis=0) >= np.array(self.shape) - 1):
+            return "outside_mni", moved, None
+        why = _tissue_check(self.bg, apply(self.to_head, moved.astype(float)), self.in_slab, near) or "ok"
+        if why != "ok":
+            return why, moved, None
+        why, moved, partner = self._confluence(moved)
+        if why != "ok":
+            return why, moved, None
+        if self.grid_voxels is not None and self.grid_voxels(moved) < self.min_grid_voxels:
+            return "under_10_qsm_voxels", moved, None
+        return "ok", moved, partner
+
+    def _confluence(self, moved: np.ndarray) -> tuple[str, np.ndarray, int | None]:
+        """A candidate touching no placed lesion passes as is; touching exactly one unpaired lesion with small
+        overlap it becomes its confluent partner with probability 0.5 (overlap trimmed), else 'overlap'."""
+        lo, hi = moved.min(axis=0) - 1, moved.max(axis=0) + 2
+        crop = self.instance[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+        own = np.zeros(crop.shape, dtype=bool)
+        own[tuple((moved - lo).T)] = True
+        touching = np.unique(crop[ndimage.binary_dilation(own, self.struct)])
+        touching = touching[touching > 0]
+        if not touching.size:
+            return "ok", moved, None
+        other = self.lesions[int(touching[0]) - 1]
+        overlap = int(np.count_nonzero(crop[own]))
+        if (touching.size > 1 or other.partner is not None
+                or overlap > 0.3 * min(len(moved), len(other.voxels))
+                or self.rng.random() >= CONFLUENT_KEEP_PROBABILITY):
+            return "overlap", moved, None
+        moved = moved[crop[tuple((moved - lo).T)] == 0]
+        if len(moved) < MIN_MNI_VOXELS:
+            return "overlap", moved, None
+        return "ok", moved, other.lesion_id
+
+    def _accept(self, patient: str, comp: int, moved: np.ndarray, shift: np.ndarray, partner: int | None,
+                near: bool) -> None:
+        """Write the lesion into the instance map and the list, pairing it with its confluent partner."""
+        lesion_id = len(self.lesions) + 1
+        self.instance[tuple(moved.T)] = lesion_id
+        lesion = Lesion(lesion_id, patient, comp, moved.astype(np.int32), tuple(int(s) for s in shift),
+                        partner=partner, near_bleed=near)
+        if partner is not None:
+            self.lesions[partner - 1].partner = lesion_id
+        self.lesions.append(lesion)
+        if near:
+            self.near_left -= 1
+
+
 def place_lesions(rng: np.random.Generator, data_dir: str, bg: Background, mni_to_head: np.ndarray,
                   target: int, n_near_bleed: int, in_slab: Callable[[np.ndarray], bool],
                   min_volume_mm3: float = 0.0, grid_voxels: Callable[[np.ndarray], int] | None = None,
@@ -116,85 +220,21 @@ def place_lesions(rng: np.random.Generator, data_dir: str, bg: Background, mni_t
     while order and len(candidates) < 2 * target:
         patient = PATIENTS[order.pop(0)]
         patients.append(patient)
-        candidates += [(patient, comp, vox) for comp, vox in patient_components(data_dir, patient)
-                       if len(vox) * voxel_mm3 >= min_volume_mm3]
-    candidates = [candidates[i] for i in rng.permutation(len(candidates))]
+        candidates += _eligible_candidates(data_dir, patient, voxel_mm3, min_volume_mm3)
+    batch = [candidates[i] for i in rng.permutation(len(candidates))]
 
-    instance = np.zeros(shape, dtype=np.int32)
-    lesions: list[Lesion] = []
-    rejected: dict[str, int] = {}
-    bleed_targets = _bleed_targets(bg, in_slab) if (n_near_bleed and bg.bleed is not None) else None
-    near_left = n_near_bleed if bleed_targets is not None and len(bleed_targets) else 0
-    struct = np.ones((3, 3, 3), dtype=bool)
-
-    batch, n_candidates = candidates, len(candidates)
-    while True:
-        for patient, comp, voxels in batch:
-            if len(lesions) >= target:
-                break
-            near = near_left > 0
-            if near:
-                target_head = bleed_targets[rng.integers(len(bleed_targets))]
-                target_vox = apply(np.linalg.inv(to_head), target_head[None])[0]
-                shifts = [np.round(target_vox - voxels.mean(axis=0)).astype(int) + rng.integers(-2, 3, 3)
-                          for _ in range(4)]
-            else:
-                shifts = [np.zeros(3, int)] + [rng.integers(-5, 6, 3) for _ in range(3)]
-            why = "none"
-            for shift in shifts:
-                moved = voxels + shift
-                if moved.min() < 1 or np.any(moved.max(axis=0) >= np.array(shape) - 1):
-                    why = "outside_mni"
-                    continue
-                why = _tissue_check(bg, apply(to_head, moved.astype(float)), in_slab, near) or "ok"
-                if why != "ok":
-                    continue
-                lo, hi = moved.min(axis=0) - 1, moved.max(axis=0) + 2
-                crop = instance[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
-                own = np.zeros(crop.shape, dtype=bool)
-                own[tuple((moved - lo).T)] = True
-                touching = np.unique(crop[ndimage.binary_dilation(own, struct)])
-                touching = touching[touching > 0]
-                partner = None
-                if touching.size:
-                    other = lesions[int(touching[0]) - 1]
-                    overlap = int(np.count_nonzero(crop[own]))
-                    if (touching.size > 1 or other.partner is not None
-                            or overlap > 0.3 * min(len(moved), len(other.voxels))
-                            or rng.random() >= CONFLUENT_KEEP_PROBABILITY):
-                        why = "overlap"
-                        continue
-                    keep = crop[tuple((moved - lo).T)] == 0
-                    moved = moved[keep]
-                    if len(moved) < MIN_MNI_VOXELS:
-                        why = "overlap"
-                        continue
-                    partner = other.lesion_id
-                if grid_voxels is not None and grid_voxels(moved) < min_grid_voxels:
-                    why = "under_10_qsm_voxels"
-                    continue
-                lesion_id = len(lesions) + 1
-                instance[tuple(moved.T)] = lesion_id
-                lesion = Lesion(lesion_id, patient, comp, moved.astype(np.int32), tuple(int(s) for s in shift),
-                                partner=partner, near_bleed=near)
-                if partner is not None:
-                    lesions[partner - 1].partner = lesion_id
-                lesions.append(lesion)
-                if near:
-                    near_left -= 1
-                break
-            if why != "ok":
-                rejected[why] = rejected.get(why, 0) + 1
-        if len(lesions) >= min_count or not order:
-            break
+    placer = _Placer(rng, bg, to_head, shape, in_slab, n_near_bleed, grid_voxels, min_grid_voxels)
+    n_candidates = len(batch)
+    placer.place_batch(batch, target)
+    while len(placer.lesions) < min_count and order:
         # Short of the family's minimum (tissue ran out): one more patient's lesions, shuffled.
         patient = PATIENTS[order.pop(0)]
         patients.append(patient)
-        extra = [(patient, comp, vox) for comp, vox in patient_components(data_dir, patient)
-                 if len(vox) * voxel_mm3 >= min_volume_mm3]
+        extra = _eligible_candidates(data_dir, patient, voxel_mm3, min_volume_mm3)
         batch = [extra[i] for i in rng.permutation(len(extra))]
         n_candidates += len(batch)
-    return Placement(lesions, instance, mni_affine, patients, n_candidates, rejected)
+        placer.place_batch(batch, target)
+    return Placement(placer.lesions, placer.instance, mni_affine, patients, n_candidates, placer.rejected)
 
 
 def _bleed_targets(bg: Background, in_slab: Callable[[np.ndarray], bool]) -> np.ndarray:
