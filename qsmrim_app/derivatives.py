@@ -500,12 +500,12 @@ SUMMARY_DICTIONARY = {
     "threshold": {"Description": "Probability threshold applied"},
     "operating_point": {"Description": "f1 (model's F1-optimal threshold), high-sensitivity, or user (--threshold)"},
     "model_id": {"Description": "Identifier of the model directory used"},
-    "n_rimplus_expected": {"Description": "Expected number of rim+ lesions: sum of the lesions' calibrated rim+ "
-                                          "probabilities"},
+    "n_rimplus_expected": {"Description": "Expected number of rim+ lesions: sum of the lesions' rim+ "
+                                          "probabilities (calibrated when the model has a map, see calibration)"},
     "n_rimplus_ci_low": {"Description": "Lower end of the 95 % interval of the rim+ count (2.5 % quantile of the "
-                                        "Poisson-binomial distribution of the calibrated probabilities)"},
+                                        "Poisson-binomial distribution of the lesions' probabilities)"},
     "n_rimplus_ci_high": {"Description": "Upper end of the 95 % interval of the rim+ count (97.5 % quantile of the "
-                                         "Poisson-binomial distribution of the calibrated probabilities)"},
+                                         "Poisson-binomial distribution of the lesions' probabilities)"},
     "calibration": {"Description": "The model's calibration map of the probabilities (none: the ensemble's raw "
                                    "mean, whose counts are not calibrated)"},
 }

@@ -604,6 +604,9 @@ def test_group_level_reports_agreement_with_annotations_through_the_cli(tmp_path
     assert "the model calls 5 of the experts' 7 rim+ lesions rim+, and 1 of their rim- lesions rim+" in log
     text = " ".join(parse(out / "group_report.html").text)
     assert "No expert rim+ counts were given" not in text and "5 of 7" in text and "n_subjects" not in text
+    # the group level's own logs/ record is closed when it ends (it stayed "running" before)
+    [record] = [json.loads(p.read_text()) for p in (out / "logs").glob("group_*.json")]
+    assert record["status"] == "done" and record["exit_code"] == 0 and record["finished_at"]
 
 
 def test_group_level_says_why_agreement_is_not_computed_through_the_cli(tmp_path: Path) -> None:

@@ -190,7 +190,7 @@ def _expected_rows(group_table: pd.DataFrame) -> list[tuple[str, Any]]:
     if expected.dropna().empty:
         return []
     maps = sorted({str(c) for c in group_table.get("calibration", pd.Series(dtype=str)).dropna()})
-    return [("Expected rim+ lesions (sum of calibrated probabilities)", f"{expected.sum():.1f}"),
+    return [("Expected rim+ lesions (sum of the rim+ probabilities, calibrated when the model has a map)", f"{expected.sum():.1f}"),
             ("Calibration of the probabilities", "; ".join(maps) if maps else "n/a")]
 
 

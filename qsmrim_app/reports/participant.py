@@ -51,7 +51,7 @@ SUMMARY_LABELS = {
     "threshold": "Probability threshold",
     "operating_point": "Operating point",
     "model_id": "Model",
-    "n_rimplus_expected": "Expected rim+ lesions (sum of calibrated probabilities)",
+    "n_rimplus_expected": "Expected rim+ lesions (sum of the rim+ probabilities, calibrated when the model has a map)",
     "n_rimplus_ci_low": "Rim+ count, 95 % interval: low",
     "n_rimplus_ci_high": "Rim+ count, 95 % interval: high",
     "calibration": "Calibration of the probabilities",
@@ -370,7 +370,7 @@ def _summary_section(subject: str, session: str | None, summary: Mapping[str, An
     if summary.get("n_rimplus_expected") is not None and str(summary.get("n_rimplus_expected")) != "nan":
         headline += (f"<p>Expected rim+ count {esc(fmt(summary['n_rimplus_expected']))}, 95 % interval "
                      f"{esc(fmt(summary.get('n_rimplus_ci_low')))}-{esc(fmt(summary.get('n_rimplus_ci_high')))} "
-                     f"(from the calibrated probabilities; calibration: {esc(fmt(summary.get('calibration')))}).</p>")
+                     f"(from the rim+ probabilities, calibrated when the model has a map; calibration: {esc(fmt(summary.get('calibration')))}).</p>")
     known = [(SUMMARY_LABELS[k], summary[k]) for k in SUMMARY_LABELS if k in summary]
     extra = [(k, v) for k, v in summary.items() if k not in SUMMARY_LABELS and k not in IDENTITY_KEYS]
     ident = [("Participant", subject)] + ([("Session", session)] if session else [])

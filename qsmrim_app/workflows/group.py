@@ -196,9 +196,22 @@ def lesion_probabilities(output_dir: Path) -> pd.DataFrame:
 
 
 def run_group(config: AppConfig) -> int:
+    """The group level, with its own ``logs/`` record closed when it ends (done, or failed with the code)."""
     output_dir = Path(config.output_dir)
     drv.init_output_dir(output_dir, config.bids_dir, config.container)
-    drv.write_run_log(output_dir, "group", config.command_line, {"train": config.train}, label="group")
+    log = drv.write_run_log(output_dir, "group", config.command_line, {"train": config.train}, label="group")
+    try:
+        code = _run_group(config, output_dir)
+    except BaseException as exc:
+        drv.finish_run_log(log, "failed", f"{type(exc).__name__}: {exc}")
+        raise
+    drv.finish_run_log(log, "done" if code == 0 else "failed",
+                       None if code == 0 else f"the group level exited {code} (see its log lines and report)",
+                       extra={"exit_code": code})
+    return code
+
+
+def _run_group(config: AppConfig, output_dir: Path) -> int:
     if config.train:
         from .training import train_from_derivatives
 
