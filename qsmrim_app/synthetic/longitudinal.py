@@ -263,7 +263,9 @@ def generate_longitudinal(out_dir: Path, n_subjects: int, sessions: int = 3, see
             gf = Grid(s_spec.flair_shape, images.flair_affine, scanner_to_head @ images.flair_to_qsm)
             drawn_anat, drawn_index = session_anatomy(anat, tracks, s, plan_rng, rater)
             mask, mask_tracks = _drawn_mask(render_lesions(drawn_anat, gf, render_tissue(anat, gf)), drawn_index)
-            true_q, true_tracks = _drawn_mask(render_lesions(truth_anat, gq, render_tissue(anat, gq)), index)
+            # the true extent of every lesion, also one under MIN_LESION_VOXELS here (not `present` then): a
+            # rater's larger mask may still hold it, and it must be judged as itself, not as its neighbour
+            true_q, true_tracks = render_lesions(truth_anat, gq, render_tissue(anat, gq)), index
             rim_lut = np.array([0] + [2 if tracks[k].rim[s] else 1 for k in mask_tracks], np.uint8)
             images.flair_lesions, images.rim_dseg = mask, rim_lut[mask]
             write_session(out_dir, sub, ses, images)
@@ -296,6 +298,6 @@ def generate_longitudinal(out_dir: Path, n_subjects: int, sessions: int = 3, see
         "session_qsm_voxels_mm": [list(v) for v in SESSION_QSM_VOXELS],
         "convention": ("track = index of the drawn lesion (1-based) in the participant's anatomy; "
                        "sub-*/ses-*/*_desc-tracks_dseg.nii.gz holds it in each session's QSM grid (true extent, "
-                       "not the rater's mask); present = at least MIN_LESION_VOXELS voxels in the QSM grid and "
+                       "not the rater's mask, also of lesions under MIN_LESION_VOXELS); present = at least MIN_LESION_VOXELS voxels in the QSM grid and "
                        "in the drawn mask; status over the sessions as status_of() defines it")})
     return truth_dir
