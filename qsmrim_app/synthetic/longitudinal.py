@@ -17,8 +17,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from scipy import ndimage
 
-from .anatomy import SIZES, Anatomy, Ellipsoid, Lesion, SizeSpec, draw_counts, make_anatomy, rng_for
+from .anatomy import (SIZES, Anatomy, Ellipsoid, Lesion, SizeSpec, _lesion_centre, draw_counts, make_anatomy,
+                      rng_for)
 from .dataset import _prepare, _write_json, _write_nifti, _write_top_level, subject_label, write_session
 from .render import Grid, render_lesions, render_tissue
 from .simulate import MIN_LESION_VOXELS, simulate_session
@@ -26,6 +28,13 @@ from .simulate import MIN_LESION_VOXELS, simulate_session
 #: QSM voxel sizes (mm) the sessions cycle through: follow-ups rarely reuse the baseline protocol exactly.
 SESSION_QSM_VOXELS: tuple[tuple[float, float, float], ...] = ((1.6, 1.6, 2.6), (1.4, 1.4, 2.2), (1.8, 1.8, 2.4))
 STREAM = 1000  # rng streams of this module start here (the cross-sectional phantom uses 0, 1, 2+session)
+#: Least distance (mm) between a lesion that appears or goes and every other lesion, in every session where
+#: both are there (after growth, and with the rater's largest drawing). More than the coarsest voxel edge
+#: (2.6 mm slices here, 3 mm in the "full" size), so their voxel masks do not touch in any grid: a lesion
+#: that is new next to an old one must be visible as a lesion of its own, not as the old one splitting.
+MIN_GAP_MM = 3.0
+GAP_STEP_MM = 0.4  # sampling step of the gap measurement; the check adds it to MIN_GAP_MM to stay on the safe side
+RELOCATE_STREAM = STREAM + 500  # rng stream of the moves of new/vanishing lesions (one per subject)
 
 
 @dataclass(frozen=True)
@@ -90,6 +99,86 @@ def plan_tracks(anat: Anatomy, n_sessions: int, rates: Rates, rng: np.random.Gen
             rim[s], scale[s] = has_rim, float(np.exp(log_volume / 3.0))
         tracks.append(_Track(lesion, onset, end, rim, scale))
     return tracks
+
+
+def lesion_gap_mm(a: Lesion, b: Lesion, step: float = GAP_STEP_MM) -> float:
+    """Least distance (mm) between the two lesions' shapes (their level < 1 sets), sampled every `step` mm.
+
+    Why sampled: the shapes are unions of ellipsoids with a wavy boundary; no closed form. Far apart
+    lesions (bounding balls `gap` apart) return that lower bound without sampling; 0.0 when they overlap.
+    """
+    centre_gap = float(np.linalg.norm(a.center - b.center)) - a.bound - b.bound
+    if centre_gap > MIN_GAP_MM + step:
+        return centre_gap
+    lo = np.minimum(a.center - a.bound, b.center - b.bound)
+    hi = np.maximum(a.center + a.bound, b.center + b.bound)
+    axes = [np.arange(l, h + step, step, dtype=np.float32) for l, h in zip(lo, hi)]
+    pts = np.stack(np.meshgrid(*axes, indexing="ij"))
+    in_a, in_b = a.level(pts) < 1.0, b.level(pts) < 1.0
+    if not in_a.any() or not in_b.any():
+        return float("inf")
+    if (in_a & in_b).any():
+        return 0.0
+    return float(ndimage.distance_transform_edt(~in_a, sampling=step)[in_b].min())
+
+
+def _changes(track: _Track, n_sessions: int) -> bool:
+    return track.onset > 0 or track.end < n_sessions - 1
+
+
+def _too_close(tracks: list[_Track], k: int, n_sessions: int, rater_max: float) -> bool:
+    """Whether track k comes nearer than MIN_GAP_MM to another lesion in a session where both are there."""
+    for j, other in enumerate(tracks):
+        if j == k:
+            continue
+        for s in range(max(tracks[k].onset, other.onset), min(tracks[k].end, other.end) + 1):
+            a = _scaled(tracks[k].lesion, tracks[k].scale[s] * rater_max)
+            b = _scaled(other.lesion, other.scale[s] * rater_max)
+            if lesion_gap_mm(a, b) < MIN_GAP_MM + GAP_STEP_MM:
+                return True
+    return False
+
+
+def _moved(lesion: Lesion, centre: np.ndarray, location: str) -> Lesion:
+    shift = centre - lesion.center
+    parts = tuple(Ellipsoid(p.center + shift, p.radii, p.rotation) for p in lesion.parts)
+    return replace(lesion, parts=parts, location=location)
+
+
+def separate_changing(anat: Anatomy, tracks: list[_Track], n_sessions: int, rng: np.random.Generator,
+                      rater_max: float, tries: int = 60) -> tuple[Anatomy, list[_Track]]:
+    """Move every lesion that appears or goes to where it keeps MIN_GAP_MM from every other lesion.
+
+    Why: a lesion that appears touching a neighbour is, in the images, the neighbour splitting in two; such
+    a truth cannot judge a matcher. The lesion keeps its shape, size course and rim course and is moved to
+    another white-matter place of its kind (a "confluent" one, by definition touching, becomes "deep"). A
+    vein-confounder keeps its vein and so is not moved; it, or a lesion with no free place after `tries`
+    draws, is instead there in every session (its first drawn state before onset, its course after the end):
+    rarer than the rates ask, never ambiguous. Deterministic given `rng`.
+    """
+    tracks = [replace(t, rim=list(t.rim), scale=list(t.scale)) for t in tracks]
+    size = {k: float(np.max(t.lesion.parts[0].radii)) for k, t in enumerate(tracks)}
+    changed = True
+    while changed:  # a lesion made stable is there in more sessions: check the others again
+        changed = False
+        for k, track in enumerate(tracks):
+            if not _changes(track, n_sessions) or not _too_close(tracks, k, n_sessions, rater_max):
+                continue
+            if track.lesion.kind != "vein-confounder":
+                location = "deep" if track.lesion.location == "confluent" else track.lesion.location
+                original = track.lesion
+                for _ in range(tries):
+                    centre = _lesion_centre(rng, anat.brain_radii, anat.structures, location, size[k])
+                    track.lesion = _moved(original, centre, location)
+                    if not _too_close(tracks, k, n_sessions, rater_max):
+                        break
+                else:
+                    track.lesion = original
+            if _too_close(tracks, k, n_sessions, rater_max):
+                for s in range(track.onset):
+                    track.rim[s], track.scale[s] = track.rim[track.onset], track.scale[track.onset]
+                track.onset, track.end, changed = 0, n_sessions - 1, True
+    return replace(anat, lesions=tuple(t.lesion for t in tracks)), tracks
 
 
 def session_anatomy(anat: Anatomy, tracks: list[_Track], s: int, rng: np.random.Generator,
@@ -160,6 +249,8 @@ def generate_longitudinal(out_dir: Path, n_subjects: int, sessions: int = 3, see
                              "sex": str(rng.choice(["F", "M"], p=[0.7, 0.3])), "group": "MS"})
         plan_rng = rng_for(seed, i, STREAM)
         tracks = plan_tracks(anat, sessions, rates, plan_rng)
+        anat, tracks = separate_changing(anat, tracks, sessions, rng_for(seed, i, RELOCATE_STREAM),
+                                         max(rates.rater_scale))
         seen = np.zeros((len(tracks), sessions), bool)
         for s in range(sessions):
             ses = f"{s + 1:02d}"
@@ -172,7 +263,9 @@ def generate_longitudinal(out_dir: Path, n_subjects: int, sessions: int = 3, see
             gf = Grid(s_spec.flair_shape, images.flair_affine, scanner_to_head @ images.flair_to_qsm)
             drawn_anat, drawn_index = session_anatomy(anat, tracks, s, plan_rng, rater)
             mask, mask_tracks = _drawn_mask(render_lesions(drawn_anat, gf, render_tissue(anat, gf)), drawn_index)
-            true_q, true_tracks = _drawn_mask(render_lesions(truth_anat, gq, render_tissue(anat, gq)), index)
+            # the true extent of every lesion, also one under MIN_LESION_VOXELS here (not `present` then): a
+            # rater's larger mask may still hold it, and it must be judged as itself, not as its neighbour
+            true_q, true_tracks = render_lesions(truth_anat, gq, render_tissue(anat, gq)), index
             rim_lut = np.array([0] + [2 if tracks[k].rim[s] else 1 for k in mask_tracks], np.uint8)
             images.flair_lesions, images.rim_dseg = mask, rim_lut[mask]
             write_session(out_dir, sub, ses, images)
@@ -201,10 +294,10 @@ def generate_longitudinal(out_dir: Path, n_subjects: int, sessions: int = 3, see
     pd.DataFrame(rows).to_csv(truth_dir / "tracks.tsv", sep="\t", index=False, float_format="%.4f")
     pd.DataFrame(statuses).to_csv(truth_dir / "track_status.tsv", sep="\t", index=False)
     _write_json(truth_dir / "longitudinal.json", {
-        "rates": asdict(rates), "sessions": sessions, "seed": seed, "size": size, "rimplus_fraction": rimplus_fraction,
+        "rates": asdict(rates), "sessions": sessions, "min_gap_mm_new_or_gone": MIN_GAP_MM, "seed": seed, "size": size, "rimplus_fraction": rimplus_fraction,
         "session_qsm_voxels_mm": [list(v) for v in SESSION_QSM_VOXELS],
         "convention": ("track = index of the drawn lesion (1-based) in the participant's anatomy; "
                        "sub-*/ses-*/*_desc-tracks_dseg.nii.gz holds it in each session's QSM grid (true extent, "
-                       "not the rater's mask); present = at least MIN_LESION_VOXELS voxels in the QSM grid and "
+                       "not the rater's mask, also of lesions under MIN_LESION_VOXELS); present = at least MIN_LESION_VOXELS voxels in the QSM grid and "
                        "in the drawn mask; status over the sessions as status_of() defines it")})
     return truth_dir
