@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from .. import __version__
-from .anatomy import SIZES, draw_counts, make_anatomy, rng_for
+from .anatomy import SIZES, Anatomy, draw_counts, make_anatomy, rng_for
 from .simulate import SessionImages, simulate_session
 
 BIDS_VERSION = "1.9.0"
@@ -113,6 +113,20 @@ def _prepare(out_dir: Path, truth_dir: Path, overwrite: bool) -> None:
         path.mkdir(parents=True, exist_ok=True)
 
 
+def draw_subject(seed: int, i: int, n_subjects: int, spec, rimplus_fraction: float
+                 ) -> tuple[str, Anatomy, float, dict]:
+    """Subject i's label, anatomy (lesion counts drawn from stream 0, anatomy from stream 1), deep-grey-matter
+    iron factor and participants.tsv row: what every phantom generator (plain, longitudinal) draws first."""
+    sub = subject_label(i, n_subjects)
+    n_lesions, n_rim = draw_counts(rng_for(seed, i, 0), spec, rimplus_fraction)
+    rng = rng_for(seed, i, 1)
+    anat = make_anatomy(rng, spec, n_lesions, n_rim)
+    deep_iron = float(rng.uniform(0.8, 1.2))
+    participant = {"participant_id": f"sub-{sub}", "age": int(rng.integers(20, 65)),
+                   "sex": str(rng.choice(["F", "M"], p=[0.7, 0.3])), "group": "MS"}
+    return sub, anat, deep_iron, participant
+
+
 def generate_dataset(out_dir: Path, n_subjects: int, seed: int = 0, size: str = "small", sessions: int = 1,
                      magnitude: bool = True, truth_dir: Path | None = None, rimplus_fraction: float = 0.0425,
                      overwrite: bool = False) -> Path:
@@ -130,13 +144,8 @@ def generate_dataset(out_dir: Path, n_subjects: int, seed: int = 0, size: str = 
     spec = SIZES[size]
     lesion_rows, subject_rows, participants, transforms = [], [], [], {}
     for i in range(n_subjects):
-        sub = subject_label(i, n_subjects)
-        n_lesions, n_rim = draw_counts(rng_for(seed, i, 0), spec, rimplus_fraction)
-        rng = rng_for(seed, i, 1)
-        anat = make_anatomy(rng, spec, n_lesions, n_rim)
-        deep_iron = float(rng.uniform(0.8, 1.2))
-        participants.append({"participant_id": f"sub-{sub}", "age": int(rng.integers(20, 65)),
-                             "sex": str(rng.choice(["F", "M"], p=[0.7, 0.3])), "group": "MS"})
+        sub, anat, deep_iron, participant = draw_subject(seed, i, n_subjects, spec, rimplus_fraction)
+        participants.append(participant)
         for s in range(sessions):
             ses = f"{s + 1:02d}" if sessions > 1 else None
             images = simulate_session(anat, spec, rng_for(seed, i, 2 + s), deep_iron, magnitude)

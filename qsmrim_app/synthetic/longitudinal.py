@@ -19,9 +19,8 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage
 
-from .anatomy import (SIZES, Anatomy, Ellipsoid, Lesion, SizeSpec, _lesion_centre, draw_counts, make_anatomy,
-                      rng_for)
-from .dataset import _prepare, _write_json, _write_nifti, _write_top_level, subject_label, write_session
+from .anatomy import SIZES, Anatomy, Ellipsoid, Lesion, SizeSpec, _lesion_centre, rng_for
+from .dataset import _prepare, _write_json, _write_nifti, _write_top_level, draw_subject, write_session
 from .render import Grid, render_lesions, render_tissue
 from .simulate import MIN_LESION_VOXELS, simulate_session
 
@@ -240,13 +239,8 @@ def generate_longitudinal(out_dir: Path, n_subjects: int, sessions: int = 3, see
     spec = SIZES[size]
     participants, rows, statuses = [], [], []
     for i in range(n_subjects):
-        sub = subject_label(i, n_subjects)
-        n_lesions, n_rim = draw_counts(rng_for(seed, i, 0), spec, rimplus_fraction)
-        rng = rng_for(seed, i, 1)
-        anat = make_anatomy(rng, spec, n_lesions, n_rim)
-        deep_iron = float(rng.uniform(0.8, 1.2))
-        participants.append({"participant_id": f"sub-{sub}", "age": int(rng.integers(20, 65)),
-                             "sex": str(rng.choice(["F", "M"], p=[0.7, 0.3])), "group": "MS"})
+        sub, anat, deep_iron, participant = draw_subject(seed, i, n_subjects, spec, rimplus_fraction)
+        participants.append(participant)
         plan_rng = rng_for(seed, i, STREAM)
         tracks = plan_tracks(anat, sessions, rates, plan_rng)
         anat, tracks = separate_changing(anat, tracks, sessions, rng_for(seed, i, RELOCATE_STREAM),
