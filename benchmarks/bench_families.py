@@ -132,7 +132,7 @@ def fit_and_predict(method: str, train: LesionSet, test: LesionSet, model_dir: P
         return np.asarray(prob, float), float(ens.thresholds["f1"]), np.zeros(0)
     from qsmrim_app.model.train import train as train_model
 
-    from qsmrim_app.model.network import NETWORK_METHODS
+    from qsmrim_app.model.methods import NETWORK_METHODS
 
     overrides = dict(folds=args.folds, seeds=args.seeds, max_steps=args.max_steps) if method in NETWORK_METHODS else {}
     if folds is not None:  # a family's own CV: no more folds than it has participants

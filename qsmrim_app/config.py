@@ -37,7 +37,7 @@ class PreprocConfig:
     # (the headers as they are: a FLAIR already aligned by another tool).
     registration: str = "rigid"
     # Registration gate (registration_gate.py): brain-outline disagreement (mm) above which a unit fails it.
-    registration_gate_mm: float = 2.0  # registration_gate.GATE_THRESHOLD_MM
+    registration_gate_mm: float = 3.0  # registration_gate.GATE_THRESHOLD_MM
     # Binary masks and probability maps: confluent lesions split into lesion centres (lesion_split.py)
     # in the mask's own grid ("none": connected components in the QSM grid); probability >= threshold.
     lesion_split: str = SPLIT_METHODS[0]

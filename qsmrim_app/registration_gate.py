@@ -19,9 +19,11 @@ import SimpleITK as sitk
 from .brain_outline import Outlines, flair_brain_mask
 
 #: Gate threshold (mm): a registration whose outline disagreement exceeds it fails. Chosen on the measured
-#: separation of the one-head benchmark (docs/registration.md): correct registrations <= 0.86 mm, every
-#: deliberately wrong one with a mean lesion error of 4 mm or more >= 3.98 mm (except the 60 mm top slab).
-GATE_THRESHOLD_MM = 2.0
+#: separation (docs/registration.md): every deliberately wrong registration of the one-head benchmark with a
+#: mean lesion error of 4 mm or more scores >= 3.98 mm (except the 60 mm top slab); correct registrations score
+#: <= 0.86 mm there, but up to 2.27 mm on the blind family's small test participant (another generator's FLAIR,
+#: registration error 0.08 mm), which the first choice of 2.0 mm rejected.
+GATE_THRESHOLD_MM = 3.0
 LOGGER = logging.getLogger(__name__)
 
 

@@ -25,6 +25,12 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
 TINY_TRAINING = ["--epochs", "2", "--folds", "2", "--seeds", "1", "--width-multiplier", "0.125",
                  "--batch-size", "32"]
+# The model the other tests classify with must beat chance reliably: 2 paper-protocol epochs on this dataset's
+# 28 lesions scored ROC AUC 0.49 once the phantom spread its rim+ lesions over the subjects (the code before
+# this session gave the same 0.49 on the same outputs); the fast recipe's fitted linear term with 40 steps
+# scores 0.875 there in ~30 s.
+TRAINED_MODEL = ["--protocol", "fast", "--max-steps", "40", "--folds", "2", "--seeds", "1", "--width-multiplier",
+                 "0.125", "--batch-size", "32"]
 
 
 def run_app(*args: str, check_code: int | None = 0, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -64,7 +70,7 @@ def preprocessed(dataset, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def trained_model(dataset, preprocessed) -> Path:
-    run_app(dataset, preprocessed, "group", "--train", *TINY_TRAINING)
+    run_app(dataset, preprocessed, "group", "--train", *TRAINED_MODEL)
     models = sorted((preprocessed / "models").glob("*/model.json"))
     assert len(models) == 1
     return models[0].parent

@@ -34,6 +34,7 @@ from compare_derivatives import DEFAULT_IGNORE, compare_trees  # noqa: E402
 
 # Cheaper N4 (same in every run compared): the tests are about scheduling and files, not bias fields.
 FAST = ["--n4-iterations", "20", "10"]
+NO_GATE = ["--registration-gate-mm", "50"]
 
 
 def qsmrim(*args, check: int | None = 0, timeout: int = 900) -> subprocess.CompletedProcess:
@@ -158,9 +159,11 @@ def test_eight_writers_killed_at_random_then_rerun_equals_a_clean_run(tmp_path: 
     moments = {label: round(rng.uniform(2.0, 60.0), 1) for label in victims}  # early to late in a run
     print(f"kill seed {seed}: SIGKILL of {moments} (seconds after start)")
 
+    # The registration gate is tested elsewhere (test_registration_gate.py); here every unit must publish.
+    # (The tiny phantom's sub-04 is really misregistered, 6.4 mm, by the magnitude path: docs/registration.md.)
     procs = {label: subprocess.Popen([sys.executable, str(REPO_ROOT / "run.py"), str(bids), str(out),
                                       "participant", "--participant-label", label, "--nprocs", "1",
-                                      "-w", str(work), *FAST],
+                                      "-w", str(work), *FAST, *NO_GATE],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
                                      env={**os.environ, "OMP_NUM_THREADS": "1"})
              for label in labels}
@@ -179,9 +182,9 @@ def test_eight_writers_killed_at_random_then_rerun_equals_a_clean_run(tmp_path: 
     assert killed, f"no kill landed (moments {moments})"
     assert all(codes[label] == 0 for label in labels if label not in killed), codes
 
-    qsmrim(bids, out, "participant", "--nprocs", "2", "-w", work)  # one rerun of all
+    qsmrim(bids, out, "participant", "--nprocs", "2", "-w", work, *NO_GATE)  # one rerun of all
     clean = tmp_path / "clean"
-    qsmrim(bids, clean, "participant", "--nprocs", "2", "-w", tmp_path / "clean_work")
+    qsmrim(bids, clean, "participant", "--nprocs", "2", "-w", tmp_path / "clean_work", *NO_GATE)
 
     problems, n = compare_trees(clean, out)
     assert not problems and n >= 8 * 20, (f"kill seed {seed}, moments {moments}", problems[:10])
