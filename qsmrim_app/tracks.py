@@ -21,6 +21,8 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage
 
+from .model.counts import count_interval  # one Poisson-binomial for unit counts and track counts
+
 STATUSES = ("persistent rim+", "new rim+", "resolved", "rim- throughout", "uncertain")
 COUNTED = {"persistent rim+": "persistent", "new rim+": "new", "resolved": "resolved"}
 MIN_OVERLAP = 0.2
@@ -224,28 +226,6 @@ def track_table(assignments: pd.DataFrame, tables: Mapping[str, pd.DataFrame], s
 # ---------------------------------------------------------------------------------------------
 # Counts with intervals
 # ---------------------------------------------------------------------------------------------
-def poisson_binomial(p: np.ndarray) -> np.ndarray:
-    """Distribution of the number of successes of independent events with probabilities ``p``."""
-    dist = np.zeros(len(p) + 1)
-    dist[0] = 1.0
-    for q in np.clip(np.nan_to_num(np.asarray(p, float)), 0.0, 1.0):
-        dist[1:] = dist[1:] * (1.0 - q) + dist[:-1] * q
-        dist[0] *= 1.0 - q
-    return dist
-
-
-def count_interval(p: np.ndarray, level: float = 0.95) -> tuple[float, int, int]:
-    """Expected count and equal-tailed ``level`` interval of a sum of independent Bernoulli(p)."""
-    p = np.asarray(p, float)
-    if p.size == 0:
-        return 0.0, 0, 0
-    cdf = np.cumsum(poisson_binomial(p))
-    alpha = (1.0 - level) / 2.0
-    low = int(np.searchsorted(cdf, alpha - 1e-12))
-    high = int(np.searchsorted(cdf, 1.0 - alpha - 1e-12))
-    return float(np.nansum(p)), low, high
-
-
 def participant_counts(tracks: pd.DataFrame, level: float = 0.95) -> dict:
     """Counts of each status by the calls, plus the model-based expected count and interval of each rim change.
 
