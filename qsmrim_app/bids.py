@@ -752,3 +752,26 @@ def discover(config: AppConfig) -> tuple[list[ParticipantInputs], list[InputProb
         LOGGER.info("rim annotations from %s: %d of %d unit(s) have one", config.rim_annotations,
                     sum(1 for found in inputs if found.rim_labels is not None), len(inputs))
     return inputs, problems
+
+
+# --------------------------------------------------------------------------------------------
+# participants.tsv
+# --------------------------------------------------------------------------------------------
+def participants_column(bids_dir: Path, column: str) -> dict[str, str]:
+    """``participant_id -> value`` of one participants.tsv column (``n/a`` and empty cells left out).
+
+    Why: ``group --train --cv-group-by site`` keeps each site's participants in one fold, so the model's
+    out-of-fold predictions, calibration and operating points are those of a site it did not see.
+    """
+    import pandas as pd
+
+    path = Path(bids_dir) / "participants.tsv"
+    if not path.is_file():
+        raise SelectionError(f"{path} does not exist; --cv-group-by reads a column of it")
+    table = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
+    if "participant_id" not in table.columns:
+        raise SelectionError(f"{path} has no participant_id column")
+    if column not in table.columns:
+        raise SelectionError(f"{path} has no column {column!r} (columns: {', '.join(table.columns)})")
+    values = table.set_index("participant_id")[column].str.strip()
+    return {str(k): str(v) for k, v in values.items() if v not in ("", "n/a")}

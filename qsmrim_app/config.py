@@ -88,6 +88,8 @@ class AppConfig:
     keep_failed_registration: bool = False
     # What ``--train`` trains (``--method all`` expands to every comparator); training.method is the first.
     train_methods: tuple[str, ...] = ("qsmrimnet",)
+    # --cv-group-by: the participants.tsv column (site, scanner) whose values the training folds keep whole.
+    cv_group_by: str | None = None
     preproc: PreprocConfig = field(default_factory=PreprocConfig)
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     training: TrainConfig = field(default_factory=TrainConfig)

@@ -292,3 +292,28 @@ def test_one_command_trains_every_method_into_one_table(dataset, preprocessed, t
     assert set(paired["method"]) >= methods - {"qsmrimnet"} and (paired["reference"] == "qsmrimnet").all()
     assert (paired["ci_low"] <= paired["ci_high"]).all() and paired["p_value"].between(0, 1).all()
     assert "Paired differences against qsmrimnet" in html
+
+
+def test_cv_group_by_a_participants_column_makes_leave_one_site_out_folds(dataset, preprocessed, tmp_path):
+    """`group --train --cv-group-by site`: each site's participants in one fold (5 folds asked, 2 sites)."""
+    import json
+
+    bids, out = tmp_path / "bids", tmp_path / "out"
+    shutil.copytree(dataset, bids)
+    shutil.copytree(preprocessed, out, ignore=shutil.ignore_patterns("models"))
+    table = pd.read_csv(bids / "participants.tsv", sep="\t", dtype=str)
+    sites = {"sub-01": "siteA", "sub-02": "siteB", "sub-03": "siteA", "sub-04": "siteB"}
+    table["site"] = table["participant_id"].map(sites)
+    table.drop(columns="site").to_csv(bids / "participants.tsv", sep="\t", index=False)
+    proc = run_app(bids, out, "group", "--train", "--method", "logreg", "--cv-group-by", "site", check_code=64)
+    assert "no column 'site'" in proc.stderr + proc.stdout
+    table.to_csv(bids / "participants.tsv", sep="\t", index=False)
+    proc = run_app(bids, out, "group", "--train", "--method", "logreg", "--cv-group-by", "site")
+    assert "folds keep each site whole: 2 values, 2 folds" in proc.stderr + proc.stdout
+    (model_dir,) = [p.parent for p in (out / "models").glob("*/model.json")]
+    meta = json.loads((model_dir / "model.json").read_text())
+    assert meta["config"]["fold_groups_by"] == "site" and meta["config"]["folds"] == 2
+    assert set(meta["training_data"]["fold_groups"]) == {"siteA", "siteB"}
+    oof = pd.read_csv(model_dir / "oof_predictions.tsv", sep="\t")
+    assert (oof.groupby(oof["subject"].map(sites))["fold"].nunique() == 1).all()
+    assert oof.groupby("fold")["subject"].apply(lambda s: s.map(sites).nunique()).eq(1).all()

@@ -307,3 +307,10 @@ def test_torch_is_not_loaded_before_the_thread_limit(tmp_path: Path, dataset: Pa
                           env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)), timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == "False"
+
+
+def test_cv_group_by_only_with_group_train(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "bids").mkdir()
+    for level in (["participant"], ["group"]):
+        assert main([str(tmp_path / "bids"), str(tmp_path / "out"), *level, "--cv-group-by", "site"]) == 64
+        assert "--cv-group-by only applies to `group --train`" in capsys.readouterr().err

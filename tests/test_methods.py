@@ -35,6 +35,9 @@ def test_feature_names_follow_the_run_configuration() -> None:
     paper = methods.feature_names(TrainConfig(method="qsmrimnet", input_level="paper"), names)
     referenced = methods.feature_names(TrainConfig(method="qsmrimnet", input_level="referenced"), names)
     assert paper == ["original_firstorder_Mean"] and len(referenced) >= len(paper)
+    # the features-only ablation reads what the network's radiomic branch reads (radial columns too)
+    assert methods.feature_names(TrainConfig(method="features-only"), names) == referenced
+    assert "radial_shell_mean_ppb" in referenced
     with pytest.raises(ValueError, match=FLOOR_COLUMN):
         methods.feature_names(TrainConfig(method="shell-core"), names[:2])
     with pytest.raises(ValueError, match="unknown method"):

@@ -307,3 +307,30 @@ def test_wide_term_is_the_fitted_logistic_regression_frozen(tmp_path: Path) -> N
     assert np.allclose(state["wide.bias"].numpy(), expected.intercept_, atol=1e-5)
     assert result.history[-1]["selected_round"] >= -1  # the fitted start is a candidate for early stopping
     assert np.isfinite(result.val_probability).all() and result.val_probability.shape == (20,)
+
+
+def _sites_per_fold(model_dir: Path, sites: dict[str, str]) -> list[list[str]]:
+    folds: dict[str, set[str]] = {}
+    for row in csv.DictReader(open(model_dir / "oof_predictions.tsv"), delimiter="\t"):
+        folds.setdefault(row["fold"], set()).add(sites[row["subject"]])
+    return sorted(sorted(v) for v in folds.values())
+
+
+def test_fold_groups_keep_each_site_in_one_fold(tmp_path: Path) -> None:
+    """LesionSet.groups (--cv-group-by): folds keep a site whole, so out-of-fold means out-of-site."""
+    from dataclasses import replace
+
+    from qsmrim_app.model.modeldir import model_id
+
+    lesions = synthetic_lesions(n_subjects=9, per_subject=6, seed=4)
+    sites = {f"sub-{k:02d}": "ABC"[k % 3] for k in range(9)}
+    grouped = replace(lesions, groups=np.array([sites[s] for s in lesions.subjects]))
+    assert grouped.summary()["fold_groups"] == {"A": 18, "B": 18, "C": 18}
+    assert grouped.subset([0, 6]).groups.tolist() == ["A", "B"]
+    with pytest.raises(ValueError, match="fold groups"):
+        concat([grouped, lesions])
+    config = tiny_config(method="logreg", folds=3)
+    assert _sites_per_fold(train(grouped, config, tmp_path / "g"), sites) == [["A"], ["B"], ["C"]]
+    # without groups the participant folds mix the sites, and the two are different models
+    assert any(len(f) > 1 for f in _sites_per_fold(train(lesions, config, tmp_path / "p"), sites))
+    assert model_id("logreg", config.to_dict(), grouped) != model_id("logreg", config.to_dict(), lesions)

@@ -293,6 +293,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--folds", type=at_least_two, default=None,
                        help="subject-stratified cross-validation folds (>= 2; both protocols: 5); the "
                             "ensemble keeps every fold's networks")
+    train.add_argument("--cv-group-by", "--cv_group_by", dest="cv_group_by", metavar="COLUMN", default=None,
+                       help="a participants.tsv column (e.g. site or scanner) whose values the folds keep "
+                            "whole: the out-of-fold predictions, the calibration map and the operating points "
+                            "are then those of a site the members did not see (folds = min(--folds, number "
+                            "of values)); default: the participant")
     train.add_argument("--seeds", type=positive_int, default=None,
                        help="networks trained per fold with different seeds (paper: 3, fast: 1)")
     train.add_argument("--max-steps", "--max_steps", dest="max_steps", type=positive_int, default=None,

@@ -138,6 +138,8 @@ def _patch_grid(args: Namespace, model_dir: Path) -> tuple[tuple[float, ...], tu
 
 def build_config(args: Namespace, argv: Sequence[str]) -> AppConfig:
     """The one AppConfig from parsed arguments (paths validated, defaults resolved)."""
+    if args.cv_group_by and not (args.train and args.analysis_level == "group"):
+        raise UsageError("--cv-group-by only applies to `group --train`")
     bids_dir, output_dir, work_dir = _resolve_paths(args)
     if args.analysis_level == "group" and not output_dir.is_dir():
         raise UsageError(f"output_dir {output_dir} does not exist; run the participant level first "
@@ -206,6 +208,7 @@ def build_config(args: Namespace, argv: Sequence[str]) -> AppConfig:
         classify=not args.no_classify,
         keep_failed_registration=args.keep_failed_registration,
         train_methods=tuple(methods),
+        cv_group_by=args.cv_group_by,
         preproc=preproc,
         inference=inference,
         training=training,
@@ -421,13 +424,14 @@ def _threads_for_units(config: AppConfig, n_units: int) -> AppConfig:
 def run_group_level(config: AppConfig) -> int:
     """The group level reads the participant outputs; nothing to discover in bids_dir."""
     configure_nipype(config.verbosity)
+    from ..bids import SelectionError
     from ..model.finetune import InitModelError
     from ..workflows.group import run_group
     from ..workflows.recalibrate import RecalibrationError
 
     try:
         return int(run_group(config))
-    except (InitModelError, RecalibrationError) as err:  # found once the lesions are gathered: a usage error
+    except (InitModelError, RecalibrationError, SelectionError) as err:  # found once the lesions are gathered
         raise UsageError(str(err)) from None
 
 

@@ -20,6 +20,9 @@ class TrainConfig:
     lr_milestones: tuple[float, ...] = (0.5, 0.7, 0.9)  # fractions of epochs
     lr_gamma: float = 0.1
     folds: int = 5
+    # The participants.tsv column whose values the folds keep whole (a site, a scanner, a generator family;
+    # --cv-group-by); None: the participant. The lesion set carries the values (LesionSet.groups).
+    fold_groups_by: str | None = None
     seeds: int = 3
     width_multiplier: float = 1.0
     fusion: Literal["concat", "add"] = "concat"

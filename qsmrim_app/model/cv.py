@@ -136,7 +136,7 @@ def cross_validate(lesions: LesionSet, config: TrainConfig, out_dir: Path, progr
     if lesions.labels is None:
         raise ValueError("cross-validation needs labels")
     config = with_data_grid(config, lesions)
-    folds = stratified_subject_folds(lesions.subjects, lesions.labels, config.folds, config.base_seed)
+    folds = stratified_subject_folds(lesions.fold_units, lesions.labels, config.folds, config.base_seed)
     run = _start(lesions, config, out_dir, features, progress, epoch_callback)
     member_prob = np.full((run.seeds, len(lesions)), np.nan, dtype=np.float64)
     fold_of = np.full(len(lesions), -1, dtype=np.int64)

@@ -37,6 +37,10 @@ class LesionSet:
     reference: np.ndarray | None = None  # (N, 2) local reference (median, scale) in ppb
     extent_mm: np.ndarray | None = None  # (3,)
     sessions: np.ndarray | None = None  # (N,) str, "" without sessions: a count belongs to one scan, not a person
+    # (N,) str: the unit cross-validation keeps together (a site, a scanner, a generator family); None: the
+    # participant. Folds by site make the out-of-fold predictions, and so the calibration map and the
+    # operating points fitted on them, out-of-site.
+    groups: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         self.patches = np.asarray(self.patches, dtype=np.float32)
@@ -53,6 +57,8 @@ class LesionSet:
         if self.sessions is None:
             self.sessions = np.full(n, "")
         self.sessions = np.asarray(self.sessions, dtype=str).reshape(-1)
+        if self.groups is not None:
+            self.groups = np.asarray(self.groups, dtype=str).reshape(-1)
         self.voxel_size_mm = np.asarray(self.voxel_size_mm, dtype=np.float32).reshape(3)
         if self.patches.ndim != 5 or self.patches.shape[1] != PATCH_CHANNELS:
             raise ValueError(f"patches must be (N, {PATCH_CHANNELS}, X, Y, Z) raw patches, got {self.patches.shape}")
@@ -65,7 +71,7 @@ class LesionSet:
         if len(set(self.feature_names)) != len(self.feature_names):
             raise ValueError("feature names must be unique")
         for name, arr in (("subjects", self.subjects), ("lesion_ids", self.lesion_ids),
-                          ("labels", self.labels), ("sessions", self.sessions)):
+                          ("labels", self.labels), ("sessions", self.sessions), ("groups", self.groups)):
             if arr is not None and arr.shape[0] != n:
                 raise ValueError(f"{name} has {arr.shape[0]} entries for {n} patches")
         if self.labels is not None and not np.isin(self.labels, (0, 1)).all():
@@ -78,6 +84,11 @@ class LesionSet:
     def n_features(self) -> int:
         return len(self.feature_names)
 
+    @property
+    def fold_units(self) -> np.ndarray:
+        """What a cross-validation fold keeps whole: the groups when given, else the participants."""
+        return self.subjects if self.groups is None else self.groups
+
     def subset(self, idx: np.ndarray | Sequence[int]) -> "LesionSet":
         """The lesions at ``idx`` (a fold), as a new set sharing nothing mutable with this one."""
         idx = np.asarray(idx, dtype=np.int64)
@@ -85,7 +96,8 @@ class LesionSet:
             patches=self.patches[idx], features=self.features[idx], feature_names=list(self.feature_names),
             labels=None if self.labels is None else self.labels[idx], subjects=self.subjects[idx],
             lesion_ids=self.lesion_ids[idx], voxel_size_mm=self.voxel_size_mm.copy(),
-            reference=self.reference[idx], extent_mm=self.extent_mm.copy(), sessions=self.sessions[idx])
+            reference=self.reference[idx], extent_mm=self.extent_mm.copy(), sessions=self.sessions[idx],
+            groups=None if self.groups is None else self.groups[idx])
 
     def summary(self) -> dict:
         """Counts stored in model.json so a model says what it was trained on."""
@@ -96,6 +108,9 @@ class LesionSet:
         if self.labels is not None:
             out["rim_positive"] = int(self.labels.sum())
             out["rim_negative"] = int(len(self) - self.labels.sum())
+        if self.groups is not None:
+            names, counts = np.unique(self.groups, return_counts=True)
+            out["fold_groups"] = {str(g): int(c) for g, c in zip(names, counts)}
         return out
 
 
@@ -114,6 +129,9 @@ def concat(sets: Sequence[LesionSet]) -> LesionSet:
     labelled = [s.labels is not None for s in sets]
     if any(labelled) and not all(labelled):
         raise ValueError("cannot mix labelled and unlabelled lesion sets")
+    grouped = [s.groups is not None for s in sets]
+    if any(grouped) and not all(grouped):
+        raise ValueError("cannot mix lesion sets with and without fold groups")
     return LesionSet(
         patches=np.concatenate([s.patches for s in sets]),
         features=np.concatenate([s.features for s in sets]),
@@ -123,7 +141,8 @@ def concat(sets: Sequence[LesionSet]) -> LesionSet:
         lesion_ids=np.concatenate([s.lesion_ids for s in sets]),
         voxel_size_mm=sets[0].voxel_size_mm.copy(),
         reference=np.concatenate([s.reference for s in sets]), extent_mm=sets[0].extent_mm.copy(),
-        sessions=np.concatenate([s.sessions for s in sets]))
+        sessions=np.concatenate([s.sessions for s in sets]),
+        groups=np.concatenate([s.groups for s in sets]) if all(grouped) else None)
 
 
 @dataclass

@@ -63,6 +63,10 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            "floor: class-balanced random forest on the 527 features"),
     Method("logreg", "sklearn", "pyradiomics", "comparators:fit_logreg",
            "floor: penalised logistic regression on the 527 features (C by inner CV)"),
+    Method("features-only", "sklearn", "inputs", "comparators:fit_logreg",
+           "ablation: the features alone, as the fast recipe's wide term sees them (logistic regression on the "
+           "networks' feature columns: "
+           "pyradiomics + radial), to ask whether the image branch adds to the features"),
     Method("shell-core", "floor", "floor", "comparators:fit_shell_core",
            "training-free floor: the rim-minus-core QSM score"),
 )}

@@ -59,6 +59,8 @@ def model_id(method: str, config: Mapping, lesions: "LesionSet") -> str:
     digest.update(np.asarray(lesions.subjects).astype(str).tobytes())
     digest.update(np.asarray(lesions.lesion_ids).tobytes())
     digest.update(np.asarray(lesions.labels).tobytes())
+    if lesions.groups is not None:  # other folds, another model
+        digest.update(np.asarray(lesions.groups).astype(str).tobytes())
     return f"{method}-{digest.hexdigest()[:10]}"
 
 

@@ -61,6 +61,31 @@ def collect_lesion_set(output_dir: Path):
     return concat(sets)
 
 
+def with_fold_groups(lesions, training, bids_dir: Path, column: str):
+    """The lesion set with each participant's ``column`` value as its fold group, and the folds it allows.
+
+    Every participant needs a value; fewer values than ``--folds`` make one fold per value (leave one
+    site out), a single value is refused (there is no site to leave out).
+    """
+    from ..bids import SelectionError, participants_column
+
+    values = participants_column(bids_dir, column)
+    missing = sorted({s for s in lesions.subjects if s not in values})
+    if missing:
+        raise SelectionError(f"{Path(bids_dir) / 'participants.tsv'}: column {column!r} has no value for "
+                             f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}; fill it in for "
+                             "every participant with annotated lesions (--cv-group-by)")
+    groups = np.array([values[s] for s in lesions.subjects])
+    n_groups = np.unique(groups).size
+    if n_groups < 2:
+        raise SelectionError(f"--cv-group-by {column}: every participant has the value {groups[0]!r}; "
+                             "the folds need at least two groups")
+    folds = min(training.folds, n_groups)
+    LOGGER.info("folds keep each %s whole: %d values, %d folds%s", column, n_groups, folds,
+                " (one per value: leave one out)" if folds == n_groups else "")
+    return replace(lesions, groups=groups), replace(training, folds=folds, fold_groups_by=column)
+
+
 def train_from_derivatives(config: AppConfig) -> int:
     from ..model.evaluation import write_evaluation
     from ..model.methods import select_features
@@ -78,6 +103,8 @@ def train_from_derivatives(config: AppConfig) -> int:
     methods = list(config.train_methods)
     primary = methods[0]
     base = replace(config.training, device=config.device)
+    if config.cv_group_by:
+        lesions, base = with_fold_groups(lesions, base, config.bids_dir, config.cv_group_by)
     # Same lesions + same configuration -> same directory, so rerunning the command resumes its training.
     model_dir = Path(config.output_dir) / "models" / model_id(primary, base.to_dict() | {"methods": methods}, lesions)
     results: dict[str, pd.DataFrame] = {}
