@@ -322,3 +322,33 @@ def test_bundled_model_gives_the_same_probability_on_three_grids() -> None:
             probabilities[name] = float(ens.predict(ps.patches, values, names, reference=ref).probability[0])
         spread = max(probabilities.values()) - min(probabilities.values())
         assert spread <= 0.05, (rim, probabilities)
+
+
+def test_tissue_level_first_order_features_are_invariant_to_offset_and_scale() -> None:
+    """--inputs tissue: pyradiomics' first-order features (original and wavelet bands) referenced to the
+    lesion's local tissue come out the same whatever the reconstruction's offset and scale."""
+    from qsmrim_app.model.inputs import tissue_referenced_features
+    from qsmrim_app.radiomics import extract_lesion_features, load_params
+
+    voxel = GRIDS["paper"]
+    rows, refs = [], []
+    for kw in ({}, {"scale": 0.6, "offset": -35.0}):
+        qsm, flair, inst, affine, _ = phantom(voxel, noise=2.0, **kw)
+        rows.append(extract_lesion_features(qsm, inst, voxel, [1], load_params()).drop(columns="lesion_id"))
+        refs.append(patch_of(qsm, flair, inst, affine, voxel)[1])
+    names = list(rows[0].columns)
+    moving = [j for j, n in enumerate(names) if "_firstorder_" in n and n.split("_firstorder_")[1] in (
+        "Mean", "Median", "10Percentile", "90Percentile", "InterquartileRange", "MeanAbsoluteDeviation", "Variance")]
+    assert len(moving) >= 9 * 7  # original + 8 wavelet bands
+    absolute = [rows[k].to_numpy(np.float64)[:, moving] for k in (0, 1)]
+    tissue = [tissue_referenced_features([names[j] for j in moving], absolute[k], refs[k]) for k in (0, 1)]
+    assert not np.allclose(absolute[0], absolute[1], rtol=0.05, atol=0.05)
+    spread = np.maximum(np.abs(tissue[0]), 0.05)
+    assert np.max(np.abs(tissue[0] - tissue[1]) / spread) < 0.05, [names[j] for j in moving]
+    # only the first-order statistics that move with offset/scale are touched
+    untouched = [j for j, n in enumerate(names) if "_glcm_" in n or "_shape_" in n or n.endswith("Skewness")]
+    values = rows[0].to_numpy(np.float32)
+    np.testing.assert_array_equal(tissue_referenced_features(names, values, refs[0])[:, untouched], values[:, untouched])
+    spec = InputSpec("tissue")
+    assert spec.tissue_features and not InputSpec("referenced").tissue_features
+    np.testing.assert_array_equal(InputSpec("referenced").feature_values(names, values, refs[0]), values)

@@ -334,3 +334,31 @@ def test_fold_groups_keep_each_site_in_one_fold(tmp_path: Path) -> None:
     # without groups the participant folds mix the sites, and the two are different models
     assert any(len(f) > 1 for f in _sites_per_fold(train(lesions, config, tmp_path / "p"), sites))
     assert model_id("logreg", config.to_dict(), grouped) != model_id("logreg", config.to_dict(), lesions)
+
+
+def test_tissue_level_model_is_invariant_to_the_reconstruction_scale(tmp_path: Path) -> None:
+    """--inputs tissue: trained and applied through the same referencing, so a lesion whose first-order
+    features and local reference are rescaled and shifted (another reconstruction) gets the same call."""
+    from dataclasses import replace
+
+    rng = np.random.default_rng(7)
+    base = synthetic_lesions(n_subjects=8, per_subject=10, seed=7)
+    n = len(base)
+    ref = np.stack([rng.normal(-10, 5, n), rng.uniform(8, 20, n)], 1).astype(np.float32)
+    z = rng.normal(0, 1, (n, 3)) + base.labels[:, None] * np.array([1.5, 1.0, 0.8])
+    names = ["original_firstorder_Mean", "original_firstorder_90Percentile", "original_firstorder_InterquartileRange"]
+    feats = np.stack([ref[:, 0] + ref[:, 1] * z[:, 0], ref[:, 0] + ref[:, 1] * z[:, 1], ref[:, 1] * np.abs(z[:, 2])], 1)
+    lesions = replace(base, features=feats, feature_names=names, reference=ref)
+    other_ref = ref * np.array([2.0, 2.0], np.float32) + np.array([15.0, 0.0], np.float32)  # scale 2, offset +15
+    other = np.stack([other_ref[:, 0] + other_ref[:, 1] * z[:, 0], other_ref[:, 0] + other_ref[:, 1] * z[:, 1],
+                      other_ref[:, 1] * np.abs(z[:, 2])], 1)
+    probs = {}
+    for level in ("referenced", "tissue"):
+        out = train(lesions, tiny_config(method="features-only", input_level=level), tmp_path / level, progress=False)
+        ens = load_ensemble(out, device="cpu")
+        a = ens.predict(lesions.patches, feats, names, reference=ref).probability
+        b = ens.predict(lesions.patches, other, names, reference=other_ref).probability
+        probs[level] = (a, b)
+    np.testing.assert_allclose(*probs["tissue"], atol=1e-5)
+    assert np.abs(probs["referenced"][0] - probs["referenced"][1]).max() > 0.05
+    assert roc_auc_score(lesions.labels, probs["tissue"][0]) > 0.75

@@ -287,7 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--inputs", choices=LEVELS, default=DEFAULT_LEVEL,
                        help="what the networks see (cumulative): 'paper' lesion-only patch + 527 features; "
                             "'margin' + surrounding tissue and an outline channel; 'radial' + radial-profile "
-                            "features; 'referenced' + QSM relative to the lesion's local reference tissue")
+                            "features; 'referenced' + QSM relative to the lesion's local reference tissue; 'tissue' + the "
+                            "first-order radiomic features relative to that tissue too")
     train.add_argument("--epochs", type=positive_int, default=None,
                        help="training epochs (paper protocol: 40)")
     train.add_argument("--folds", type=at_least_two, default=None,

@@ -118,4 +118,7 @@ def select_features(lesions: "LesionSet", config: "TrainConfig") -> FeatureColum
     """The columns of ``lesions.features`` that ``config.method`` reads."""
     wanted = feature_names(config, lesions.feature_names)
     index = {n: i for i, n in enumerate(lesions.feature_names)}
-    return FeatureColumns(wanted, lesions.features[:, [index[n] for n in wanted]])
+    values = lesions.features[:, [index[n] for n in wanted]]
+    if get(config.method).features == "inputs":  # what the input level feeds the radiomic branch
+        values = config.input_spec().feature_values(wanted, values, lesions.reference)
+    return FeatureColumns(wanted, values)

@@ -21,7 +21,7 @@ from torch import nn
 
 from .config import TrainConfig
 from .data import FeatureScaler
-from .methods import NETWORK_METHODS
+from .methods import NETWORK_METHODS, get as get_method
 from .modeldir import MODEL_FORMAT, MODEL_JSON, read_model_json
 from .network import build_network
 
@@ -168,6 +168,8 @@ class Ensemble:
             raise ValueError(f"patches must be (N, {', '.join(map(str, expected))}), got {patches.shape}")
         if reference is None:
             reference = np.tile(np.asarray([[0.0, 1.0]], np.float32), (n, 1))
+        if get_method(self.method).features == "inputs":  # as select_features did in training
+            feats = spec.feature_values(self.feature_names, feats, reference)
         patches = spec.network_inputs(patches, reference) if self.method in NETWORK_METHODS else patches
         probs = np.stack([self._member_probability(m, patches, feats, batch_size) for m in self.members])
         thr = np.array([m.threshold for m in self.members], dtype=np.float32)[:, None]
