@@ -239,6 +239,44 @@ def table(summary: dict, methods: Sequence[str]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _f(v) -> str:
+    return "n/a" if v is None or (isinstance(v, float) and not np.isfinite(v)) else f"{v:.3f}"
+
+
+def markdown(summary: dict, methods: Sequence[str]) -> str:
+    """The headline table (per left-out family, in-family PR beside), the pooled paired differences and
+    the recalibration table, as docs/families.md and the model card show them."""
+    t = table(summary, methods)
+    lines = ["| left out (lesions/rim+) | method | ROC AUC | PR AUC | in-family PR | recall @F1 | precision @F1 | ECE | count r | expected-count r |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for _, r in t.iterrows():
+        lines.append(f"| {r['left out']} ({r['n/rim+']}) | {r['method']} | {_f(r['ROC'])} | {_f(r['PR'])} | "
+                     f"{_f(r['in-family PR'])} | {_f(r['recall'])} | {_f(r['precision'])} | {_f(r['ECE'])} | "
+                     f"{_f(r['count r'])} | {_f(r['E-count r'])} |")
+    ref = methods[0]
+    lines += ["", f"Pooled over the left-out families (calibrated out-of-family probabilities): {ref} minus each "
+              "method, paired participant bootstrap, 95 % interval:", "",
+              "| method | pooled PR AUC | pooled ROC AUC | ECE | PR AUC difference | ROC AUC difference |", "|---|---|---|---|---|---|"]
+    pooled = summary["pooled"]
+    for m in methods:
+        p = pooled["methods"][m]
+        if m == ref:
+            lines.append(f"| {m} | {_f(p['pr_auc_pooled'])} | {_f(p['roc_auc_pooled'])} | {_f(p['ece'])} | | |")
+            continue
+        d = pooled["paired_vs_" + ref][m]
+        cells = [f"{d[k]['difference']:+.3f} [{d[k]['ci_low']:+.3f}, {d[k]['ci_high']:+.3f}]" for k in ("pr_auc", "roc_auc")]
+        lines.append(f"| {m} | {_f(p['pr_auc_pooled'])} | {_f(p['roc_auc_pooled'])} | {_f(p['ece'])} | {cells[0]} | {cells[1]} |")
+    for fam, rec in summary.get("recalibration", {}).items():
+        sizes = [r["reviewed"] for r in rec["random"]["by_size"]]
+        lines += ["", f"Recalibration on {fam} (left out; before: recall {rec['before']['recall']:.2f}, precision "
+                  f"{rec['before']['precision']:.2f}; in-family {rec['target_recall']:.2f} / {rec['target_precision']:.2f}): "
+                  "share of draws within 0.05 of in-family", "",
+                  "| reviewed lesions | " + " | ".join(map(str, sizes)) + " |", "|---|" + "---|" * len(sizes)]
+        for scenario in ("random", "queue"):
+            lines.append(f"| {scenario} | " + " | ".join(f"{r['within']:.2f}" for r in rec[scenario]["by_size"]) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def _pairs(items: Sequence[str]) -> dict[str, Path]:
     out = {}
     for item in items:
@@ -267,6 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n-boot", type=int, default=2000)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--predictions", type=Path, default=None)
+    parser.add_argument("--markdown", type=Path, default=None, help="write the tables as Markdown (docs, model card)")
     args = parser.parse_args(argv)
     participants = pd.read_csv(args.participants, sep="\t", dtype=str)
     family_of = dict(zip(participants["participant_id"], participants[args.column]))
@@ -293,6 +332,8 @@ def main(argv: list[str] | None = None) -> int:
     for m, v in summary["pooled"]["paired_vs_" + ref].items():
         d = v["pr_auc"]
         print(f"  {m}: {d['difference']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]")
+    if args.markdown:
+        args.markdown.write_text(markdown(summary, list(models)))
     for fam, rec in summary.get("recalibration", {}).items():
         print(f"recalibration on {fam}: before recall/precision {rec['before']['recall']:.2f}/{rec['before']['precision']:.2f}; "
               f"target {rec['target_recall']:.2f}/{rec['target_precision']:.2f} - {rec['tolerance']}; reviewed lesions for "

@@ -154,12 +154,31 @@ def test_training_stores_the_map_and_prediction_applies_it(tmp_path):
     assert meta["thresholds"]["f1"] == pytest.approx(np.mean(per_fold), abs=1e-5)
 
 
-def test_bundled_model_without_a_map_predicts_its_raw_mean():
+def test_a_model_without_a_map_predicts_its_raw_mean(tmp_path):
+    """Models trained before calibration existed (no ``calibration`` in model.json) load as identity."""
+    import shutil
+
     from qsmrim_app.model.predict import load_ensemble
 
-    ens = load_ensemble(BUNDLED_MODEL_DIR, device="cpu")
+    legacy = Path(shutil.copytree(BUNDLED_MODEL_DIR, tmp_path / "legacy"))
+    meta = json.loads((legacy / "model.json").read_text())
+    meta.pop("calibration", None)
+    (legacy / "model.json").write_text(json.dumps(meta))
+    ens = load_ensemble(legacy, device="cpu")
     assert ens.calibration.is_identity
     assert "identity" in ens.calibration.describe()
+
+
+def test_the_bundled_models_map_is_monotone_and_stored_in_model_json():
+    from qsmrim_app.model.predict import load_ensemble
+
+    meta = json.loads((BUNDLED_MODEL_DIR / "model.json").read_text())
+    ens = load_ensemble(BUNDLED_MODEL_DIR, device="cpu")
+    if "calibration" not in meta:
+        pytest.skip("the bundled model predates calibration maps")
+    assert CalibrationMap.from_dict(meta["calibration"]).method == ens.calibration.method
+    grid = np.linspace(0, 1, 501)
+    assert np.all(np.diff(ens.calibration.apply(grid)) >= -1e-12)
 
 
 # ----------------------------------------------------------------------------- site recalibration

@@ -16,6 +16,8 @@ import pandas as pd
 import pytest
 
 from qsmrim_app import derivatives as drv
+from qsmrim_app.config import BUNDLED_MODEL_DIR
+from qsmrim_app.model.calibration import CalibrationMap
 from qsmrim_app.model.counts import count_interval
 from qsmrim_app.workflows.recalibrate import MIN_RIMMINUS, MIN_RIMPLUS
 
@@ -59,8 +61,10 @@ def test_counts_with_intervals_and_a_site_model_through_the_command_line(phantom
         assert row["n_rimplus_expected"] == pytest.approx(expected, abs=1e-3)
         assert (row["n_rimplus_ci_low"], row["n_rimplus_ci_high"]) == (low, high)
         assert low <= row["n_rimplus_expected"] <= high
-        np.testing.assert_allclose(table["probability"], table["probability_raw"], atol=1e-5)  # bundled: no map
-        assert "identity" in row["calibration"]
+        bundled_map = CalibrationMap.from_dict(json.loads((BUNDLED_MODEL_DIR / "model.json").read_text()).get("calibration"))
+        np.testing.assert_allclose(table["probability"], bundled_map.apply(table["probability_raw"].to_numpy(float)),
+                                   atol=1e-5)  # the bundled model's own map
+        assert row["calibration"] == bundled_map.describe()
         assert "Expected rim+ count" in drv.report_path(out, unit).read_text()
     assert "expected rim+" in (out / "group_report.html").read_text()
 
