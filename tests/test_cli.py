@@ -181,7 +181,7 @@ def test_config_from_options(tmp_path: Path, dataset: Path, dispatched: dict) ->
     assert config.plugin == "MultiProc" and config.plugin_args == {"n_procs": 3, "memory_gb": 6.0}
     assert config.device == "cpu" and config.training.device == "cpu" and config.verbosity == 2
     assert config.train_methods == ("qsmrimnet", "aprl-rf", "aprl-nn", "rimnet", "image-only", "image-radiomics",
-                                    "rf", "logreg", "shell-core")
+                                    "rf", "logreg", "features-only", "shell-core")
     assert config.command_line == tuple(argv)
     assert os.environ.get("NIPYPE_NO_ET") == "1"
 
