@@ -76,6 +76,9 @@ def classify_lesions(patches_file: Path, features_file: Path, model_dir: Path, *
         raise RuntimeError(f"{patches_file} and {features_file} list different lesions")
     ensemble = cached_ensemble(Path(model_dir), device=device)
     cutoff, point = choose_threshold(ensemble.thresholds, threshold, operating_point)
+    # The probabilities are float32; compared and written at that precision, a lesion exactly at a threshold
+    # fitted on float64 values gets the call its written numbers say (probability >= threshold).
+    cutoff = float(np.float32(cutoff))
     from .model.inputs import is_feature_column
 
     ensemble.inputs.check_patches(patchset.grid.extent_mm, patchset.grid.spacing_mm)
