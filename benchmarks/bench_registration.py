@@ -360,7 +360,7 @@ def _perturbed(truth: sitk.Transform, centre: np.ndarray, kind: str, size: float
 def bench_onehead_case(name: str) -> dict:
     from qsmrim_app.brain_outline import Outlines, flair_brain_mask
     from qsmrim_app.registration import register_without_magnitude
-    from qsmrim_app.registration_gate import outline_disagreement_mm
+    from qsmrim_app.registration_gate import outline_disagreement_mm, register_magnitude_gated
 
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
     start = time.perf_counter()
@@ -389,19 +389,25 @@ def bench_onehead_case(name: str) -> dict:
             row["paths"][path] = {"error": str(exc)}
             return
         seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+        retry = getattr(result, "retry", None)
+        result = getattr(result, "result", result)  # the gated magnitude path: its kept registration
+        offset = getattr(result, "offset_mm", None)
         transform = getattr(result, "transform", result)
         entry = {"seconds": seconds, "cpu_seconds": cpu, "initialisation": getattr(result, "initialisation", None),
                  "metric_after": getattr(result, "metric_after", None),
+                 **({"retry": retry} if retry else {}), **({"outline_offset_mm": offset} if offset is not None else {}),
                  **_onehead_accuracy(transform, session, flair_dseg, qsm, truth),
                  "gate_mm": outline_disagreement_mm(qsm_mask, flair_n4, transform, outlines=outlines)}
         row["paths"][path] = entry
         print(json.dumps({"case": name, "path": path, **entry}), flush=True)
 
-    score("magnitude", lambda: register_flair_to_qsm(mag_n4, flair_n4, qsm_mask, threads=1))
+    score("magnitude", lambda: register_magnitude_gated(mag_n4, flair_n4, qsm_mask, qsm_mask, threads=1))
+    score("magnitude_no_retry", lambda: register_flair_to_qsm(mag_n4, flair_n4, qsm_mask, threads=1))
     score("no_magnitude", lambda: register_without_magnitude(qsm, flair_n4, qsm_mask, threads=1))
     score("standin_mi_only", lambda: register_flair_to_qsm(qsm_registration_target(qsm, qsm_mask), flair_n4,
                                                            qsm_mask, threads=1))
-    score("outlines_only", lambda: outlines.register(outlines.start()[0]))
+    score("outlines_only", lambda: outlines.fit(outlines.start()[0]))
+    score("outline_masks_only", lambda: outlines.register_masks(outlines.start()[0]))
 
     rng = np.random.default_rng(sum(map(ord, name)))  # one fixed direction per case
     gate = [{"kind": "truth", "size": 0.0, "error_mm_mean": 0.0,
@@ -421,7 +427,8 @@ def bench_onehead_case(name: str) -> dict:
 def summarise_onehead(rows: list[dict]) -> dict:
     """Worst case per path, and the gate's separation: correct answers vs deliberately wrong ones."""
     summary = {}
-    for path in ("magnitude", "no_magnitude", "standin_mi_only", "outlines_only"):
+    for path in ("magnitude", "magnitude_no_retry", "no_magnitude", "standin_mi_only", "outlines_only",
+                 "outline_masks_only"):
         sel = [r["paths"][path] for r in rows if "error_mm_mean" in r["paths"].get(path, {})]
         failed = sum("error" in r["paths"].get(path, {}) for r in rows)
         if sel:

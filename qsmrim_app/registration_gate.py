@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import SimpleITK as sitk
 
 from .brain_outline import Outlines, flair_brain_mask
+from .registration import RegistrationError, RegistrationResult, register_flair_to_qsm
 
 #: Gate threshold (mm): a registration whose outline disagreement exceeds it fails. Chosen on the measured
 #: separation (docs/registration.md): every deliberately wrong registration of the one-head benchmark with a
@@ -66,14 +67,64 @@ def outline_disagreement_mm(qsm_mask: sitk.Image, flair: sitk.Image, transform: 
 
 
 def registration_gate(qsm_mask: sitk.Image, flair: sitk.Image, transform: sitk.Transform,
-                      threshold_mm: float = GATE_THRESHOLD_MM) -> GateResult:
+                      threshold_mm: float = GATE_THRESHOLD_MM, outlines: Outlines | None = None) -> GateResult:
     """Score a fixed(QSM)-to-moving(FLAIR) transform without the truth (see the module docstring).
 
     A QSM support that has no outline inside its grid (an unmasked map) or an empty FLAIR cannot be scored:
-    the verdict is then ``n/a`` with the reason, and the unit is not failed for it.
+    the verdict is then ``n/a`` with the reason, and the unit is not failed for it. ``outlines`` (built from
+    the same masks) saves building them again when one unit is scored more than once.
     """
     try:
-        return GateResult(outline_disagreement_mm(qsm_mask, flair, transform), float(threshold_mm))
+        return GateResult(outline_disagreement_mm(qsm_mask, flair, transform, outlines=outlines),
+                          float(threshold_mm))
     except (ValueError, RuntimeError) as exc:
         LOGGER.warning("registration gate not measured: %s", exc)
         return GateResult(float("nan"), float(threshold_mm), reason=str(exc).strip().splitlines()[-1])
+
+
+@dataclass(frozen=True)
+class GatedRegistration:
+    """The registration kept, its gate, and what the first attempt scored when it was retried."""
+
+    result: RegistrationResult
+    gate: GateResult
+    retry: dict  # sidecar fields describing the retry; empty when the first answer passed
+
+
+def register_magnitude_gated(fixed: sitk.Image, moving: sitk.Image, qsm_mask: sitk.Image | None,
+                             gate_mask: sitk.Image, threshold_mm: float = GATE_THRESHOLD_MM,
+                             **kwargs) -> GatedRegistration:
+    """The magnitude path, retried from the brain outlines when its answer fails the gate.
+
+    The magnitude path starts from the headers or the masks' centres of mass; a thin slab far from its header
+    (a 60 mm slab at the top of the brain, 25 mm off) defeats both, and MI then settles 21 mm off (one-head
+    benchmark). When that answer fails the gate, the same Mattes-MI registration is run again from the brain
+    outlines' fit (:meth:`.Outlines.fit`, the no-magnitude path's start), and the answer the gate scores lower
+    is kept. An answer that passes is returned as it is (the same transform, bit for bit, as without the gate).
+    ``qsm_mask`` goes to the registration (None: its Otsu default); ``gate_mask`` is the QSM-grid brain the
+    gate compares with the FLAIR's. ``kwargs`` go to :func:`.register_flair_to_qsm`.
+    """
+    first = register_flair_to_qsm(fixed, moving, qsm_mask, **kwargs)
+    try:
+        outlines = Outlines.build(gate_mask, flair_brain_mask(moving))
+    except (ValueError, RuntimeError):  # no outline: the gate cannot measure, nothing to retry from
+        return GatedRegistration(first, registration_gate(gate_mask, moving, first.transform, threshold_mm), {})
+    gate = registration_gate(gate_mask, moving, first.transform, threshold_mm, outlines=outlines)
+    if gate.passed:
+        return GatedRegistration(first, gate, {})
+    start, label = outlines.start()
+    LOGGER.warning("registration (%s start) failed the gate at %.2f mm; retrying from the brain outlines (%s)",
+                   first.initialisation, gate.value_mm, label)
+    retry = {"RegistrationRetry": "the first answer failed the gate; Mattes MI rerun from the brain outlines",
+             "FirstInitialisation": first.initialisation, "FirstGateValueMM": round(gate.value_mm, 3)}
+    try:
+        second = register_flair_to_qsm(fixed, moving, qsm_mask, initial=outlines.register(start),
+                                       initialisation=label, **kwargs)
+    except RegistrationError as exc:
+        LOGGER.warning("the retry from the brain outlines failed: %s", exc)
+        return GatedRegistration(first, gate, {**retry, "RetryError": str(exc), "RetryKept": "first"})
+    second_gate = registration_gate(gate_mask, moving, second.transform, threshold_mm, outlines=outlines)
+    retry["RetryGateValueMM"] = None if math.isnan(second_gate.value_mm) else round(second_gate.value_mm, 3)
+    if second_gate.value_mm < gate.value_mm:
+        return GatedRegistration(second, second_gate, {**retry, "RetryKept": "retry"})
+    return GatedRegistration(first, gate, {**retry, "RetryKept": "first"})
