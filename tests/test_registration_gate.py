@@ -147,6 +147,7 @@ def test_magnitude_path_passing_the_gate_is_not_retried(phantom: Path) -> None:
     np.testing.assert_allclose(gated.result.transform.GetParameters(), MAGNITUDE_PATH_BEFORE, rtol=0, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_magnitude_path_failing_the_gate_is_retried_from_the_outlines(phantom: Path, monkeypatch) -> None:
     """A first answer 8 mm off (what a header / centre-of-mass start gave on a thin top slab) fails the gate;
     the retry from the brain outlines is kept, and the sidecar fields say what happened."""
@@ -173,6 +174,31 @@ def test_magnitude_path_failing_the_gate_is_retried_from_the_outlines(phantom: P
     assert gated.gate.passed and gated.result.initialisation.startswith("brain-outline")
     errors = _lesion_errors_mm(phantom, gated.result.transform)
     assert errors.max() < min(images["qsm"].GetSpacing()), (errors.mean(), errors.max())
+
+
+@pytest.mark.slow
+def test_no_magnitude_path_keeps_the_outline_fit_when_mi_moves_it_far(phantom: Path, monkeypatch) -> None:
+    """MI to the stand-in that drifts 3 mm from the outline fit (as it settled 1.9 mm off on a thin top slab) is
+    not kept; MI that stays near it is."""
+    import dataclasses
+
+    from qsmrim_app import registration
+
+    images = _images(phantom)
+    real = registration.register_flair_to_qsm
+    drift = {"mm": 3.0}
+
+    def drifting(*args, **kwargs):
+        result = real(*args, **kwargs)
+        return dataclasses.replace(result, transform=_shifted(kwargs["initial"], (0.0, 0.0, drift["mm"])))
+
+    monkeypatch.setattr(registration, "register_flair_to_qsm", drifting)
+    kept = register_without_magnitude(images["qsm"], images["flair"], images["mask"], threads=1)
+    assert kept.initialisation.startswith("brain-outline") and "was not kept" in kept.initialisation
+    assert _lesion_errors_mm(phantom, kept.transform).max() < min(images["qsm"].GetSpacing())
+    drift["mm"] = 0.5 * registration.MI_AGREEMENT_MM
+    moved = register_without_magnitude(images["qsm"], images["flair"], images["mask"], threads=1)
+    assert "not kept" not in moved.initialisation and moved.transform.GetName() == "CompositeTransform"
 
 
 @pytest.mark.slow
