@@ -2,10 +2,10 @@
 
 Rewrites the blocks between ``<!-- NAME table: ... -->`` and ``<!-- /NAME table -->`` in docs/registration.md:
 ``onehead`` (every path of every case), ``gate`` (the gate at the truth and at deliberately wrong transforms) and
-``change`` (before vs after the outline offset refinement and the magnitude retry; the "before" figures are the
-previous run's JSON, kept as benchmarks/results/registration_onehead_before_offset.json).
+``change`` (before vs after the outline offset refinement, the MI agreement check and the magnitude retry, both
+measured in the same run: the benchmark also scores the paths and the gate as they were).
 
-    python benchmarks/registration_tables.py [--json ...] [--before ...] [--doc docs/registration.md]
+    python benchmarks/registration_tables.py [--json ...] [--doc docs/registration.md]
 """
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ RESULTS = REPO / "benchmarks" / "results"
 PATHS = {
     "magnitude": "magnitude (app): retried from the outlines when the gate fails",
     "magnitude_no_retry": "magnitude, no retry (before)",
-    "no_magnitude": "**no magnitude (app)**: outlines, then MI to stand-in",
+    "no_magnitude": "**no magnitude (app)**: outlines (offset refined), then MI to stand-in if it agrees",
+    "no_magnitude_before": "no magnitude before: outline masks, then MI to stand-in",
     "standin_mi_only": "stand-in MI alone",
     "outlines_only": "brain outlines alone (masks, then offset refinement)",
     "outline_masks_only": "outline masks alone (before: no offset)",
@@ -60,20 +61,19 @@ def gate_table(report: dict) -> list[str]:
         cells = []
         for kind, size in kinds:
             entry = next(g for g in row["gate"] if g["kind"] == kind and g["size"] == size)
-            cells.append(f"{entry['gate_mm']:.2f}" if kind == "truth"
-                         else f"{entry['gate_mm']:.2f} (err {entry['error_mm_mean']:.1f})")
+            was = f"was {entry['gate_before_mm']:.2f}" if "gate_before_mm" in entry else ""
+            err = "" if kind == "truth" else f"err {entry['error_mm_mean']:.1f}"
+            notes = "; ".join(x for x in (err, was) if x)
+            cells.append(f"**{entry['gate_mm']:.2f}**" + (f" ({notes})" if notes else ""))
         lines.append(f"| {row['case']} | " + " | ".join(cells) + " |")
     return lines
 
 
-def change_table(report: dict, before: dict) -> list[str]:
-    old = {row["case"]: row for row in before["cases"]}
+def change_table(report: dict) -> list[str]:
+    """Before (outline masks without the offset, no retry) vs after, both measured in the same run."""
     lines = ["| case | no magnitude: mean error (mm) / median Dice | magnitude: mean error / median Dice | "
-             "outlines alone: mean error | gate at the truth (mm) | smallest gate of a >= 4 mm error |",
+             "outlines alone: mean error | gate at the truth (mm) | smallest gate of a >= 4 mm error (mm; mean lesion error >= 3.95 mm) |",
              "|---|---|---|---|---|---|"]
-
-    def path(row: dict, key: str, fallback: str | None = None) -> dict:
-        return row["paths"].get(key) or row["paths"].get(fallback or key, {})
 
     def pair(a: dict, b: dict) -> str:
         if "error_mm_mean" not in a or "error_mm_mean" not in b:
@@ -82,18 +82,15 @@ def change_table(report: dict, before: dict) -> list[str]:
                 f"**{b['error_mm_mean']:.2f} / {b['lesion_dice_median']:.2f}**")
 
     for row in report["cases"]:
-        was = old.get(row["case"])
-        if was is None:
-            continue
-        truth = [next(g["gate_mm"] for g in r["gate"] if g["kind"] == "truth") for r in (was, row)]
-        wrong = [min(g["gate_mm"] for g in r["gate"] if g["kind"] != "truth" and g["error_mm_mean"] >= 4.0)
-                 for r in (was, row)]
-        outline_before = path(was, "outlines_only")["error_mm_mean"]
-        outline_after = path(row, "outlines_only")["error_mm_mean"]
-        lines.append(f"| {row['case']} | {pair(path(was, 'no_magnitude'), path(row, 'no_magnitude'))} | "
-                     f"{pair(path(was, 'magnitude'), path(row, 'magnitude'))} | "
-                     f"{outline_before:.2f} -> **{outline_after:.2f}** | {truth[0]:.2f} -> **{truth[1]:.2f}** | "
-                     f"{wrong[0]:.2f} -> **{wrong[1]:.2f}** |")
+        paths = row["paths"]
+        truth = next(g for g in row["gate"] if g["kind"] == "truth")
+        wrong = [g for g in row["gate"] if g["kind"] != "truth" and g["error_mm_mean"] >= 3.95]
+        lines.append(f"| {row['case']} | {pair(paths['no_magnitude_before'], paths['no_magnitude'])} | "
+                     f"{pair(paths['magnitude_no_retry'], paths['magnitude'])} | "
+                     f"{paths['outline_masks_only']['error_mm_mean']:.2f} -> "
+                     f"**{paths['outlines_only']['error_mm_mean']:.2f}** | "
+                     f"{truth['gate_before_mm']:.2f} -> **{truth['gate_mm']:.2f}** | "
+                     f"{min(g['gate_before_mm'] for g in wrong):.2f} -> **{min(g['gate_mm'] for g in wrong):.2f}** |")
     return lines
 
 
@@ -109,7 +106,6 @@ def replace_block(text: str, name: str, lines: list[str], source: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=Path, default=RESULTS / "registration_onehead.json")
-    parser.add_argument("--before", type=Path, default=RESULTS / "registration_onehead_before_offset.json")
     parser.add_argument("--doc", type=Path, default=REPO / "docs" / "registration.md")
     args = parser.parse_args()
     report = json.loads(args.json.read_text())
@@ -117,9 +113,7 @@ def main() -> None:
     text = args.doc.read_text()
     text = replace_block(text, "onehead", onehead_table(report), source)
     text = replace_block(text, "gate", gate_table(report), source)
-    if args.before.is_file() and "<!-- change table" in text:
-        text = replace_block(text, "change", change_table(report, json.loads(args.before.read_text())),
-                             f"{source} and benchmarks/results/{args.before.name}")
+    text = replace_block(text, "change", change_table(report), source)
     args.doc.write_text(text)
 
 
