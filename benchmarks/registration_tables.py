@@ -72,7 +72,8 @@ def gate_table(report: dict) -> list[str]:
 def change_table(report: dict) -> list[str]:
     """Before (outline masks without the offset, no retry) vs after, both measured in the same run."""
     lines = ["| case | no magnitude: mean error (mm) / median Dice | magnitude: mean error / median Dice | "
-             "outlines alone: mean error | gate at the truth (mm) | smallest gate of a >= 4 mm error (mm; mean lesion error >= 3.95 mm) |",
+             "outlines alone: mean error | gate at the truth (mm) | "
+             "smallest gate of a >= 4 mm error (mm; mean lesion error >= 3.95 mm) |",
              "|---|---|---|---|---|---|"]
 
     def pair(a: dict, b: dict) -> str:
