@@ -86,8 +86,8 @@ def change_table(report: dict) -> list[str]:
         paths = row["paths"]
         truth = next(g for g in row["gate"] if g["kind"] == "truth")
         wrong = [g for g in row["gate"] if g["kind"] != "truth" and g["error_mm_mean"] >= 3.95]
-        lines.append(f"| {row['case']} | {pair(paths['no_magnitude_before'], paths['no_magnitude'])} | "
-                     f"{pair(paths['magnitude_no_retry'], paths['magnitude'])} | "
+        lines.append(f"| {row['case']} | {pair(paths.get('no_magnitude_before', {}), paths.get('no_magnitude', {}))} | "
+                     f"{pair(paths.get('magnitude_no_retry', {}), paths.get('magnitude', {}))} | "
                      f"{paths['outline_masks_only']['error_mm_mean']:.2f} -> "
                      f"**{paths['outlines_only']['error_mm_mean']:.2f}** | "
                      f"{truth['gate_before_mm']:.2f} -> **{truth['gate_mm']:.2f}** | "
