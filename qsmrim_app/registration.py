@@ -35,8 +35,9 @@ DEFAULT_MAX_METRIC = -0.05
 
 #: Without a magnitude, the Mattes-MI stage refines the brain outlines' fit; an MI answer farther than this
 #: (mean over the QSM brain, mm) from that fit is not kept. Measured on the one-head benchmark
-#: (docs/registration.md): on whole brains MI moved the outline fit by 0.13-0.14 mm; on both 60 mm slabs of the top
-#: of the brain MI to the stand-in settled 1.9-2.1 mm from the truth, started from an outline fit 0.07-0.10 mm off.
+#: (docs/registration.md): on whole brains and a 70 mm slab MI moved the outline fit by 0.13-0.56 mm; on both 60 mm
+#: slabs of the top of the brain MI to the stand-in settled 1.9-2.1 mm from the truth, started from an outline fit
+#: 0.07-0.10 mm off (it moved it 2.04-2.07 mm).
 MI_AGREEMENT_MM = 1.0
 
 _INTERPOLATORS = {
