@@ -18,9 +18,10 @@ import pytest
 import SimpleITK as sitk
 
 from qsmrim_app import derivatives as drv
-from qsmrim_app.brain_outline import as_euler, flair_brain_mask
+from qsmrim_app import registration_gate as gate_module
+from qsmrim_app.brain_outline import Outlines, as_euler, flair_brain_mask
 from qsmrim_app.registration import register_flair_to_qsm, register_without_magnitude
-from qsmrim_app.registration_gate import GATE_THRESHOLD_MM, registration_gate
+from qsmrim_app.registration_gate import GATE_THRESHOLD_MM, register_magnitude_gated, registration_gate
 from qsmrim_app.utils.images import lps_to_ras, ras_to_lps
 
 REPO = Path(__file__).resolve().parent.parent
@@ -107,6 +108,97 @@ def test_as_euler_keeps_a_rigid_transform() -> None:
     euler = as_euler(sitk.AffineTransform(rigid.GetMatrix(), rigid.GetTranslation(), rigid.GetCenter()), (10, 0, -3))
     for point in ((0.0, 0.0, 0.0), (50.0, -20.0, 30.0)):
         np.testing.assert_allclose(euler.TransformPoint(point), rigid.TransformPoint(point), atol=1e-9)
+
+
+def _top_part(mask: sitk.Image, fraction: float) -> sitk.Image:
+    """The QSM support cropped to the top ``fraction`` of its slices (a slab that sees only the dome)."""
+    array = sitk.GetArrayViewFromImage(mask)
+    slices = np.flatnonzero(array.any(axis=(1, 2)))
+    assert mask.GetDirection()[8] > 0.99  # slice index grows towards the top of the head
+    low = int(slices[int(len(slices) * (1.0 - fraction))])
+    size = list(mask.GetSize())
+    return sitk.RegionOfInterest(mask, [size[0], size[1], size[2] - low], [0, 0, low])
+
+
+def test_outline_fit_estimates_the_csf_offset(phantom: Path) -> None:
+    """The FLAIR brain mask ends at the grey matter, the QSM support includes the outer CSF: the refinement finds
+    that offset and lands nearer the truth than the fit of the masks alone, most of all on the top of the brain."""
+    images = _images(phantom)
+    truth = _itk(_truth(phantom))
+    flair_mask = flair_brain_mask(images["flair"])
+    found = {}
+    for part, qsm_mask in (("whole", images["mask"]), ("top half", _top_part(images["mask"], 0.5))):
+        outlines = Outlines.build(qsm_mask, flair_mask)
+        start = outlines.start()[0]
+        fit = outlines.fit(start)
+        found[part] = (outlines.displacement_mm(truth, fit.transform),
+                       outlines.displacement_mm(truth, outlines.register_masks(start)), fit.offset_mm)
+        assert 1.0 < fit.offset_mm < 3.5, found  # the phantom's outer CSF (QSM side) is 2-3 mm thick
+    (whole, whole_masks, _), (top, top_masks, _) = found["whole"], found["top half"]
+    assert whole < 0.5 and whole <= whole_masks, found
+    assert top < 1.5 and top_masks > 2.5 and top < 0.5 * top_masks, found
+
+
+def test_magnitude_path_passing_the_gate_is_not_retried(phantom: Path) -> None:
+    images = _images(phantom)
+    gated = register_magnitude_gated(images["magnitude"], images["flair"], images["mask"], images["mask"],
+                                     threads=1)
+    assert gated.retry == {} and gated.gate.passed and gated.result.initialisation == "header"
+    np.testing.assert_allclose(gated.result.transform.GetParameters(), MAGNITUDE_PATH_BEFORE, rtol=0, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_magnitude_path_failing_the_gate_is_retried_from_the_outlines(phantom: Path, monkeypatch) -> None:
+    """A first answer 8 mm off (what a header / centre-of-mass start gave on a thin top slab) fails the gate;
+    the retry from the brain outlines is kept, and the sidecar fields say what happened."""
+    import dataclasses
+
+    images = _images(phantom)
+    truth = _itk(_truth(phantom))
+    real = gate_module.register_flair_to_qsm
+    starts = []
+
+    def first_one_wrong(*args, **kwargs):
+        result = real(*args, **kwargs)
+        starts.append(kwargs.get("initialisation", "header/centre-of-mass"))
+        if kwargs.get("initial") is None:
+            return dataclasses.replace(result, transform=_shifted(truth, (0.0, 8.0, 0.0)))
+        return result
+
+    monkeypatch.setattr(gate_module, "register_flair_to_qsm", first_one_wrong)
+    gated = register_magnitude_gated(images["magnitude"], images["flair"], images["mask"], images["mask"],
+                                     threads=1)
+    assert len(starts) == 2 and starts[1].startswith("brain-outline"), starts
+    assert gated.retry["RetryKept"] == "retry" and gated.retry["FirstGateValueMM"] > GATE_THRESHOLD_MM
+    assert gated.retry["RetryGateValueMM"] == pytest.approx(gated.gate.value_mm, abs=1e-3)
+    assert gated.gate.passed and gated.result.initialisation.startswith("brain-outline")
+    errors = _lesion_errors_mm(phantom, gated.result.transform)
+    assert errors.max() < min(images["qsm"].GetSpacing()), (errors.mean(), errors.max())
+
+
+@pytest.mark.slow
+def test_no_magnitude_path_keeps_the_outline_fit_when_mi_moves_it_far(phantom: Path, monkeypatch) -> None:
+    """MI to the stand-in that drifts 3 mm from the outline fit (as it settled 1.9 mm off on a thin top slab) is
+    not kept; MI that stays near it is."""
+    import dataclasses
+
+    from qsmrim_app import registration
+
+    images = _images(phantom)
+    real = registration.register_flair_to_qsm
+    drift = {"mm": 3.0}
+
+    def drifting(*args, **kwargs):
+        result = real(*args, **kwargs)
+        return dataclasses.replace(result, transform=_shifted(kwargs["initial"], (0.0, 0.0, drift["mm"])))
+
+    monkeypatch.setattr(registration, "register_flair_to_qsm", drifting)
+    kept = register_without_magnitude(images["qsm"], images["flair"], images["mask"], threads=1)
+    assert kept.initialisation.startswith("brain-outline") and "was not kept" in kept.initialisation
+    assert _lesion_errors_mm(phantom, kept.transform).max() < min(images["qsm"].GetSpacing())
+    drift["mm"] = 0.5 * registration.MI_AGREEMENT_MM
+    moved = register_without_magnitude(images["qsm"], images["flair"], images["mask"], threads=1)
+    assert "not kept" not in moved.initialisation and moved.transform.GetName() == "CompositeTransform"
 
 
 @pytest.mark.slow

@@ -7,9 +7,9 @@ import SimpleITK as sitk
 from nipype.interfaces.base import (BaseInterfaceInputSpec, File, SimpleInterface, TraitedSpec,
                                     traits)
 
-from ..registration import (RegistrationError, otsu_foreground, read_transform, register_flair_to_qsm,
-                            register_without_magnitude, resample_to_reference, write_transform)
-from ..registration_gate import GATE_THRESHOLD_MM, registration_gate
+from ..registration import (RegistrationError, otsu_foreground, read_transform, register_without_magnitude,
+                            resample_to_reference, write_transform)
+from ..registration_gate import GATE_THRESHOLD_MM, register_magnitude_gated, registration_gate
 from ._base import InputDataError, out_path
 
 
@@ -50,22 +50,24 @@ class RegisterFLAIRToQSM(SimpleInterface):
         qsm_mask = (sitk.ReadImage(self.inputs.fixed_mask_file, sitk.sitkUInt8) if self.inputs.fixed_mask_file
                     else None)
         target = "QSM-derived stand-in (no magnitude)" if self.inputs.fixed_is_qsm else "magnitude"
+        # the QSM's support (nonzero voxels), or the magnitude's foreground: the brain the gate compares
+        gate_mask = qsm_mask if qsm_mask is not None else (
+            sitk.Cast(sitk.NotEqual(fixed, 0.0), sitk.sitkUInt8) if self.inputs.fixed_is_qsm
+            else otsu_foreground(fixed))
         if self.inputs.mode == "header":
             transform, sidecar = sitk.Euler3DTransform(), {"Initialisation": "header"}
             target = "none (the headers, no optimisation)"
+            gate, retry = registration_gate(gate_mask, moving, transform, self.inputs.gate_threshold_mm), {}
         else:
-            result = self._register(fixed, moving, qsm_mask)
+            result, gate, retry = self._register(fixed, moving, qsm_mask, gate_mask)
             transform = result.transform
             sidecar = {"Metric": "MattesMutualInformation", "Initialisation": result.initialisation,
                        "MetricBefore": float(result.metric_before), "MetricAfter": float(result.metric_after)}
             for stage in result.stages:  # flat keys: the report shows them as one table
                 sidecar[f"Stage{stage.name.capitalize()}Metric"] = float(stage.metric)
                 sidecar[f"Stage{stage.name.capitalize()}Iterations"] = int(stage.iterations)
-        if qsm_mask is None:  # the QSM's support (nonzero voxels), or the magnitude's foreground
-            qsm_mask = (sitk.Cast(sitk.NotEqual(fixed, 0.0), sitk.sitkUInt8) if self.inputs.fixed_is_qsm
-                        else otsu_foreground(fixed))
-        gate = registration_gate(qsm_mask, moving, transform, self.inputs.gate_threshold_mm)
-        sidecar = {"RegistrationMode": self.inputs.mode, "RegistrationTarget": target, **sidecar, **gate.sidecar()}
+        sidecar = {"RegistrationMode": self.inputs.mode, "RegistrationTarget": target, **sidecar,
+                   **gate.sidecar(), **retry}
         self._results["transform_file"] = out_path("flair_to_qsm_xfm.txt")
         write_transform(transform, self._results["transform_file"])
         report = {**sidecar, "FixedImage": self.inputs.fixed_file, "MovingImage": self.inputs.moving_file}
@@ -80,14 +82,19 @@ class RegisterFLAIRToQSM(SimpleInterface):
         self._results["gate_passed"] = gate.passed
         return runtime
 
-    def _register(self, fixed: sitk.Image, moving: sitk.Image, qsm_mask: sitk.Image | None):
+    def _register(self, fixed: sitk.Image, moving: sitk.Image, qsm_mask: sitk.Image | None,
+                  gate_mask: sitk.Image):
+        """The registration and its gate (a magnitude answer that fails it is retried from the brain outlines)."""
         kwargs = {"threads": self.inputs.num_threads, "affine": self.inputs.mode == "affine"}
         if self.inputs.max_metric:
             kwargs["max_metric"] = self.inputs.max_metric
+        threshold = self.inputs.gate_threshold_mm
         try:
             if self.inputs.fixed_is_qsm:
-                return register_without_magnitude(fixed, moving, qsm_mask, **kwargs)
-            return register_flair_to_qsm(fixed, moving, qsm_mask, **kwargs)
+                result = register_without_magnitude(fixed, moving, qsm_mask, **kwargs)
+                return result, registration_gate(gate_mask, moving, result.transform, threshold), {}
+            gated = register_magnitude_gated(fixed, moving, qsm_mask, gate_mask, threshold, **kwargs)
+            return gated.result, gated.gate, gated.retry
         except RegistrationError as exc:
             raise InputDataError(
                 f"registration of FLAIR {self.inputs.source_moving or self.inputs.moving_file} to "
