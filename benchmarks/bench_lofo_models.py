@@ -45,6 +45,21 @@ CAVEAT = ("the other families' out-of-fold predictions that fit a left-out famil
           "threshold come from members that trained on that family (leave-one-out, not nested)")
 
 
+def scan_ids(subjects, sessions) -> np.ndarray:
+    """One id per scan (``sub-X`` or ``sub-X_ses-Y``): counts are per scan, not per person."""
+    return np.asarray([f"{s}_ses-{t}" if isinstance(t, str) and t not in ("", "n/a") else str(s)
+                       for s, t in zip(subjects, sessions)])
+
+
+def expected_counts(y: np.ndarray, p_cal: np.ndarray, scans: np.ndarray) -> dict:
+    """Per scan, the true rim+ count against the expected one (sum of calibrated probabilities)."""
+    counts = pd.DataFrame({"scan": scans, "y": y, "p": p_cal}).groupby("scan").agg(true=("y", "sum"), expected=("p", "sum"))
+    r = (float(np.corrcoef(counts["true"], counts["expected"])[0, 1])
+         if len(counts) > 2 and counts["true"].std() > 0 and counts["expected"].std() > 0 else None)
+    return {"n_scans": int(len(counts)), "expected_count_r": r,
+            "expected_count_mse": float(((counts["expected"] - counts["true"]) ** 2).mean())}
+
+
 def read_oof(model_dir: Path, family_of: dict[str, str]) -> pd.DataFrame:
     """A model directory's out-of-fold table with each lesion's family; one family per fold is required."""
     oof = pd.read_csv(Path(model_dir) / "oof_predictions.tsv", sep="\t", dtype={"session": str})
@@ -56,8 +71,7 @@ def read_oof(model_dir: Path, family_of: dict[str, str]) -> pd.DataFrame:
     if (per_fold != 1).any():
         raise SystemExit(f"{model_dir}: folds mix families ({per_fold.to_dict()}); train with --cv-group-by "
                          "family and --folds equal to the number of families")
-    oof["scan"] = oof["subject"] + np.where(oof["session"].fillna("n/a").isin(["n/a", ""]), "",
-                                            "_ses-" + oof["session"].fillna("").astype(str))
+    oof["scan"] = scan_ids(oof["subject"], oof["session"])
     return oof.sort_values(["subject", "session", "lesion_id"]).reset_index(drop=True)
 
 
@@ -76,15 +90,10 @@ def score(y: np.ndarray, p_raw: np.ndarray, p_cal: np.ndarray, threshold: float,
     """Ranking on the raw probability; calibration, operating point and counts on the calibrated one."""
     ranked = lesion_and_subject_metrics(y, p_raw, np.zeros(y.size, int), scans, thresholds_per_fold={0: 0.5})
     called = lesion_and_subject_metrics(y, p_cal, np.zeros(y.size, int), scans, thresholds_per_fold={0: threshold})
-    frame = pd.DataFrame({"scan": scans, "y": y, "p": p_cal})
-    counts = frame.groupby("scan").agg(true=("y", "sum"), expected=("p", "sum"))
-    r_expected = (float(np.corrcoef(counts["true"], counts["expected"])[0, 1])
-                  if len(counts) > 2 and counts["true"].std() > 0 and counts["expected"].std() > 0 else None)
     out = {k: called.get(k) for k in KEYS}
     out.update({"roc_auc_pooled": ranked.get("roc_auc_pooled"), "pr_auc_pooled": ranked.get("pr_auc_pooled"),
                 "threshold_f1": threshold, "n_lesions": int(y.size), "n_rimplus": int(y.sum()),
-                "n_scans": int(len(counts)), "expected_count_r": r_expected,
-                "expected_count_mse": float(((counts["expected"] - counts["true"]) ** 2).mean())})
+                **expected_counts(y, p_cal, scans)})
     cal = calibration_metrics(y, p_cal, p_raw)
     out.update({k: cal[k] for k in ("ece", "ece_raw", "log_loss", "brier")})
     return out
@@ -94,12 +103,10 @@ def pooled_scores(y: np.ndarray, p_cal: np.ndarray, scans: np.ndarray) -> dict:
     """All left-out families at once, each lesion at its own family's out-of-family calibration."""
     from qsmrim_app.model.metrics import pr_auc, roc_auc
 
-    frame = pd.DataFrame({"scan": scans, "y": y, "p": p_cal}).groupby("scan").agg(true=("y", "sum"), expected=("p", "sum"))
     cal = calibration_metrics(y, p_cal)
     return {"roc_auc_pooled": roc_auc(y, p_cal), "pr_auc_pooled": pr_auc(y, p_cal), "ece": cal["ece"],
             "log_loss": cal["log_loss"], "brier": cal["brier"], "n_lesions": int(y.size), "n_rimplus": int(y.sum()),
-            "n_scans": int(len(frame)), "expected_count_r": float(np.corrcoef(frame["true"], frame["expected"])[0, 1]),
-            "expected_count_mse": float(((frame["expected"] - frame["true"]) ** 2).mean())}
+            **expected_counts(y, p_cal, scans)}
 
 
 def lofo(tables: dict[str, pd.DataFrame], n_boot: int) -> tuple[dict, pd.DataFrame]:
@@ -145,7 +152,7 @@ def in_family(model_dir: Path, family_of: dict[str, str]) -> dict:
     meta = json.loads((Path(model_dir) / "model.json").read_text())
     cmap, thr = CalibrationMap.from_dict(meta.get("calibration")), float(meta["thresholds"]["f1"])
     oof["family"] = oof["subject"].map(family_of)
-    scans = (oof["subject"] + "_" + oof["session"].fillna("")).to_numpy()
+    scans = scan_ids(oof["subject"], oof["session"])
     out = {}
     for fam in sorted(oof["family"].dropna().unique()):
         mine = (oof["family"] == fam).to_numpy()
@@ -214,7 +221,7 @@ def test_families(models: dict[str, Path], dirs: dict[str, Path]) -> dict:
     out = {}
     for name, path in dirs.items():
         lesions = collect_lesion_set(Path(path))
-        scans = np.asarray([f"{s}_ses-{t}" if t else s for s, t in zip(lesions.subjects, lesions.sessions)])
+        scans = scan_ids(lesions.subjects, lesions.sessions)
         out[name] = {}
         for m, model_dir in models.items():
             ens = load_ensemble(Path(model_dir), device="cpu")

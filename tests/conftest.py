@@ -33,6 +33,18 @@ def _share_the_cores_between_workers() -> None:
 _share_the_cores_between_workers()
 
 
+def load_benchmark(name: str):
+    """A ``benchmarks/<name>.py`` script imported as a module (benchmarks are scripts, not a package)."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses resolve their module by name
+    spec.loader.exec_module(module)
+    return module
+
+
 def _shared_data_dir() -> Path:
     return Path(os.environ.get("QSMRIM_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
 

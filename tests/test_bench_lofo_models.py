@@ -1,25 +1,18 @@
 """benchmarks/bench_lofo_models.py: leave-one-family-out read from models trained with --cv-group-by."""
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
-
-REPO = Path(__file__).resolve().parent.parent
+from conftest import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_lofo_models", REPO / "benchmarks" / "bench_lofo_models.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_lofo_models"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("bench_lofo_models")
 
 
 def _model(tmp: Path, name: str, families: dict[str, str], signal: float, seed: int) -> Path:

@@ -6,14 +6,13 @@ generated twice through `qsmrim-synth --family` in the slow test (needs ../share
 from __future__ import annotations
 
 import hashlib
-import importlib.util
-import sys
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import load_benchmark
 
 from qsmrim_app.synthetic import main as synth_main
 from qsmrim_app.synthetic.families import FAMILIES, get_family
@@ -21,15 +20,10 @@ from qsmrim_app.synthetic.semireal import GRIDS, draw_acquisition
 from qsmrim_app.synthetic.anatomy import rng_for
 from qsmrim_app.synthetic.semireal_head import BACKGROUNDS
 
-REPO = Path(__file__).resolve().parent.parent
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("bench_families", REPO / "benchmarks" / "bench_families.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_families"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("bench_families")
 
 
 def test_every_family_is_valid_and_differs_from_the_others() -> None:
