@@ -173,7 +173,7 @@ def recalibration(table: pd.DataFrame, family: str, target: tuple[float, float],
     and precision on all the site's lesions come within ``tolerance`` of the in-family ones. A draw is a
     site (the family's scans resampled with replacement); lesions reviewed at random or in qsmrim-review's
     queue order (most probable first); fewer than the app's minimum of reviewed rim+/rim- is a miss."""
-    from qsmrim_app.workflows.recalibrate import MIN_RIMMINUS, MIN_RIMPLUS
+    from qsmrim_app.workflows.recalibrate import MIN_RIMMINUS, MIN_RIMPLUS, below_point
 
     _, thr, base = out_of_family(table, family)
     mine = table[table["family"] == family]
@@ -200,7 +200,7 @@ def recalibration(table: pd.DataFrame, family: str, target: tuple[float, float],
                     continue
                 site = fit_site_map(base, y[rev], raw[rev])
                 p_site = site.apply(raw)
-                r, p, _ = _at(y, p_site, f1_optimal_threshold(y[rev], p_site[rev]))
+                r, p, _ = _at(y, p_site, below_point(f1_optimal_threshold(y[rev], p_site[rev]), p_site[rev]))
                 fitted += 1
                 recalls.append(r)
                 precisions.append(p)

@@ -44,7 +44,7 @@ from qsmrim_app.model.calibration import (CANDIDATES, CalibrationMap, expected_c
                                           expected_operating_points, fit_cv_calibration, fit_map, fit_site_map,
                                           log_loss)
 from qsmrim_app.model.metrics import confusion, f1_optimal_threshold, pr_auc, roc_auc  # noqa: E402
-from qsmrim_app.workflows.recalibrate import MIN_RIMMINUS, MIN_RIMPLUS, site_lesions  # noqa: E402
+from qsmrim_app.workflows.recalibrate import MIN_RIMMINUS, MIN_RIMPLUS, below_point, site_lesions  # noqa: E402
 
 
 def cohort(outputs: Path) -> pd.DataFrame:
@@ -127,7 +127,7 @@ def one_cohort(outputs: Path, args, meta: dict, base: CalibrationMap, target_r: 
                     site = fit_site_map(base, y[rev], raw[rev], prior=prior)
                     p_site = site.apply(raw)
                     t = (expected_operating_points(p_site)["f1"] if rule == "expected"
-                         else f1_optimal_threshold(y[rev], p_site[rev]))
+                         else below_point(f1_optimal_threshold(y[rev], p_site[rev]), p_site[rev]))
                     m = at(y, p_site, t)  # the site's calls on all its lesions
                     m.update(ece=expected_calibration_error(y, p_site), oracle_f1=best["f1"], as_is_f1=as_is["f1"],
                              refused=False)

@@ -99,12 +99,16 @@ EOF
 }
 
 train() {
-    "$BIN/qsmrim" train_bids train_out group --train --protocol fast --cv-group-by family --folds 6 --weights-fp16
+    # the bundled recipe: the image-only network and the features-only model trained apart through the
+    # same family folds, their mean calibrated as one model (docs/families.md, the image-branch table)
+    "$BIN/qsmrim" train_bids train_out group --train --protocol fast --cv-group-by family --folds 6 --method fusion \
+        --weights-fp16
 }
 
 floors() {
     local m
-    for m in features-only logreg rf aprl-rf shell-core; do
+    "$BIN/qsmrim" train_bids train_out group --train --protocol fast --cv-group-by family --folds 6 --weights-fp16
+    for m in logreg rf aprl-rf shell-core; do
         "$BIN/qsmrim" train_bids train_out group --train --protocol fast --cv-group-by family --folds 6 --method "$m"
     done
 }
@@ -113,19 +117,27 @@ latest() { ls -td train_out/models/"$1"-* | head -1; }
 
 lofo() {
     local models=() m
-    for m in qsmrimnet features-only logreg rf aprl-rf shell-core; do models+=(--model "$m=$(latest $m)"); done
+    local fusion
+    fusion=$(latest fusion)
+    models+=(--model "fusion=$fusion" --model "qsmrimnet=$(latest qsmrimnet)")
+    models+=(--model "features-only=$fusion/components/features-only" --model "image-only=$fusion/components/image-only")
+    for m in logreg rf aprl-rf shell-core; do models+=(--model "$m=$(latest $m)"); done
     "$BIN/python" "$REPO/benchmarks/bench_lofo_models.py" --participants train_bids/participants.tsv \
         --column family "${models[@]}" ${BLIND:+--test-family blind=$BLIND} \
         --out "$WORK/lofo_models.json" --predictions "$WORK/lofo_models_predictions.tsv"
 }
 
 install() {
-    # the bundled model is the recipe's model directory without its checkpoints; MODEL.md (the card) stays
-    local src dst="$REPO/qsmrim_app/data/model"
-    src=$(latest qsmrimnet)
+    # the bundled model is the recipe's model directory without checkpoints or component reports; MODEL.md stays
+    local src dst="$REPO/qsmrim_app/data/model" m
+    src=$(latest fusion)
     find "$dst" -mindepth 1 ! -name MODEL.md -delete
-    cp -r "$src/model.json" "$src/weights" "$src/oof_predictions.tsv" "$src/metrics.json" "$src/report.html" \
-        "$src/table2.tsv" "$dst/"
+    cp -r "$src/model.json" "$src/oof_predictions.tsv" "$src/metrics.json" "$src/report.html" "$src/table2.tsv" "$dst/"
+    for m in image-only features-only; do
+        mkdir -p "$dst/components/$m"
+        cp -r "$src/components/$m/model.json" "$src/components/$m/weights" "$src/components/$m/oof_predictions.tsv" \
+            "$dst/components/$m/"
+    done
 }
 
 export REPO WORK BIN DATA FAMILIES PHANTOMS

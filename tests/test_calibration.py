@@ -262,3 +262,19 @@ def test_recalibration_refuses_too_few_reviews_and_writes_a_site_model(tmp_path,
     assert main(args + ["--model", str(site[0])]) == 64
     err = capsys.readouterr().err
     assert "classified with model(s)" in err
+
+
+def test_site_thresholds_sit_between_reviewed_probabilities() -> None:
+    """A site's operating point is moved halfway to the next reviewed probability below its optimum, so a
+    reviewed lesion exactly at the optimum keeps its call when recomputed from unrounded probabilities."""
+    from qsmrim_app.model.metrics import f1_optimal_threshold
+    from qsmrim_app.workflows.recalibrate import below_point
+
+    y = np.array([1, 1, 0, 1, 0, 0])
+    p = np.array([0.9, 0.7, 0.6, 0.5, 0.3, 0.1])
+    t = f1_optimal_threshold(y, p)
+    assert t == 0.5 and below_point(t, p) == pytest.approx(0.4)
+    moved = below_point(t, p)
+    assert ((p >= t) == (p >= moved)).all()  # the same reviewed lesions are called
+    assert (p[p < moved] <= 0.3).all() and (p >= moved).sum() == 4
+    assert below_point(0.1, p) == 0.1  # nothing below: unchanged

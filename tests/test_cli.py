@@ -181,7 +181,7 @@ def test_config_from_options(tmp_path: Path, dataset: Path, dispatched: dict) ->
     assert config.plugin == "MultiProc" and config.plugin_args == {"n_procs": 3, "memory_gb": 6.0}
     assert config.device == "cpu" and config.training.device == "cpu" and config.verbosity == 2
     assert config.train_methods == ("qsmrimnet", "aprl-rf", "aprl-nn", "rimnet", "image-only", "image-radiomics",
-                                    "rf", "logreg", "features-only", "shell-core")
+                                    "rf", "logreg", "features-only", "fusion", "shell-core")
     assert config.command_line == tuple(argv)
     assert os.environ.get("NIPYPE_NO_ET") == "1"
 
@@ -282,7 +282,7 @@ def test_parser_defaults() -> None:
     args = build_parser().parse_args(["/b", "/o", "participant"])
     assert args.min_lesion_voxels == 10 and args.patch_extent_mm is None and args.patch_spacing_mm is None
     assert args.protocol == "paper" and args.inputs == "referenced" and args.epochs is None
-    assert args.operating_point == "f1" and args.device == "auto" and args.method == "qsmrimnet"
+    assert args.operating_point == "f1" and args.device == "auto" and args.method is None
     assert args.threshold is None and args.qsm_units is None and args.verbose == 0
     assert args.participant_label == [] and args.bids_filters is None
     assert args.registration == "rigid"

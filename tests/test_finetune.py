@@ -16,13 +16,17 @@ from qsmrim_app.model.data import LesionSet
 from qsmrim_app.model.finetune import InitModelError
 from qsmrim_app.model.train import train
 
-BUNDLED = json.loads((BUNDLED_MODEL_DIR / "model.json").read_text())
+FUSION = json.loads((BUNDLED_MODEL_DIR / "model.json").read_text())
+# The bundled model is a fusion (model/fusion.py): fine-tuning it starts its image-only network from this
+# component (tests/test_fusion.py checks the fusion's side); these tests start that network directly.
+START_DIR = BUNDLED_MODEL_DIR / "components" / "image-only"
+BUNDLED = json.loads((START_DIR / "model.json").read_text())
 
 
 def lesions_like_bundled(n: int = 16, voxel=None, names=None) -> LesionSet:
     """Random lesions with the bundled model's inputs (its feature names, patch shape, voxel size)."""
     rng = np.random.default_rng(0)
-    names = list(BUNDLED["feature_names"]) if names is None else names
+    names = list(FUSION["feature_names"]) if names is None else names
     labels = np.array([0, 1] * (n // 2))
     return LesionSet(patches=rng.normal(size=(n, 4, *BUNDLED["inputs"]["shape"])).astype(np.float32),
                      features=rng.normal(size=(n, len(names))).astype(np.float32), feature_names=names,
@@ -35,7 +39,7 @@ def config(**changes) -> TrainConfig:
     base = TrainConfig.from_dict(BUNDLED["config"])
     # Epochs of the paper's Adam at 1e-4 (the bundled model was trained with a step budget).
     settings = dict(epochs=0, folds=2, seeds=2, device="cpu", weights_fp16=False, checkpoint=False,
-                    init_model=str(BUNDLED_MODEL_DIR), max_steps=None, lr_schedule="step", optimizer="adam",
+                    init_model=str(START_DIR), max_steps=None, lr_schedule="step", optimizer="adam",
                     learning_rate=1e-4, weight_decay=0.0, inner_val_fraction=0.0, positive_fraction=None)
     return replace(base, **{**settings, **changes})
 
@@ -50,23 +54,23 @@ def test_members_start_from_the_matching_member(tmp_path):
     fold k seed 0; seed 1, which the bundled model lacks, -> its first member)."""
     out = train(lesions_like_bundled(), config(), tmp_path / "model", progress=False)
     meta = json.loads((out / "model.json").read_text())
-    assert meta["config"]["init_model"] == str(BUNDLED_MODEL_DIR)
+    assert meta["config"]["init_model"] == str(START_DIR)
     expected = {(0, 0): "fold0_seed0", (1, 0): "fold1_seed0", (0, 1): "fold0_seed0", (1, 1): "fold0_seed0"}
     for member in meta["members"]:
         mine = state(out / member["weights"])
-        theirs = state(BUNDLED_MODEL_DIR / "weights" / f"{expected[(member['fold'], member['seed'])]}.pt")
+        theirs = state(START_DIR / "weights" / f"{expected[(member['fold'], member['seed'])]}.pt")
         assert mine.keys() == theirs.keys()
         assert all(torch.equal(mine[k], theirs[k]) for k in mine)
     scratch = train(lesions_like_bundled(), config(init_model=None), tmp_path / "scratch", progress=False)
     first = state(scratch / "weights" / "fold0_seed0.pt")
-    bundled = state(BUNDLED_MODEL_DIR / "weights" / "fold0_seed0.pt")
+    bundled = state(START_DIR / "weights" / "fold0_seed0.pt")
     assert not all(torch.equal(first[k], bundled[k]) for k in first)
 
 
 def test_one_epoch_of_fine_tuning_moves_away_from_the_start(tmp_path):
     out = train(lesions_like_bundled(), config(epochs=1, seeds=1), tmp_path / "model", progress=False)
     mine = state(out / "weights" / "fold0_seed0.pt")
-    theirs = state(BUNDLED_MODEL_DIR / "weights" / "fold0_seed0.pt")
+    theirs = state(START_DIR / "weights" / "fold0_seed0.pt")
     learned = [k for k in mine if "running_" not in k]  # BatchNorm statistics follow the new data at once
     changed = [k for k in learned if not torch.equal(mine[k], theirs[k])]
     # One Adam step at lr 1e-4 moves each weight by about 1e-4: changed, but still the bundled network.
@@ -81,14 +85,18 @@ def test_incompatible_models_are_refused(tmp_path, case, needle):
     lesions, cfg = lesions_like_bundled(), config()
     if case == "voxel":
         lesions = lesions_like_bundled(voxel=[1.0, 1.0, 1.0])
-    elif case == "features":
-        names = list(BUNDLED["feature_names"])
+    elif case == "features":  # a network that reads features (the image-only start reads none)
+        names = list(FUSION["feature_names"])
         lesions = lesions_like_bundled(names=names[:-1] + ["original_firstorder_Other"])
+        model = tmp_path / "init"
+        shutil.copytree(START_DIR, model)
+        (model / "model.json").write_text(json.dumps({**BUNDLED, "method": "qsmrimnet", "feature_names": names}))
+        cfg = config(method="qsmrimnet", init_model=str(model))
     elif case == "width":
         cfg = config(width_multiplier=0.25)
     elif case in ("inputs-key", "rf-model"):
         model = tmp_path / "init"
-        shutil.copytree(BUNDLED_MODEL_DIR, model)
+        shutil.copytree(START_DIR, model)
         meta = dict(BUNDLED)
         if case == "inputs-key":  # a model.json that does not say what its patches are
             del meta["inputs"]

@@ -23,7 +23,9 @@ def test_parser_method_choices_are_the_registry() -> None:
 def test_every_builder_resolves_and_kinds_are_known() -> None:
     for method in methods.METHODS.values():
         assert callable(method.build()), method.name
-        assert method.kind in ("network", "sklearn", "floor")
+        assert method.kind in ("network", "sklearn", "floor", "fusion")
+        assert (method.kind == "fusion") == bool(method.components)
+        assert all(c in methods.METHODS and methods.get(c).kind != "fusion" for c in method.components)
     assert set(methods.NETWORK_METHODS) == {"qsmrimnet", "aprl-nn", "rimnet", "image-only", "image-radiomics"}
 
 

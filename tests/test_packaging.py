@@ -7,6 +7,7 @@ The wheel is built offline from a copy of the sources (no build/ or egg-info in 
 """
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -42,8 +43,11 @@ def test_wheel_builds_without_setuptools_warnings_and_holds_the_data(tmp_path: P
     assert "Warning" not in text, [line for line in text.splitlines() if "Warning" in line][:5]
     (wheel,) = out.glob("qsmrim-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
+    # every member the bundled model.json lists (a fusion's live under components/<method>/weights/)
+    members = json.loads((REPO / "qsmrim_app/data/model/model.json").read_text())["members"]
+    weights = [f"qsmrim_app/data/model/{m['weights']}" for m in members]
     for needed in ("qsmrim_app/data/radiomics.yaml", "qsmrim_app/data/model/model.json",
-                   "qsmrim_app/data/model/MODEL.md", "qsmrim_app/data/model/weights/fold0_seed0.pt",
+                   "qsmrim_app/data/model/MODEL.md", *weights,
                    "qsmrim_app/review/page.html", "qsmrim_app/cli/run.py"):
         assert needed in names, needed
     assert not any("__pycache__" in name for name in names)

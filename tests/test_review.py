@@ -38,7 +38,7 @@ AFFINE = np.diag([1.0, 1.0, 2.0, 1.0])
 SHAPE = (40, 40, 20)
 #: unit -> [(lesion box as slices, probability)]
 LESIONS = {
-    drv.Unit("01"): [((slice(5, 9), slice(5, 9), slice(3, 6)), 0.9), ((slice(20, 25), slice(20, 24), slice(8, 11)), 0.3),
+    drv.Unit("01"): [((slice(5, 9), slice(5, 9), slice(3, 6)), 0.9), ((slice(20, 25), slice(20, 24), slice(8, 11)), 0.2),
                      ((slice(30, 34), slice(8, 12), slice(12, 15)), 0.55)],
     drv.Unit("02", "1"): [((slice(10, 14), slice(25, 30), slice(5, 8)), 0.7), ((slice(26, 30), slice(26, 30), slice(14, 17)), 0.1)],
 }
@@ -188,7 +188,7 @@ def test_queue_is_exactly_the_documented_shape_in_review_order(server):
                for item in queue)
     assert [(q["participant"], q["session"], q["lesion_id"]) for q in queue] == [
         ("sub-01", None, 1), ("sub-02", "1", 1), ("sub-01", None, 3), ("sub-01", None, 2), ("sub-02", "1", 2)]
-    assert [q["probability"] for q in queue] == [0.9, 0.7, 0.55, 0.3, 0.1]
+    assert [q["probability"] for q in queue] == [0.9, 0.7, 0.55, 0.2, 0.1]
     status, state = server.json("/api/status")
     assert state["n_above_threshold"] == n_at_or_above("high-sensitivity") and state["n_lesions"] == 5
 
@@ -237,7 +237,7 @@ def test_decisions_are_validated_persisted_and_cleared(server, outputs):
     table = drv.read_tsv(drv.review_path(review, drv.Unit("01"), "rim_decisions"))
     assert list(table.columns) == ["lesion_id", "decision", "rater", "time", "probability"]
     assert table[["lesion_id", "decision", "rater"]].values.tolist() == [[1, "rimpos", "alice"], [2, "rimneg", "alice"]]
-    assert table["probability"].tolist() == [0.9, 0.3]
+    assert table["probability"].tolist() == [0.9, 0.2]
     assert all(pd.Timestamp(t).tz is not None for t in table["time"])  # ISO 8601 with its UTC zone
     dseg = nib.load(drv.review_path(review, drv.Unit("01"), "rim_dseg"))
     lesions = np.asarray(nib.load(drv.output_path(out, drv.Unit("01"), "lesions_dseg")).dataobj)
@@ -247,7 +247,8 @@ def test_decisions_are_validated_persisted_and_cleared(server, outputs):
     assert set(values[lesions == 0]) == {0}
     sidecar = json.loads(drv.sidecar_path(drv.review_path(review, drv.Unit("01"), "rim_dseg")).read_text())
     assert sidecar["Sources"][0] == "bids:qsmrim:sub-01/anat/sub-01_space-QSM_desc-lesions_dseg.nii.gz"
-    assert sidecar["ModelID"].startswith("qsmrimnet-") and sidecar["Raters"] == ["alice"]
+    bundled_id = json.loads((BUNDLED_MODEL_DIR / "model.json").read_text())["model_id"]
+    assert sidecar["ModelID"] == bundled_id and sidecar["Raters"] == ["alice"]
     ses = np.asarray(nib.load(drv.review_path(review, drv.Unit("02", "1"), "rim_dseg")).dataobj)
     assert drv.review_path(review, drv.Unit("02", "1"), "rim_dseg").parent == review / "sub-02" / "ses-1" / "anat"
     lesions2 = np.asarray(nib.load(drv.output_path(out, drv.Unit("02", "1"), "lesions_dseg")).dataobj)

@@ -273,11 +273,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="at the group level, refit the model's calibration and operating points on the lesions "
                             "a rater reviewed (--rim-annotations: the qsmrim-review folder) and write a site model "
                             "to <output_dir>/models/<model-id>-site-<hash>/ (docs/calibration.md)")
-    train.add_argument("--method", choices=[*ALL_METHODS, "all"], default="qsmrimnet",
+    train.add_argument("--method", choices=[*ALL_METHODS, "all"], default=None,
                        help="what --train trains: QSMRim-Net, a comparator (aprl-rf, aprl-nn, rimnet), "
                             "an ablation (image-only, image-radiomics = no DeepSMOTE), a floor (rf, logreg "
-                            "on the 527 features; shell-core, the training-free rim-minus-core score), or "
-                            "all of them through the same folds, into one table")
+                            "on the 527 features; shell-core, the training-free rim-minus-core score), fusion (the "
+                            "image-only network and the features-only model trained apart, their mean calibrated: "
+                            "the bundled model's recipe), or all of them through the same folds, into one table "
+                            "(default: qsmrimnet; with --init-model, that model's method)")
     train.add_argument("--protocol", choices=PROTOCOLS, default="paper",
                        help="training recipe: 'paper' (Adam 1e-4, batch 64, 40 epochs, LR steps at 50/70/90%%, "
                             "5 folds x 3 seeds, width 1.0; hours on a CPU) or 'fast' (ours, for a 2-core CPU: "

@@ -19,7 +19,7 @@ from typing import Sequence
 from ..config import AppConfig, InferenceConfig, PreprocConfig
 from ..model.config import protocol_config
 from ..patches import DEFAULT_EXTENT_MM, DEFAULT_SPACING_MM, PatchGrid
-from ..model.methods import ALL_METHODS, NETWORK_METHODS
+from ..model.methods import ALL_METHODS, NETWORK_METHODS, starts_from_model
 from .common import container_name
 from .exitcodes import (EXIT_BIDS_INVALID, EXIT_INPUT_MISSING, EXIT_INTERRUPTED, EXIT_NO_DATA, EXIT_OK,
                         EXIT_PARTICIPANT_FAILED, EXIT_USAGE)
@@ -151,7 +151,7 @@ def build_config(args: Namespace, argv: Sequence[str]) -> AppConfig:
         if args.mem_gb is not None:
             plugin_args.setdefault("memory_gb", args.mem_gb)
     omp_nthreads = args.omp_nthreads or min(8, args.nprocs)
-    methods = ALL_METHODS if args.method == "all" else (args.method,)
+    methods = ALL_METHODS if args.method == "all" else (args.method or _default_method(args),)
     model_dir = args.model.resolve() if args.model is not None else InferenceConfig().model_dir
     extent, spacing = _patch_grid(args, model_dir)
     preproc = PreprocConfig(
@@ -247,14 +247,29 @@ def _init_model(args: Namespace, methods: Sequence[str]) -> str | None:
     if len(methods) > 1:
         raise UsageError("--init-model fine-tunes one network; --method all also trains comparators that "
                          "cannot start from it: choose one --method")
-    if methods[0] not in NETWORK_METHODS:
+    if not starts_from_model(methods[0]):
         raise UsageError(f"--init-model starts networks from a model's members; --method {methods[0]} is not "
-                         f"a network (use one of {', '.join(NETWORK_METHODS)})")
+                         f"a network (use one of {', '.join(NETWORK_METHODS)}, or fusion)")
     path = args.init_model.resolve()
     if not (path / "model.json").is_file():
         raise UsageError(f"--init-model {path} holds no model.json; give a directory written by "
                          "`group --train` (or the bundled model)", EXIT_INPUT_MISSING)
     return str(path)
+
+
+def _default_method(args: Namespace) -> str:
+    """--method left out: the --init-model's own method (fine-tuning the bundled fusion model fine-tunes a
+    fusion), else QSMRim-Net."""
+    if args.init_model is not None and (args.init_model / "model.json").is_file():
+        from ..model.methods import METHODS
+        from ..model.modeldir import ModelDirError, read_model_json
+
+        try:
+            method = str(read_model_json(args.init_model).get("method"))
+        except ModelDirError:
+            return "qsmrimnet"
+        return method if method in METHODS else "qsmrimnet"
+    return "qsmrimnet"
 
 
 def _init_architecture(init_model: str | None) -> dict:

@@ -62,9 +62,12 @@ def check_init_model(init_meta: Mapping, run_inputs: Mapping, config: TrainConfi
 
     where = config.init_model
     init_method = str(init_meta.get("method"))
+    if init_method == "fusion":
+        raise InitModelError(f"--init-model {where} is a fusion model (e.g. the bundled one): fine-tune it with "
+                             "--method fusion, which starts each of its networks from the matching component")
     if init_method not in NETWORK_METHODS:
         raise InitModelError(f"--init-model {where} is a {init_method} model, not a network; "
-                             "start from a network model (e.g. the bundled qsmrimnet one) or drop --init-model")
+                             "start from a network model (e.g. the bundled one) or drop --init-model")
     if config.method not in NETWORK_METHODS:
         raise InitModelError(f"--init-model starts networks; --method {config.method} is not one")
     if _SAME_NETWORK.get(init_method, init_method) != _SAME_NETWORK.get(config.method, config.method):

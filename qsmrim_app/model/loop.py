@@ -394,7 +394,17 @@ def estimate_training_seconds(config: TrainConfig, n_lesions: int, n_features: i
     run). Returns seconds per step, steps per member, members and the estimate in seconds. Used to warn
     before a paper-protocol run that would take hours on a CPU.
     """
-    if not get_method(config.method).kind == "network":
+    method = get_method(config.method)
+    networks = [c for c in method.components if get_method(c).kind == "network"]
+    if networks:  # a fusion: its network components' time (the scikit-learn ones take seconds)
+        from dataclasses import replace
+
+        parts = [estimate_training_seconds(replace(config, method=c), n_lesions,
+                                           n_features if get_method(c).features != "none" else 0, n_steps_timed)
+                 for c in networks]
+        return {**parts[0], "seconds": sum(p["seconds"] for p in parts),
+                "members": sum(p["members"] for p in parts)}
+    if not method.kind == "network":
         return {"seconds": 0.0, "seconds_per_step": 0.0, "steps_per_member": 0, "members": config.folds}
     device = resolve_device(config.device)
     spec = config.input_spec()

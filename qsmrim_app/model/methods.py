@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from .config import TrainConfig
     from .data import LesionSet
 
-Kind = Literal["network", "sklearn", "floor"]
+Kind = Literal["network", "sklearn", "floor", "fusion"]
 # What a method reads from the lesion table: nothing (image only), the training-free floor score, the
 # 527 pyradiomics features, or what the run's input level feeds the networks' radiomic branch.
 Features = Literal["none", "floor", "pyradiomics", "inputs"]
@@ -38,6 +38,7 @@ class Method:
     features: Features
     builder: str  # "module:function" in qsmrim_app.model
     description: str
+    components: tuple[str, ...] = ()  # kind "fusion": the methods whose calibrated mean it is
 
     def build(self) -> Callable:
         """The builder function (imported now, not when the registry is read)."""
@@ -67,6 +68,10 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            "ablation: the features alone, as the fast recipe's wide term sees them (logistic regression on the "
            "networks' feature columns: "
            "pyradiomics + radial), to ask whether the image branch adds to the features"),
+    Method("fusion", "fusion", "inputs", "fusion:train_fusion",
+           "late fusion: the image branch alone (image-only) and the features alone (features-only), each "
+           "trained through the same folds, their mean probability calibrated as one model",
+           components=("image-only", "features-only")),
     Method("shell-core", "floor", "floor", "comparators:fit_shell_core",
            "training-free floor: the rim-minus-core QSM score"),
 )}
@@ -89,6 +94,12 @@ def get(name: str) -> Method:
 
 def is_network(name: str) -> bool:
     return get(name).kind == "network"
+
+
+def starts_from_model(name: str) -> bool:
+    """Whether ``--init-model`` can start this method: a network, or a fusion with a network component."""
+    method = get(name)
+    return method.kind == "network" or any(is_network(c) for c in method.components)
 
 
 def feature_names(config: "TrainConfig", names: Sequence[str]) -> list[str]:

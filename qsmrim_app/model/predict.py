@@ -11,7 +11,7 @@ out-of-fold probability.
 from __future__ import annotations
 
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ContextManager, Sequence
 
@@ -93,6 +93,7 @@ class Member:
     model: Any  # nn.Module for the networks, a fitted estimator with predict_proba for aprl-rf
     scaler: FeatureScaler
     threshold: float
+    method: str = ""  # a fusion's component method ("" : the model's own method)
 
 
 @dataclass
@@ -168,16 +169,36 @@ class Ensemble:
             raise ValueError(f"patches must be (N, {', '.join(map(str, expected))}), got {patches.shape}")
         if reference is None:
             reference = np.tile(np.asarray([[0.0, 1.0]], np.float32), (n, 1))
-        if get_method(self.method).features == "inputs":  # as select_features did in training
-            feats = spec.feature_values(self.feature_names, feats, reference)
-        patches = spec.network_inputs(patches, reference) if self.method in NETWORK_METHODS else patches
-        probs = np.stack([self._member_probability(m, patches, feats, batch_size) for m in self.members])
-        thr = np.array([m.threshold for m in self.members], dtype=np.float32)[:, None]
+        groups = self._component_probabilities(patches, feats, reference, batch_size)
+        probs = np.concatenate(list(groups.values()))
+        thr = np.array([m.threshold for g in groups for m in self.members if (m.method or self.method) == g],
+                       dtype=np.float32)[:, None]
         votes = (probs >= thr).mean(axis=0).astype(np.float32)
-        raw = probs.mean(axis=0).astype(np.float32)
+        raw = np.mean([g.mean(axis=0) for g in groups.values()], axis=0).astype(np.float32)  # fusion.py
         mean = self.calibration.apply(raw).astype(np.float32)  # thresholds live on this scale (train.py)
         positive = mean >= threshold if threshold is not None else votes > 0.5
         return EnsemblePrediction(mean, votes, positive, probs.std(axis=0).astype(np.float32), probs, raw)
+
+    def _component_probabilities(self, patches: np.ndarray, feats: np.ndarray, reference: np.ndarray,
+                                 batch_size: int) -> dict[str, np.ndarray]:
+        """(members, N) probabilities per method: one group for a model, one per component of a fusion,
+        each fed its own feature columns and inputs as its training did (select_features)."""
+        spec, groups = self.inputs, {}
+        for method in dict.fromkeys(m.method or self.method for m in self.members):
+            names = self.component_features(method)
+            index = {n: i for i, n in enumerate(self.feature_names)}
+            mine = feats[:, [index[n] for n in names]]
+            if get_method(method).features == "inputs":
+                mine = spec.feature_values(names, mine, reference)
+            x = spec.network_inputs(patches, reference) if method in NETWORK_METHODS else patches
+            groups[method] = np.stack([self._member_probability(m, x, mine, batch_size) for m in self.members
+                                       if (m.method or self.method) == method])
+        return groups
+
+    def component_features(self, method: str) -> list[str]:
+        """The feature columns a method of this model reads (the model's own, or a component's)."""
+        components = self.meta.get("components") or {}
+        return list(components[method]["feature_names"]) if method in components else self.feature_names
 
     def _member_probability(self, member: Member, patches: np.ndarray, feats: np.ndarray,
                             batch_size: int) -> np.ndarray:
@@ -202,19 +223,25 @@ def load_ensemble(model_dir: Path, device: str = "auto") -> Ensemble:
             "participant outputs, or use the bundled model")
     config = TrainConfig.from_dict(meta["config"])
     dev = resolve_device(device)
-    scalers = {int(f["fold"]): FeatureScaler.from_dict(f["scaler"]) for f in meta["folds"]}
+    components = meta.get("components") or {}
+    scalers = {(config.method, int(f["fold"])): FeatureScaler.from_dict(f["scaler"]) for f in meta["folds"]
+               if "scaler" in f}
+    scalers |= {(m, int(f["fold"])): FeatureScaler.from_dict(f["scaler"])
+                for m, c in components.items() for f in c["folds"]}
     members = []
     for entry in meta["members"]:
         path = model_dir / entry["weights"]
-        if config.method not in NETWORK_METHODS:
+        method = str(entry.get("method") or config.method)
+        n_features = len(components[method]["feature_names"]) if method in components else len(meta["feature_names"])
+        if method not in NETWORK_METHODS:
             import joblib  # only the scikit-learn comparators and floors are pickled
 
             model: Any = joblib.load(path)
         else:
-            model = load_state(path, build_network(config, len(meta["feature_names"]),
+            model = load_state(path, build_network(replace(config, method=method), n_features,
                                                    len(meta["inputs"]["channels"]))).to(dev).eval()
-        members.append(Member(int(entry["fold"]), int(entry["seed"]), model, scalers[int(entry["fold"])],
-                              float(entry["threshold"])))
+        members.append(Member(int(entry["fold"]), int(entry["seed"]), model, scalers[(method, int(entry["fold"]))],
+                              float(entry["threshold"]), method if method != config.method else ""))
     if not members:
         raise ValueError(f"{meta_path} lists no members")
     return Ensemble(model_dir, meta, members, dev, list(meta["feature_names"]))

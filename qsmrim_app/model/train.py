@@ -8,6 +8,7 @@ are worked out once here, from this run's own configuration, and handed to every
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Mapping
 
 import numpy as np
 
@@ -56,15 +57,21 @@ def _model_meta(lesions: LesionSet, config: TrainConfig, cv: CVResult, inputs: d
 
 def train(lesions: LesionSet, config: TrainConfig, out_dir: Path, progress: bool = True,
           epoch_callback: EpochCallback | None = None, features: FeatureColumns | None = None,
-          model_id: str | None = None) -> Path:
+          model_id: str | None = None, trained: Mapping[str, Path] | None = None) -> Path:
     """Cross-validate, then write the model directory (model.json, weights/, oof_predictions.tsv).
 
     ``features``: the method's columns when the caller has worked them out already (from this config);
     ``model_id``: the id the caller named the directory with (default: :func:`modeldir.model_id` of this
-    configuration and these lesions).
+    configuration and these lesions); ``trained``: for a fusion, component directories this run has
+    trained already (fusion.py).
     """
-    get_method(config.method)  # an unknown method fails here, before any work
+    method = get_method(config.method)  # an unknown method fails here, before any work
     config = with_data_grid(config, lesions)
+    if method.kind == "fusion":
+        from .fusion import train_fusion
+
+        model_id = model_id or make_model_id(config.method, config.to_dict(), lesions)
+        return train_fusion(lesions, config, out_dir, progress, epoch_callback, model_id=model_id, trained=trained)
     features = features or select_features(lesions, config)
     inputs = input_meta(features, config)
     if config.init_model:

@@ -126,7 +126,8 @@ def run_recalibration(config: AppConfig) -> int:
     # alternative (the points the map implies for all the site's lesions) is recorded, not used: fitted on the
     # queue's most probable lesions the map extrapolates badly below them, and it needed 80 queue reviews where
     # this rule needed 60 (benchmarks/results/recalibration.json, docs/calibration.md).
-    thresholds = {"f1": f1_optimal_threshold(y, reviewed_p), "high-sensitivity": high_sensitivity_threshold(y, reviewed_p)}
+    thresholds = {"f1": below_point(f1_optimal_threshold(y, reviewed_p), reviewed_p),
+                  "high-sensitivity": below_point(high_sensitivity_threshold(y, reviewed_p), reviewed_p)}
     implied = expected_operating_points(site_map.apply(lesions["probability_raw"].to_numpy(float)))
     out = Path(config.output_dir) / "models" / site_id
     write_site_model(model_dir, meta, out, site_id, site_map.to_dict(), thresholds)
@@ -157,6 +158,17 @@ def run_recalibration(config: AppConfig) -> int:
     LOGGER.info("site model: %s; classify with it: qsmrim %s %s participant --model %s", out, config.bids_dir,
                 config.output_dir, out)
     return 0
+
+
+def below_point(threshold: float, p: np.ndarray) -> float:
+    """The threshold moved halfway down to the next reviewed probability below it.
+
+    Why: an optimum sits exactly on a reviewed lesion's probability, fitted here from the tables' rounded raw
+    probabilities; the participant level recomputes that lesion's probability from the unrounded float32 one,
+    which may land a hair below and flip its call. Halfway to the next point calls the same reviewed lesions
+    and leaves a margin of whole probability steps instead of a rounding error."""
+    lower = p[p < threshold]
+    return float((threshold + lower.max()) / 2) if lower.size else float(threshold)
 
 
 def write_site_model(model_dir: Path, meta: dict, out: Path, site_id: str, calibration: dict,

@@ -108,6 +108,7 @@ def train_from_derivatives(config: AppConfig) -> int:
     # Same lesions + same configuration -> same directory, so rerunning the command resumes its training.
     model_dir = Path(config.output_dir) / "models" / model_id(primary, base.to_dict() | {"methods": methods}, lesions)
     results: dict[str, pd.DataFrame] = {}
+    done: dict[str, Path] = {}  # method -> its directory, for a fusion to reuse its components
     effective = {k: getattr(base, k) for k in ("protocol", "epochs", "max_steps", "folds", "seeds",
                                                  "width_multiplier", "stem_stride", "wide", "batch_size",
                                                  "learning_rate", "input_level",
@@ -126,7 +127,9 @@ def train_from_derivatives(config: AppConfig) -> int:
                 LOGGER.warning("the paper protocol takes hours on a CPU; `--protocol fast` is our CPU recipe "
                                "(about 5 min for ~1,200 lesions on 2 cores)")
         LOGGER.info("method %s -> %s", method, target)
-        train(lesions, cfg, target, features=features, model_id=model_dir.name if method == primary else None)
+        train(lesions, cfg, target, features=features, model_id=model_dir.name if method == primary else None,
+              trained={m: d for m, d in done.items() if m != primary})
+        done[method] = target
         results[method] = drv.read_tsv(target / "oof_predictions.tsv")
     metrics = write_evaluation(results, model_dir, title=f"qsmrim cross-validation ({', '.join(methods)})")
     LOGGER.info("model: %s; metrics: %s", model_dir, model_dir / "metrics.json")
