@@ -158,6 +158,14 @@ def test_warped_tv_session_is_deterministic_and_its_flair_matches_its_labels(sha
     assert np.median(img[lab > 0]) > 1.15 * np.median(img[brain & (lab == 0)])
     qsm = nib.load(anat / "sub-03_ses-1x1x3_Chimap.nii.gz")
     assert qsm.shape == GRIDS["1x1x3"].shape and np.isfinite(qsm.get_fdata()).all()
+    # the own-inversion background shares the COSMOS registration (read from the cache, not redone)
+    from qsmrim_app.synthetic.semireal_head import load_head
+
+    cosmos = load_head(shared_data, tmp_path / "head", "cosmos")
+    own = load_head(shared_data, tmp_path / "head", "cosmos-tv")
+    np.testing.assert_array_equal(own.cosmos_to_mni, cosmos.cosmos_to_mni)
+    assert own.registration["own_inversion"]["fit_correlation"] > 0.7
+    assert not np.array_equal(own.chi_ppm.data, cosmos.chi_ppm.data)
 
 
 def test_a_field_unit_is_fitted_from_the_forward_field_of_a_known_map() -> None:
