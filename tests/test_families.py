@@ -35,7 +35,7 @@ def test_every_family_is_valid_and_differs_from_the_others() -> None:
         for name in ("rim_chi", "rim_thickness", "rim_coverage", "arc_coverage", "tkd_threshold", "map_scale"):
             lo, hi = getattr(fam, name)
             assert lo <= hi, (fam.name, name)
-        assert set(fam.inversion) <= {"tkd", "tikhonov", "gradient-l2"}
+        assert set(fam.inversion) <= {"tkd", "tikhonov", "gradient-l2", "tv"}
         key = (fam.background, fam.rim_chi, fam.inversion, fam.grids)
         assert key not in seen  # background, rim physics and reconstruction differ together
         seen.add(key)

@@ -53,15 +53,25 @@ class Family:
     mirror_share: float = 0.5
     head_rotation_deg: tuple[float, float, float] = (8.0, 6.0, 5.0)
     head_scale: Range = (1.0, 1.0)  # isotropic rescaling of the head (brain and lesions together)
+    warp_mm: Range = (0.0, 0.0)  # bound of a smooth random displacement of the background (warp.py)
+    warp_wavelength_mm: Range = (20.0, 40.0)  # wavelengths of the warp's plane waves
     # acquisition and reconstruction (semireal.simulate_session)
     noise_scale: Range = (1.0, 1.0)  # x the semi-real field noise
-    inversion: tuple[str, ...] = ("tkd",)  # one drawn per session: tkd | tikhonov | gradient-l2
+    inversion: tuple[str, ...] = ("tkd",)  # one drawn per session: tkd | tikhonov | gradient-l2 | tv
     tkd_threshold: Range = (0.18, 0.18)
     tikhonov_lambda: Range = (0.02, 0.02)  # tikhonov: D / (D^2 + l); gradient-l2: D / (D^2 + l |k/kmax|^2)
+    tv_lambda: Range = (1e-4, 1e-3)  # tv: weight of |grad chi|_1 (per mm) against 1/2 |D chi - field|^2 (ppm)
     background_field_ppm: Range = (0.0, 0.0)  # residual background field left in (smooth, before inversion)
     map_scale: Range = (1.0, 1.0)  # reconstruction/unit scale error of the map
     map_offset_ppm: Range = (0.0, 0.0)
     units: str = "ppm"  # ppm or ppb in the written Chimap
+    flair_voxels: tuple[tuple[float, float, float], ...] = ((1.0, 1.0, 1.0),)  # FLAIR voxel (A-P, S-I, L-R mm)
+
+    @property
+    def varies(self) -> bool:
+        """Whether the family uses a variation drawn from the second stream (warp, TV, FLAIR grid)."""
+        return (self.warp_mm[1] > 0 or "tv" in self.inversion
+                or tuple(map(tuple, self.flair_voxels)) != ((1.0, 1.0, 1.0),))
 
     @property
     def randomised(self) -> bool:
@@ -121,6 +131,21 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            head_rotation_deg=(15.0, 10.0, 10.0), head_scale=(0.9, 1.1), noise_scale=(0.7, 1.8),
            inversion=("tkd", "gradient-l2"), tkd_threshold=(0.12, 0.22), tikhonov_lambda=(0.02, 0.08),
            background_field_ppm=(0.0, 0.02), map_scale=(0.85, 1.2)),
+    Family("warped-tv", "COSMOS background non-linearly warped (smooth displacement up to 4 mm, 20-40 mm "
+                        "wavelengths) as well as mirrored/rotated/rescaled; rims 5-80 ppb, 0.3-2.5 mm, coverage "
+                        "0.4-1.0 and arcs 0.1-0.7, any position, modulated; all confounders; mostly a "
+                        "total-variation (ADMM) inversion, else TKD 0.1-0.3 or gradient-l2; noise 0.5-2.5x; "
+                        "FLAIR at 1 mm, 1x1x3 mm or 0.9x0.9x2 mm; 0.9x0.9x2 and 1x1x3 mm QSM",
+           grids=("0.9x0.9x2", "1x1x3"), rim_fraction=0.12, confounder_fraction=0.06,
+           confounders=("arc", "vein", "hyper", "dia"), rim_chi=(0.005, 0.08), rim_thickness=(0.3, 2.5),
+           full_ring_share=0.3, rim_coverage=(0.4, 1.0), arc_coverage=(0.1, 0.7), position_weights=(1, 1, 1),
+           rim_modulation=(0.0, 1.0), rim_core_hyper_share=0.25, core_chi=(-0.01, 0.02), hyper_chi=(0.01, 0.07),
+           vein_chi=(0.15, 0.5), vein_radius=(0.25, 1.2), vein_offset=(-0.5, 2.0), flair_contrast=(1.2, 2.2),
+           head_rotation_deg=(15.0, 10.0, 10.0), head_scale=(0.9, 1.1), warp_mm=(1.0, 4.0),
+           warp_wavelength_mm=(20.0, 40.0), noise_scale=(0.5, 2.5), inversion=("tv", "tv", "tkd", "gradient-l2"),
+           tkd_threshold=(0.1, 0.3), tikhonov_lambda=(0.01, 0.1), tv_lambda=(1e-4, 1e-3),
+           background_field_ppm=(0.0, 0.03), map_scale=(0.8, 1.25), map_offset_ppm=(-0.02, 0.02),
+           flair_voxels=((1.0, 1.0, 1.0), (1.0, 1.0, 3.0), (0.9, 0.9, 2.0))),
 )}
 
 

@@ -39,6 +39,8 @@ from .families import Family, get_family
 from .semireal_lesions import (COUNTED_VOXELS, LesionDesign, PatientLesions, design_patient, in_arc, rim_band,
                                rim_modulation, zlib_crc)
 from .simulate import FLAIR_AXES, grid_affine, rigid
+from .tv import TV_ITERATIONS, tv_invert
+from .warp import Warp, draw_warp
 
 LOGGER = logging.getLogger(__name__)
 
@@ -90,8 +92,10 @@ def split_of(patient: int, grid: str) -> str:
 
 
 def _sample(volume: Volume, index_to_world: np.ndarray, shape: tuple[int, int, int], order: int,
-            cval: float, chunk: int = 2_000_000) -> np.ndarray:
-    """`volume` at the voxel centres of a grid (index -> the volume's world), slab by slab (bounded memory)."""
+            cval: float, chunk: int = 2_000_000, warp: Warp | None = None) -> np.ndarray:
+    """`volume` at the voxel centres of a grid (index -> the volume's world), slab by slab (bounded memory).
+
+    With a `warp`, each point is moved by its displacement in the volume's world before sampling."""
     to_vox = np.linalg.inv(volume.affine) @ index_to_world
     out = np.empty(shape, volume.data.dtype if order == 0 else np.float32)
     per = max(1, chunk // (shape[0] * shape[1]))
@@ -102,7 +106,13 @@ def _sample(volume: Volume, index_to_world: np.ndarray, shape: tuple[int, int, i
         pts = np.stack([np.broadcast_to(ii[..., None], ii.shape + ks.shape),
                         np.broadcast_to(jj[..., None], jj.shape + ks.shape),
                         np.broadcast_to(ks, ii.shape + ks.shape)])
-        src = np.tensordot(to_vox[:3, :3], pts, axes=1) + to_vox[:3, 3].reshape(3, 1, 1, 1)
+        if warp is None:
+            src = np.tensordot(to_vox[:3, :3], pts, axes=1) + to_vox[:3, 3].reshape(3, 1, 1, 1)
+        else:
+            world = np.tensordot(index_to_world[:3, :3], pts, axes=1) + index_to_world[:3, 3].reshape(3, 1, 1, 1)
+            world = world + warp.displacement(world)
+            inv = np.linalg.inv(volume.affine)
+            src = np.tensordot(inv[:3, :3], world, axes=1) + inv[:3, 3].reshape(3, 1, 1, 1)
         out[:, :, k0:k0 + len(ks)] = ndimage.map_coordinates(volume.data, src, order=order, cval=cval,
                                                              prefilter=False)
     return out
@@ -126,10 +136,11 @@ class Fields:
 
 
 def _fields(head: Head, lesions: PatientLesions, to_cosmos: np.ndarray, shape: tuple[int, int, int],
-            with_chi: bool = True) -> Fields:
+            with_chi: bool = True, warp: Warp | None = None) -> Fields:
+    """Head quantities in a grid; a `warp` bends the background (brain mask, chi), never the lesions."""
     to_mni = head.cosmos_to_mni @ to_cosmos
-    brain = _sample(head.brain, to_cosmos, shape, 1, 0.0) > 0.5
-    chi = (_sample(head.chi_ppm, to_cosmos, shape, 1, 0.0) * brain).astype(np.float32) if with_chi else None
+    brain = _sample(head.brain, to_cosmos, shape, 1, 0.0, warp=warp) > 0.5
+    chi = (_sample(head.chi_ppm, to_cosmos, shape, 1, 0.0, warp=warp) * brain).astype(np.float32) if with_chi else None
     sdf = _sample(lesions.sdf_mm, to_mni, shape, 1, 50.0)
     nearest = _sample(lesions.nearest, to_mni, shape, 0, 0)
     labels = np.where((sdf < 0) & brain, nearest, 0).astype(np.int32)
@@ -150,6 +161,7 @@ class Geometry:
     qsm_affine: np.ndarray
     flair_affine: np.ndarray
     mirrored: bool
+    flair_shape: tuple[int, int, int] = FLAIR_SHAPE
 
     def qsm_to_cosmos(self) -> np.ndarray:
         return self.head_to_cosmos @ np.linalg.inv(self.head_to_scanner) @ self.qsm_affine
@@ -158,9 +170,17 @@ class Geometry:
         return self.head_to_cosmos @ np.linalg.inv(self.head_to_scanner) @ self.flair_to_qsm @ self.flair_affine
 
 
+def flair_grid_shape(voxel: tuple[float, float, float]) -> tuple[int, int, int]:
+    """The FLAIR grid of voxel size `voxel` (mm, index order) covering the 1 mm FLAIR's field of view."""
+    return tuple(int(round(n / float(v))) for n, v in zip(FLAIR_SHAPE, voxel))
+
+
 def draw_geometry(head: Head, spec: GridSpec, rng: np.random.Generator, family: Family | None = None,
-                  extra: np.random.Generator | None = None) -> Geometry:
-    """The session's transforms; a randomised family (with its own `extra` stream) widens the head's pose."""
+                  extra: np.random.Generator | None = None,
+                  flair_voxel: tuple[float, float, float] = (1.0, 1.0, 1.0)) -> Geometry:
+    """The session's transforms; a randomised family (with its own `extra` stream) widens the head's pose.
+
+    `flair_voxel` (mm along the FLAIR's A-P, S-I, L-R index axes) sets the FLAIR grid; same field of view."""
     centre = (head.brain.affine @ np.r_[ndimage.center_of_mass(head.brain.data), 1.0])[:3]
     mirrored = bool(rng.random() < 0.5)
     head_to_cosmos = rigid(np.diag([-1.0 if mirrored else 1.0, 1.0, 1.0]), centre)
@@ -176,8 +196,9 @@ def draw_geometry(head: Head, spec: GridSpec, rng: np.random.Generator, family: 
     qsm_centre = rng.uniform(-2, 2, size=3) + np.array([0.0, 0.0, rng.uniform(-10, 10)])
     qsm_affine = grid_affine(slab, np.array(spec.voxel), spec.shape, qsm_centre)
     flair_to_qsm = rigid(random_rotation(rng, (4, 4, 4)), rng.uniform(-5, 5, size=3))
-    flair_affine = grid_affine(FLAIR_AXES, np.ones(3), FLAIR_SHAPE, rng.uniform(-3, 3, size=3))
-    return Geometry(head_to_cosmos, head_to_scanner, flair_to_qsm, qsm_affine, flair_affine, mirrored)
+    flair_shape = flair_grid_shape(flair_voxel)
+    flair_affine = grid_affine(FLAIR_AXES, np.array(flair_voxel, float), flair_shape, rng.uniform(-3, 3, size=3))
+    return Geometry(head_to_cosmos, head_to_scanner, flair_to_qsm, qsm_affine, flair_affine, mirrored, flair_shape)
 
 
 @dataclass(frozen=True)
@@ -234,6 +255,8 @@ class Inversion:
     def describe(self) -> str:
         if self.method == "tkd":
             return f"TKD (threshold {self.threshold:.3f})"
+        if self.method == "tv":
+            return f"total variation (lambda {self.lam:.2e}, ADMM, {TV_ITERATIONS} iterations)"
         return f"{self.method} (lambda {self.lam:.3f}), closed form"
 
 
@@ -253,6 +276,8 @@ def _inverse_kernel(d: np.ndarray, pad: tuple[int, ...], vox: np.ndarray, invers
 def _convolve_dipole(data: np.ndarray, affine: np.ndarray, inverse: bool, inversion: Inversion | None = None
                      ) -> np.ndarray:
     """Dipole forward model (chi -> field) or an inverse (TKD by default), zero-padded by PAD_MM."""
+    if inverse and inversion is not None and inversion.method == "tv":
+        return tv_invert(data, affine, inversion.lam, pad_mm=PAD_MM)
     vox = np.sqrt(np.sum(affine[:3, :3] ** 2, axis=0))
     pad = tuple(fft.next_fast_len(int(n + 2 * PAD_MM / v)) for n, v in zip(data.shape, vox))
     d = dipole_kernel(pad, vox, b0_in_grid(affine)).astype(np.float32)
@@ -380,6 +405,7 @@ class SessionResult:
     rows: list[dict]
     seconds: float
     acquisition: Acquisition | None = None
+    variations: "Variations | None" = None
 
 
 def _relabel(lut_src: dict[int, int], labels: np.ndarray) -> np.ndarray:
@@ -447,6 +473,23 @@ def draw_acquisition(family: Family, rng: np.random.Generator) -> Acquisition:
                        float(rng.uniform(*family.map_offset_ppm)))
 
 
+@dataclass(frozen=True)
+class Variations:
+    """A session's draws of the later generator variations (a stream of their own, so the families that do
+    not use them draw exactly what they drew before): background warp, TV lambda, FLAIR voxel size."""
+
+    warp: Warp | None = None
+    tv_lambda: float = 0.0
+    flair_voxel: tuple[float, float, float] = (1.0, 1.0, 1.0)
+
+
+def draw_variations(family: Family, rng: np.random.Generator) -> Variations:
+    warp = draw_warp(rng, family.warp_mm, family.warp_wavelength_mm) if family.warp_mm[1] > 0 else None
+    tv_lambda = float(rng.uniform(*family.tv_lambda))
+    voxel = tuple(float(v) for v in family.flair_voxels[int(rng.integers(len(family.flair_voxels)))])
+    return Variations(warp, tv_lambda, voxel)
+
+
 def _background_field(world: np.ndarray, amplitude: float, rng: np.random.Generator) -> np.ndarray:
     """A residual background field (ppm): a smooth random second-order polynomial of scanner position,
     scaled to `amplitude` at 80 mm (what an imperfect background removal leaves near the brain's edge)."""
@@ -471,12 +514,20 @@ def simulate_session(head: Head, lesions: PatientLesions, grid: str, seed: int, 
         family = None
     extra = rng_for(seed, lesions.patient, 500_000 * (1 + list(GRIDS).index(grid)) + zlib_crc(family.name)) if family else None
     acq = draw_acquisition(family, extra) if family else Acquisition()
-    geom = draw_geometry(head, spec, rng, family, extra)
+    var = Variations()
+    if family is not None and family.varies:
+        var = draw_variations(family, rng_for(seed, lesions.patient, 700_000 * (1 + list(GRIDS).index(grid))
+                                              + zlib_crc(family.name)))
+        if acq.inversion.method == "tv":
+            acq = Acquisition(Inversion("tv", acq.inversion.threshold, var.tv_lambda), acq.noise_scale,
+                              acq.background_field_ppm, acq.map_scale, acq.map_offset_ppm)
+    geom = draw_geometry(head, spec, rng, family, extra, var.flair_voxel)
     qsm_to_cosmos, flair_to_cosmos = geom.qsm_to_cosmos(), geom.flair_to_cosmos()
+    warp = var.warp
 
     # Which lesions this session can show: >= MIN_LESION_VOXELS in both grids.
-    q = _fields(head, lesions, qsm_to_cosmos, spec.shape, with_chi=False)
-    f = _fields(head, lesions, flair_to_cosmos, FLAIR_SHAPE, with_chi=False)
+    q = _fields(head, lesions, qsm_to_cosmos, spec.shape, with_chi=False, warp=warp)
+    f = _fields(head, lesions, flair_to_cosmos, geom.flair_shape, with_chi=False, warp=warp)
     n_src = max(lesions.designs) + 1 if lesions.designs else 1
     count_q = np.bincount(q.labels.ravel(), minlength=n_src)
     count_f = np.bincount(f.labels.ravel(), minlength=n_src)
@@ -486,7 +537,7 @@ def simulate_session(head: Head, lesions: PatientLesions, grid: str, seed: int, 
     # Susceptibility on the fine grid -> field -> slice average -> noise -> TKD on the slab.
     fg = fine_grid(geom, spec, head)
     fine_to_cosmos = geom.head_to_cosmos @ np.linalg.inv(geom.head_to_scanner) @ fg.affine
-    fine = _fields(head, lesions, fine_to_cosmos, fg.shape)
+    fine = _fields(head, lesions, fine_to_cosmos, fg.shape, warp=warp)
     h = float(np.mean(np.sqrt(np.sum(fg.affine[:3, :3] ** 2, axis=0))))
     chi = fine.chi.copy()
     rim_fine = _edit_lesions(chi, fine, lesions, fine_to_cosmos, np.linalg.inv(head.cosmos_to_mni), h)
@@ -520,13 +571,10 @@ def simulate_session(head: Head, lesions: PatientLesions, grid: str, seed: int, 
     world_q = _points(geom.qsm_affine, tuple(slice(0, n) for n in spec.shape)).astype(np.float32)
     mag_q = rician(mag_q * bias_field(world_q, rng), 0.02, rng) * ndimage.binary_dilation(q.brain, iterations=2)
 
-    # FLAIR: the real FLAIR with the lesions painted in, on its own grid.
-    flair = _sample(flair_src, head.cosmos_to_mni @ flair_to_cosmos, FLAIR_SHAPE, 1, 0.0)
-    paint = np.clip(0.5 - f.sdf / 1.0, 0.0, 1.0) * f.brain
+    # FLAIR: the real FLAIR with the lesions painted in, on its own grid (thick voxels: averaged 1 mm samples).
     ref = _flair_reference(flair_src, lesions)
-    contrast = _design_lut(lesions, "flair_contrast", f.nearest) * ref[f.nearest]
-    flair = flair * (1 - paint) + paint * contrast * (1.0 + 0.3 * (flair / np.maximum(ref[f.nearest], 1e-3) - 1.0))
-    world_f = _points(geom.flair_affine, tuple(slice(0, n) for n in FLAIR_SHAPE)).astype(np.float32)
+    flair = _painted_flair(head, lesions, flair_src, ref, flair_to_cosmos, f, geom, warp)
+    world_f = _points(geom.flair_affine, tuple(slice(0, n) for n in geom.flair_shape)).astype(np.float32)
     flair = rician(flair * bias_field(world_f, rng, amplitude=0.15), 0.015 * wm, rng) * (flair > 0)
     del world_f, world_q
 
@@ -535,7 +583,36 @@ def simulate_session(head: Head, lesions: PatientLesions, grid: str, seed: int, 
     labels_f = _relabel(new_id, f.labels)
     rows, rim_lut = _truth(lesions, kept, labels_q, labels_f, q.nearest, rim_q, geom, spec, count_q, count_f)
     return SessionResult(qsm, mag_q, flair.astype(np.float32), labels_f, labels_q, rim_lut[labels_f],
-                         rim_lut[labels_q], rim_q, geom, rows, time.perf_counter() - start, acq)
+                         rim_lut[labels_q], rim_q, geom, rows, time.perf_counter() - start, acq, var)
+
+
+def _paint_flair(flair_src: Volume, to_mni: np.ndarray, shape: tuple[int, int, int], f: Fields,
+                 lesions: PatientLesions, ref: np.ndarray) -> np.ndarray:
+    flair = _sample(flair_src, to_mni, shape, 1, 0.0)
+    paint = np.clip(0.5 - f.sdf / 1.0, 0.0, 1.0) * f.brain
+    contrast = _design_lut(lesions, "flair_contrast", f.nearest) * ref[f.nearest]
+    return flair * (1 - paint) + paint * contrast * (1.0 + 0.3 * (flair / np.maximum(ref[f.nearest], 1e-3) - 1.0))
+
+
+def _painted_flair(head: Head, lesions: PatientLesions, flair_src: Volume, ref: np.ndarray,
+                   flair_to_cosmos: np.ndarray, f: Fields, geom: Geometry, warp: Warp | None) -> np.ndarray:
+    """The FLAIR with the lesions painted in. A voxel longer than ~1.5 mm along an axis is the mean of
+    1 mm-spaced samples along it (partial volume, as a thick-slice FLAIR blurs small lesions)."""
+    voxel = np.sqrt(np.sum(geom.flair_affine[:3, :3] ** 2, axis=0))
+    factors = [max(1, int(round(v))) for v in voxel]
+    if factors == [1, 1, 1]:
+        return _paint_flair(flair_src, head.cosmos_to_mni @ flair_to_cosmos, geom.flair_shape, f, lesions, ref)
+    out = np.zeros(geom.flair_shape, np.float32)
+    offsets = [(np.arange(n) - (n - 1) / 2.0) / n for n in factors]
+    for da in offsets[0]:
+        for db in offsets[1]:
+            for dc in offsets[2]:
+                shift = np.eye(4)
+                shift[:3, 3] = [da, db, dc]
+                to_cosmos = flair_to_cosmos @ shift
+                sub = _fields(head, lesions, to_cosmos, geom.flair_shape, with_chi=False, warp=warp)
+                out += _paint_flair(flair_src, head.cosmos_to_mni @ to_cosmos, geom.flair_shape, sub, lesions, ref)
+    return out / np.float32(np.prod(factors))
 
 
 def _design_lut(lesions: PatientLesions, attr: str, nearest: np.ndarray) -> np.ndarray:
@@ -610,7 +687,17 @@ def _acquisition_row(family: Family | None, res: SessionResult) -> dict:
             "tkd_threshold": round(acq.inversion.threshold, 4), "lambda": round(acq.inversion.lam, 4),
             "noise_scale": round(acq.noise_scale, 3), "background_field_ppm": round(acq.background_field_ppm, 4),
             "map_scale": round(acq.map_scale, 3), "map_offset_ppm": round(acq.map_offset_ppm, 4),
-            "units": family.units}
+            "units": family.units, **_variation_row(family, res)}
+
+
+def _variation_row(family: Family, res: SessionResult) -> dict:
+    if not family.varies or res.variations is None:
+        return {}
+    var = res.variations
+    return {"warp_mm": round(var.warp.amplitude_mm, 3) if var.warp is not None else 0.0,
+            "warp_min_wavelength_mm": round(var.warp.min_wavelength_mm, 2) if var.warp is not None else 0.0,
+            "tv_lambda": f"{var.tv_lambda:.3e}" if res.acquisition.inversion.method == "tv" else "",
+            "flair_voxel_mm": "x".join(f"{v:g}" for v in var.flair_voxel)}
 
 
 def _readme(patients: list[int], grids: list[str]) -> str:

@@ -24,6 +24,7 @@ from scipy import ndimage
 
 from ..registration import read_transform, write_transform
 from ..utils.images import nib_to_sitk
+from .own_inversion import OWN_INVERSIONS, own_inversion
 
 LOGGER = logging.getLogger(__name__)
 
@@ -39,6 +40,8 @@ BACKGROUNDS: dict[str, tuple[str, str]] = {
     "cosmos": (CHI_PATH, CHI_MASK_PATH),
     "ich-a": ("qsm_ich/patientA_Chimap.nii.gz", "qsm_ich/patientA_desc-brain_mask.nii.gz"),
     "ich-b": ("qsm_ich/patientB_Chimap.nii.gz", "qsm_ich/patientB_desc-brain_mask.nii.gz"),
+    # our own TV inversions of the same people's real tissue fields (own_inversion.py): (field, mask)
+    **{key: value[:2] for key, value in OWN_INVERSIONS.items()},
 }
 FLAIR_PATIENTS = (7, 19)  # the only patients whose FLAIR is in the data
 REGISTERED_PATIENT = 7  # its FLAIR defines the MNI -> COSMOS transform
@@ -227,31 +230,41 @@ def load_head(data_dir: Path, cache_dir: Path, background: str = "cosmos") -> He
     """The semi-real head; the registration is read from `cache_dir` when it was made from the same data.
 
     `background` (BACKGROUNDS) picks whose real QSM is the texture; other than COSMOS, the registration
-    is cached in `cache_dir/<background>`.
+    is cached in `cache_dir/<background>`. An own inversion (`cosmos-tv`, `ich-a-tv`) is the same person
+    on the same grid as its base map, so it shares the base's registration (and cache).
     """
     data_dir = Path(data_dir)
     if background not in BACKGROUNDS:
         raise ValueError(f"unknown background {background!r} (one of {', '.join(BACKGROUNDS)})")
     check_data(data_dir, background)
-    chi_rel, mask_rel = BACKGROUNDS[background]
+    own = background in OWN_INVERSIONS
+    base = OWN_INVERSIONS[background][3] if own else background
+    check_data(data_dir, base)
+    chi_rel, mask_rel = BACKGROUNDS[base]
     chi = _load(data_dir / chi_rel)
     brain = Volume((_load(data_dir / mask_rel).data > 0.5).astype(np.float32), chi.affine)
-    if background != "cosmos":  # the ICH maps hold values (and NaN) outside their masks
+    if base != "cosmos":  # the ICH maps hold values (and NaN) outside their masks
         chi = Volume(np.nan_to_num(chi.data) * brain.data, chi.affine)
+    own_info = {}
+    if own:
+        data, _, affine, own_info = own_inversion(data_dir, background, Path(cache_dir) / background)
+        if not np.allclose(affine, chi.affine, atol=1e-4) or data.shape != chi.data.shape:
+            raise ValueError(f"{background}: the tissue field's grid differs from the {base} map's")
+        chi = Volume(data * brain.data, chi.affine)
     flairs = {}
     for p in FLAIR_PATIENTS:
         src = _load(patient_dir(data_dir, p) / FLAIR_NAME)
         own = _load(patient_dir(data_dir, p) / MASK_NAME)
         flairs[p] = Volume(inpaint_lesions(src.data, own.data), src.affine)
-    cache_dir = Path(cache_dir) if background == "cosmos" else Path(cache_dir) / background
-    key = _fingerprint(data_dir, background)
+    cache_dir = Path(cache_dir) if base == "cosmos" else Path(cache_dir) / base
+    key = _fingerprint(data_dir, base)
     xfm_path, info_path = cache_dir / "cosmos_to_mni_xfm.txt", cache_dir / "head_registration.json"
     if info_path.is_file() and xfm_path.is_file() and json.loads(info_path.read_text()).get("key") == key:
         transform, report = read_transform(xfm_path), json.loads(info_path.read_text())
         LOGGER.info("semi-real head: registration read from %s", cache_dir)
     else:
         LOGGER.info("semi-real head: registering patient%02d FLAIR onto the %s brain (once)", REGISTERED_PATIENT,
-                    background)
+                    base)
         transform, report = _register_head(flairs[REGISTERED_PATIENT], brain)
         cache_dir.mkdir(parents=True, exist_ok=True)
         write_transform(transform, xfm_path)
@@ -259,4 +272,6 @@ def load_head(data_dir: Path, cache_dir: Path, background: str = "cosmos") -> He
         info_path.write_text(json.dumps(report, indent=2) + "\n")
     matrix = _transform_to_ras(transform)
     report = {**report, "cosmos_to_mni_ras": matrix.tolist()}
+    if own:
+        report["own_inversion"] = {k: v for k, v in own_info.items() if k != "stamp"}
     return Head(chi, brain, flairs, matrix, report)
