@@ -277,4 +277,4 @@ def test_site_thresholds_sit_between_reviewed_probabilities() -> None:
     moved = below_point(t, p)
     assert ((p >= t) == (p >= moved)).all()  # the same reviewed lesions are called
     assert (p[p < moved] <= 0.3).all() and (p >= moved).sum() == 4
-    assert below_point(0.1, p) == 0.1  # nothing below: unchanged
+    assert 0.1 - 1e-3 < below_point(0.1, p) < 0.1  # nothing below: a small margin, the same calls

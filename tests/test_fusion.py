@@ -121,3 +121,52 @@ def test_command_line_fine_tunes_a_fusion_model_as_a_fusion(fused, tmp_path: Pat
     assert build_config(build_parser().parse_args(argv), argv).train_methods == ("fusion",)
     argv = [str(bids), str(tmp_path / "out"), "group", "--train"]
     assert build_config(build_parser().parse_args(argv), argv).train_methods == ("qsmrimnet",)
+
+
+def test_each_folds_members_reproduce_the_out_of_fold_probabilities(fused) -> None:
+    """Inference (component feature columns, scalers, input transforms) is what training computed: the
+    members of fold k, predicting fold k's held-out lesions, give the fused out-of-fold probability."""
+    out, lesions = fused
+    ens = load_ensemble(out, device="cpu")
+    oof = _oof(out)
+    row = {(s, int(i)): k for k, (s, i) in enumerate(zip(lesions.subjects, lesions.lesion_ids))}
+    for fold in sorted(oof["fold"].unique()):
+        mine = oof[oof["fold"] == fold]
+        idx = np.array([row[(s, int(i))] for s, i in zip(mine["subject"], mine["lesion_id"])])
+        held = replace(ens, members=[m for m in ens.members if m.fold == fold])
+        assert {m.method for m in held.members} == {"image-only", "features-only"}
+        pred = held.predict(lesions.patches[idx], lesions.features[idx], lesions.feature_names,
+                            reference=lesions.reference[idx] if lesions.reference is not None else None)
+        np.testing.assert_allclose(pred.probability_raw, mine["probability"].to_numpy(float), atol=2e-5)
+
+
+def test_a_site_model_of_a_fusion_keeps_its_components(fused, tmp_path: Path) -> None:
+    from qsmrim_app.workflows.recalibrate import write_site_model
+
+    out, lesions = fused
+    meta = json.loads((out / "model.json").read_text())
+    site = write_site_model(out, meta, tmp_path / "site", "site-x", meta["calibration"], {"f1": 0.4,
+                                                                                           "high-sensitivity": 0.2})
+    for method in ("image-only", "features-only"):
+        assert (site / "components" / method / "model.json").is_file()
+    a = load_ensemble(out, device="cpu").predict(lesions.patches[:8], lesions.features[:8], lesions.feature_names)
+    b = load_ensemble(site, device="cpu").predict(lesions.patches[:8], lesions.features[:8], lesions.feature_names)
+    np.testing.assert_allclose(a.probability_raw, b.probability_raw, atol=1e-6)
+    # and it can start a fine-tuning run, component by component
+    tuned = train(lesions, tiny_config(method="fusion", epochs=1, init_model=str(site)), tmp_path / "tuned",
+                  progress=False)
+    assert json.loads((tuned / "model.json").read_text())["method"] == "fusion"
+
+
+def test_command_line_refuses_a_fusion_from_a_network_before_any_work(fused, tmp_path: Path) -> None:
+    from qsmrim_app.cli.run import main
+    from test_bids import make_dataset
+
+    out, _ = fused
+    bids = make_dataset(tmp_path / "ds")
+    dest = tmp_path / "out"
+    dest.mkdir()
+    base = [str(bids), str(dest), "group", "--train"]
+    assert main([*base, "--method", "fusion", "--init-model", str(out / "components/image-only")]) == 64
+    assert main([*base, "--method", "qsmrimnet", "--init-model", str(out)]) == 64
+    assert not (dest / "models").exists()

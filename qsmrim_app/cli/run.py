@@ -254,21 +254,33 @@ def _init_model(args: Namespace, methods: Sequence[str]) -> str | None:
     if not (path / "model.json").is_file():
         raise UsageError(f"--init-model {path} holds no model.json; give a directory written by "
                          "`group --train` (or the bundled model)", EXIT_INPUT_MISSING)
+    init_method = _stored_method(path)
+    if (init_method == "fusion") != (methods[0] == "fusion"):
+        raise UsageError(f"--init-model {path} is a {init_method} model and --method is {methods[0]}: a fusion "
+                         "fine-tunes from a fusion (each network from its namesake component), a network from "
+                         "a network; leave --method out to fine-tune the model's own method")
     return str(path)
 
 
-def _default_method(args: Namespace) -> str:
-    """--method left out: the --init-model's own method (fine-tuning the bundled fusion model fine-tunes a
-    fusion), else QSMRim-Net."""
-    if args.init_model is not None and (args.init_model / "model.json").is_file():
-        from ..model.methods import METHODS
-        from ..model.modeldir import ModelDirError, read_model_json
+def _stored_method(model_dir: Path) -> str | None:
+    """The method a model directory says it is (None when its model.json cannot be read)."""
+    from ..model.modeldir import ModelDirError, read_model_json
 
-        try:
-            method = str(read_model_json(args.init_model).get("method"))
-        except ModelDirError:
-            return "qsmrimnet"
-        return method if method in METHODS else "qsmrimnet"
+    try:
+        return str(read_model_json(model_dir).get("method"))
+    except ModelDirError:
+        return None
+
+
+def _default_method(args: Namespace) -> str:
+    """--method left out: the --init-model's own method when it can start one (fine-tuning the bundled
+    fusion model fine-tunes a fusion), else QSMRim-Net (check_init_model then says what is wrong)."""
+    from ..model.methods import METHODS
+
+    if args.init_model is not None and (args.init_model / "model.json").is_file():
+        method = _stored_method(args.init_model)
+        if method in METHODS and starts_from_model(method):
+            return method
     return "qsmrimnet"
 
 
@@ -441,12 +453,13 @@ def run_group_level(config: AppConfig) -> int:
     configure_nipype(config.verbosity)
     from ..bids import SelectionError
     from ..model.finetune import InitModelError
+    from ..model.fusion import FusionError
     from ..workflows.group import run_group
     from ..workflows.recalibrate import RecalibrationError
 
     try:
         return int(run_group(config))
-    except (InitModelError, RecalibrationError, SelectionError) as err:  # found once the lesions are gathered
+    except (InitModelError, FusionError, RecalibrationError, SelectionError) as err:  # found once the lesions are gathered
         raise UsageError(str(err)) from None
 
 

@@ -143,21 +143,23 @@ def fuse(dirs: Mapping[str, Path], out_dir: Path, config: TrainConfig | None = N
     from .train import calibrated_thresholds
 
     out_dir = Path(out_dir)
+    wanted = get_method(config.method if config is not None else "fusion").components
+    if set(dirs) != set(wanted):
+        raise FusionError(f"a fusion fuses {', '.join(wanted)}; got {', '.join(dirs)}")
+    dirs = {m: Path(dirs[m]) for m in wanted}  # the fusion's order, whatever the caller's
+    read_components(dirs)  # same lesions and folds, checked before anything is copied
     if copy:
-        dirs = {m: _copy_into(Path(d), out_dir / COMPONENTS_DIR / m) for m, d in dirs.items()}
+        dirs = {m: _copy_into(d, out_dir / COMPONENTS_DIR / m) for m, d in dirs.items()}
     metas, tables = read_components(dirs)
     first = metas[next(iter(metas))]
     if config is None:
         config = replace(TrainConfig.from_dict(first["config"]), method="fusion", init_model=None)
-    wanted = get_method(config.method).components
-    if tuple(dirs) != wanted:
-        raise FusionError(f"--method {config.method} fuses {', '.join(wanted)}; got {', '.join(dirs)}")
     reference = tables[next(iter(tables))]
     y, fold = reference["label"].to_numpy(int), reference["fold"].to_numpy(int)
     raw = fused_probability(tables)
     calibration = fit_cv_calibration(y, raw, fold)
     thresholds = calibrated_thresholds(y, calibration.map.apply(raw), fold)
-    names = max((list(m.get("feature_names") or []) for m in metas.values()), key=len)
+    names = list(dict.fromkeys(n for m in metas.values() for n in m.get("feature_names") or []))  # the union
     members = [{**member, "method": method, "weights": f"{COMPONENTS_DIR}/{method}/{member['weights']}"}
                for method, meta in metas.items() for member in meta["members"]]
     model_id = model_id or "fusion-" + hashlib.sha1(
@@ -187,6 +189,8 @@ def fuse(dirs: Mapping[str, Path], out_dir: Path, config: TrainConfig | None = N
 def _copy_into(src: Path, dst: Path) -> Path:
     if not (src / MODEL_JSON).is_file():
         raise FusionError(f"{src} holds no {MODEL_JSON}")
+    if dst.exists() and src.resolve() == dst.resolve():
+        return dst  # fusing in place: the component is already where it belongs
     _copy_tree(src, dst)
     return dst
 

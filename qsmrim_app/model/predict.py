@@ -2,7 +2,7 @@
 
 ``probability`` is the model's calibration map (``model.json`` ``calibration``, model/calibration.py;
 identity when the model has none) applied to the mean of the members' rim+ probabilities
-(``probability_raw``), and ``uncertainty`` the members' standard deviation. ``votes`` is the fraction of
+(``probability_raw``; for a fusion, model/fusion.py, the mean of its components' member means), and ``uncertainty`` the members' standard deviation. ``votes`` is the fraction of
 members whose probability reaches their own fold's F1-optimal threshold. ``rim_positive`` is, by default, the paper's majority vote (votes > 0.5); when a threshold is
 given (the app's ``--threshold`` or an operating point from :attr:`Ensemble.thresholds`) it is instead
 ``probability >= threshold`` on the mean, because the operating points are fitted on the mean
@@ -80,7 +80,7 @@ class EnsemblePrediction:
     rim_positive: np.ndarray  # (N,) bool
     uncertainty: np.ndarray  # (N,) std of member probabilities
     member_probabilities: np.ndarray  # (M, N)
-    probability_raw: np.ndarray | None = None  # (N,) mean member probability (before calibration)
+    probability_raw: np.ndarray | None = None  # (N,) mean member (a fusion: component) probability, uncalibrated
 
     def __len__(self) -> int:
         return int(self.probability.size)

@@ -500,6 +500,24 @@ def _background_field(world: np.ndarray, amplitude: float, rng: np.random.Genera
     return (amplitude * sum(np.float32(c) * t for c, t in zip(coeffs, terms))).astype(np.float32)
 
 
+def _session_draws(family: Family | None, seed: int, patient: int, grid: str
+                   ) -> tuple[Family | None, np.random.Generator | None, Acquisition, Variations]:
+    """A randomised family's own streams: pose and reconstruction (`extra`), and the later variations
+    (warp, TV weight, FLAIR voxel) from a third stream only the families that use them touch."""
+    if family is not None and not family.randomised:
+        family = None
+    extra = rng_for(seed, patient, 500_000 * (1 + list(GRIDS).index(grid)) + zlib_crc(family.name)) if family else None
+    acq = draw_acquisition(family, extra) if family else Acquisition()
+    var = Variations()
+    if family is not None and family.varies:
+        var = draw_variations(family, rng_for(seed, patient, 700_000 * (1 + list(GRIDS).index(grid))
+                                              + zlib_crc(family.name)))
+        if acq.inversion.method == "tv":
+            acq = Acquisition(Inversion("tv", acq.inversion.threshold, var.tv_lambda), acq.noise_scale,
+                              acq.background_field_ppm, acq.map_scale, acq.map_offset_ppm)
+    return family, extra, acq, var
+
+
 def simulate_session(head: Head, lesions: PatientLesions, grid: str, seed: int, family: Family | None = None
                      ) -> SessionResult:
     """All images and truth of one patient on one grid (deterministic in seed, patient, grid, family).
@@ -510,17 +528,7 @@ def simulate_session(head: Head, lesions: PatientLesions, grid: str, seed: int, 
     start = time.perf_counter()
     spec = GRIDS[grid]
     rng = rng_for(seed, lesions.patient, 1 + list(GRIDS).index(grid))
-    if family is not None and not family.randomised:
-        family = None
-    extra = rng_for(seed, lesions.patient, 500_000 * (1 + list(GRIDS).index(grid)) + zlib_crc(family.name)) if family else None
-    acq = draw_acquisition(family, extra) if family else Acquisition()
-    var = Variations()
-    if family is not None and family.varies:
-        var = draw_variations(family, rng_for(seed, lesions.patient, 700_000 * (1 + list(GRIDS).index(grid))
-                                              + zlib_crc(family.name)))
-        if acq.inversion.method == "tv":
-            acq = Acquisition(Inversion("tv", acq.inversion.threshold, var.tv_lambda), acq.noise_scale,
-                              acq.background_field_ppm, acq.map_scale, acq.map_offset_ppm)
+    family, extra, acq, var = _session_draws(family, seed, lesions.patient, grid)
     geom = draw_geometry(head, spec, rng, family, extra, var.flair_voxel)
     qsm_to_cosmos, flair_to_cosmos = geom.qsm_to_cosmos(), geom.flair_to_cosmos()
     warp = var.warp

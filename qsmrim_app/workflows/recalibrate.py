@@ -144,7 +144,7 @@ def run_recalibration(config: AppConfig) -> int:
         "calibration": site_map.to_dict(),
         "thresholds": thresholds, "thresholds_before": meta.get("thresholds", {}),
         "threshold_rule": "F1-optimal / highest threshold with sensitivity <= 0.95 on the reviewed lesions under the "
-                          "site map",
+                          "site map, moved halfway down to the next reviewed probability (below_point)",
         "thresholds_implied_for_all_site_lesions": implied,
         "reviewed_mean_probability": {"before": float(before.mean()), "after": float(site_map.apply(raw).mean()),
                                       "observed_rim_positive_fraction": float(y.mean())},
@@ -160,6 +160,10 @@ def run_recalibration(config: AppConfig) -> int:
     return 0
 
 
+#: Below the lowest reviewed probability: a margin far above the tables' 6-decimal rounding of raw probabilities.
+ROUNDING_MARGIN = 1e-4
+
+
 def below_point(threshold: float, p: np.ndarray) -> float:
     """The threshold moved halfway down to the next reviewed probability below it.
 
@@ -168,17 +172,24 @@ def below_point(threshold: float, p: np.ndarray) -> float:
     which may land a hair below and flip its call. Halfway to the next point calls the same reviewed lesions
     and leaves a margin of whole probability steps instead of a rounding error."""
     lower = p[p < threshold]
-    return float((threshold + lower.max()) / 2) if lower.size else float(threshold)
+    if lower.size:
+        return float((threshold + lower.max()) / 2)
+    return float(max(threshold - ROUNDING_MARGIN, 0.0))  # nothing below: a margin far above the rounding
 
 
 def write_site_model(model_dir: Path, meta: dict, out: Path, site_id: str, calibration: dict,
                      thresholds: dict[str, float]) -> Path:
-    """A model directory of the site's own: the original's member weights copied, model.json updated."""
+    """A model directory of the site's own: the original's member weights (and a fusion's component
+    model.json files) copied, model.json updated."""
     from ..model.predict import MODEL_JSON
 
     out.mkdir(parents=True, exist_ok=True)
-    for member in meta["members"]:
-        src, dst = Path(model_dir) / member["weights"], out / member["weights"]
+    # a fusion's components keep their own model.json (fine-tuning starts each network from its namesake)
+    component_files = [f"components/{m}/{name}" for m in meta.get("components") or {}
+                       for name in ("model.json", "oof_predictions.tsv")
+                       if (Path(model_dir) / "components" / m / name).is_file()]
+    for rel in [member["weights"] for member in meta["members"]] + component_files:
+        src, dst = Path(model_dir) / rel, out / rel
         dst.parent.mkdir(parents=True, exist_ok=True)
         if not dst.is_file() or dst.stat().st_size != src.stat().st_size:
             tmp = dst.with_name(dst.name + ".tmp")
