@@ -285,6 +285,13 @@ def test_one_command_trains_every_method_into_one_table(dataset, preprocessed, t
     assert set(table.iloc[:, 0]) >= methods
     for method in methods - {"qsmrimnet"}:
         assert (model_dir / "comparators" / method / "oof_predictions.tsv").is_file()
+    # the fusion reuses this run's image-only and features-only instead of training them again
+    fused = model_dir / "comparators" / "fusion"
+    assert json.loads((fused / "model.json").read_text())["method"] == "fusion" and "fusion" in metrics
+    for component in ("image-only", "features-only"):
+        ours = json.loads((fused / "components" / component / "model.json").read_text())
+        theirs = json.loads((model_dir / "comparators" / component / "model.json").read_text())
+        assert ours["model_id"] == theirs["model_id"] and ours["created"] == theirs["created"]
     html = (model_dir / "report.html").read_text()
     assert "<svg" in html or "data:image/png" in html
     # every other method against QSMRim-Net on the same lesions, with a participant-bootstrap interval
