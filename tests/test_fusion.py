@@ -100,6 +100,17 @@ def test_fine_tuning_a_fusion_starts_each_network_from_its_namesake(fused, tmp_p
     image = json.loads((tuned / "components/image-only/model.json").read_text())["config"]
     feats = json.loads((tuned / "components/features-only/model.json").read_text())["config"]
     assert image["init_model"] == str(out / "components/image-only") and feats["init_model"] is None
+    # zero epochs: each image-only member is exactly the starting fusion's namesake member
+    import torch
+
+    start = train(lesions, tiny_config(method="fusion", epochs=0, init_model=str(out), inner_val_fraction=0.0),
+                  tmp_path / "start", progress=False)
+    for member in json.loads((start / "model.json").read_text())["members"]:
+        if member["method"] != "image-only":
+            continue
+        mine = torch.load(start / member["weights"], weights_only=True)
+        theirs = torch.load(out / member["weights"], weights_only=True)
+        assert all(torch.equal(mine[k].float(), theirs[k].float()) for k in theirs if theirs[k].is_floating_point())
     # a network cannot start from a fusion, nor a fusion from a network
     with pytest.raises(InitModelError, match="--method fusion"):
         train(lesions, tiny_config(init_model=str(out)), tmp_path / "net", progress=False)
