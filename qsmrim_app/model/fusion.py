@@ -147,10 +147,9 @@ def fuse(dirs: Mapping[str, Path], out_dir: Path, config: TrainConfig | None = N
     if set(dirs) != set(wanted):
         raise FusionError(f"a fusion fuses {', '.join(wanted)}; got {', '.join(dirs)}")
     dirs = {m: Path(dirs[m]) for m in wanted}  # the fusion's order, whatever the caller's
-    read_components(dirs)  # same lesions and folds, checked before anything is copied
-    if copy:
+    metas, tables = read_components(dirs)  # same lesions and folds, checked before anything is copied
+    if copy:  # the copies hold the same model.json and tables: read once, above
         dirs = {m: _copy_into(d, out_dir / COMPONENTS_DIR / m) for m, d in dirs.items()}
-    metas, tables = read_components(dirs)
     first = metas[next(iter(metas))]
     if config is None:
         config = replace(TrainConfig.from_dict(first["config"]), method="fusion", init_model=None)
