@@ -44,6 +44,9 @@ def test_every_family_is_valid_and_differs_from_the_others() -> None:
     assert min(f.rim_chi[0] for f in rand) <= 0.01 and max(f.rim_chi[1] for f in rand) >= 0.06
     assert min(f.rim_coverage[0] for f in rand) < 2 / 3 < max(f.arc_coverage[1] for f in rand)
     assert {"tkd", "tikhonov", "gradient-l2"} <= {m for f in rand for m in f.inversion}
+    # our own inversions of real tissue fields are backgrounds of some family; base rates differ across them
+    assert {"cosmos-tv", "ich-a-tv"} <= {f.background for f in rand}
+    assert len({f.rim_fraction for f in rand}) >= 3
     with pytest.raises(ValueError, match="unknown family"):
         get_family("nope")
 

@@ -44,6 +44,20 @@ def test_only_the_new_family_draws_the_new_variations() -> None:
     assert all(fam.tv_lambda[0] <= d.tv_lambda <= fam.tv_lambda[1] for d in draws)
 
 
+@pytest.mark.parametrize("name", ["tv-ich-a", "cosmos-tv-mixed"])
+def test_own_inversion_families_draw_within_their_ranges(name: str) -> None:
+    """The families on our own TV inversions draw warps and FLAIR voxels deterministically, inside their ranges."""
+    fam = FAMILIES[name]
+    assert fam.varies and fam.background.endswith("-tv")
+    draws = [draw_variations(fam, rng_for(s, 2, 5)) for s in range(16)]
+    again = draw_variations(fam, rng_for(0, 2, 5))
+    pts = np.random.default_rng(2).uniform(-80, 80, size=(3, 200))
+    np.testing.assert_array_equal(again.warp.displacement(pts), draws[0].warp.displacement(pts))
+    assert again.flair_voxel == draws[0].flair_voxel
+    assert {d.flair_voxel for d in draws} == set(fam.flair_voxels)
+    assert all(fam.warp_mm[0] <= d.warp.amplitude_mm <= fam.warp_mm[1] for d in draws)
+
+
 def test_warp_is_smooth_and_bounded_by_its_amplitude() -> None:
     rng = np.random.default_rng(0)
     pts = rng.uniform(-100, 100, size=(3, 20000))

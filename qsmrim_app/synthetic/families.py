@@ -146,6 +146,36 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            tkd_threshold=(0.1, 0.3), tikhonov_lambda=(0.01, 0.1), tv_lambda=(1e-4, 1e-3),
            background_field_ppm=(0.0, 0.03), map_scale=(0.8, 1.25), map_offset_ppm=(-0.02, 0.02),
            flair_voxels=((1.0, 1.0, 1.0), (1.0, 1.0, 3.0), (0.9, 0.9, 2.0))),
+    # Two families on our own TV inversions of real tissue fields (own_inversion.py): the same people as
+    # `ich-a` and `cosmos`, another reconstruction of their texture. Rim prevalence differs from the
+    # others' 12 % (8 % and 16 %) so that base rates vary across training families as they do across sites.
+    Family("tv-ich-a", "patient A's tissue field inverted by our own TV (another reconstruction of the "
+                       "ich-a texture), warped up to 3 mm; rims 5-60 ppb, 0.3-2 mm, coverage 0.4-1.0, mostly on "
+                       "the edge, modulated; fewer rims (8 %), more confounders (8 % each); Tikhonov, TKD "
+                       "0.1-0.3 or TV; low FLAIR contrast at 1 mm or 1x1x3 mm; maps in ppb, 1x1x3 and 0.6x0.6x2",
+           background="ich-a-tv", grids=("1x1x3", "0.6x0.6x2"), rim_fraction=0.08, confounder_fraction=0.08,
+           confounders=("arc", "vein", "hyper", "dia"), rim_chi=(0.005, 0.06), rim_thickness=(0.3, 2.0),
+           full_ring_share=0.3, rim_coverage=(0.4, 1.0), arc_coverage=(0.1, 0.7), position_weights=(1, 2, 1),
+           rim_modulation=(0.0, 0.8), rim_core_hyper_share=0.2, core_chi=(-0.01, 0.02), hyper_chi=(0.01, 0.06),
+           vein_chi=(0.15, 0.5), vein_radius=(0.25, 1.0), vein_offset=(-0.5, 2.0), flair_contrast=(1.1, 1.8),
+           head_rotation_deg=(12.0, 10.0, 10.0), head_scale=(0.9, 1.1), warp_mm=(0.5, 3.0),
+           warp_wavelength_mm=(20.0, 40.0), noise_scale=(0.6, 2.5), inversion=("tikhonov", "tkd", "tv"),
+           tkd_threshold=(0.1, 0.3), tikhonov_lambda=(0.01, 0.08), tv_lambda=(1e-4, 1e-3),
+           background_field_ppm=(0.0, 0.03), map_scale=(0.8, 1.25), map_offset_ppm=(-0.02, 0.02), units="ppb",
+           flair_voxels=((1.0, 1.0, 1.0), (1.0, 1.0, 3.0))),
+    Family("cosmos-tv-mixed", "the COSMOS person's tissue field inverted by our own TV, mirrored/rotated/"
+                              "rescaled and warped up to 2 mm; rims 5-50 ppb, 0.3-2.5 mm, coverage 0.45-1.0, "
+                              "any position, inside more often; more rims (16 %); gradient-l2, TKD 0.12-0.25 "
+                              "or Tikhonov; FLAIR at 1 mm or 0.9x0.9x2 mm; 0.75x0.75x3 and 1x1x1 mm",
+           background="cosmos-tv", grids=("0.75x0.75x3", "1x1x1"), rim_fraction=0.16, confounder_fraction=0.06,
+           confounders=("arc", "vein", "hyper", "dia"), rim_chi=(0.005, 0.05), rim_thickness=(0.3, 2.5),
+           full_ring_share=0.35, rim_coverage=(0.45, 1.0), arc_coverage=(0.1, 0.65), position_weights=(2, 1, 1),
+           rim_modulation=(0.0, 1.0), rim_core_hyper_share=0.3, core_chi=(-0.01, 0.02), hyper_chi=(0.01, 0.06),
+           vein_chi=(0.15, 0.45), vein_radius=(0.3, 1.2), vein_offset=(-0.5, 1.5), flair_contrast=(1.2, 2.1),
+           head_rotation_deg=(15.0, 10.0, 10.0), head_scale=(0.85, 1.15), warp_mm=(0.0, 2.0),
+           warp_wavelength_mm=(25.0, 45.0), noise_scale=(0.5, 2.0), inversion=("gradient-l2", "tkd", "tikhonov"),
+           tkd_threshold=(0.12, 0.25), tikhonov_lambda=(0.01, 0.08), background_field_ppm=(0.0, 0.02),
+           map_scale=(0.85, 1.2), map_offset_ppm=(-0.01, 0.01), flair_voxels=((1.0, 1.0, 1.0), (0.9, 0.9, 2.0))),
 )}
 
 
