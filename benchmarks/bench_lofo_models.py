@@ -13,7 +13,8 @@ and at no extra cost. This script turns those tables into the headline table of 
   recall and precision on F at it; per-scan count r and MSE (counts at that threshold) and the r of the
   expected counts (sum of calibrated probabilities);
 * the first method minus every other by the paired participant bootstrap, per family and pooled over all
-  families (pooled on the calibrated out-of-family probabilities: what a user's table would rank).
+  families (pooled on the calibrated out-of-family probabilities: what a user's table would rank), and on
+  the mean of the families' own PR/ROC AUC (ranking within each family, participants resampled within it).
 
 Caveat, stated in the JSON: the other families' predictions that fit F's map and threshold come from
 members that did train on F (a nested leave-two-out would avoid it at 5x the cost).
@@ -145,6 +146,48 @@ def lofo(tables: dict[str, pd.DataFrame], n_boot: int) -> tuple[dict, pd.DataFra
     return {"lofo": results, "pooled": pooled}, pd.DataFrame(rows)
 
 
+def per_family_mean(tables: dict[str, pd.DataFrame], n_boot: int, seed: int = 0) -> dict:
+    """The mean over left-out families of each family's PR and ROC AUC on the raw probabilities (ranking
+    *within* a family, as a site with its own threshold meets it), the first method minus each other with
+    participants resampled within each family (paired). The pooled table instead ranks all families on one
+    calibrated scale, which also charges a method for scales that differ between families."""
+    from qsmrim_app.model.metrics import pr_auc, roc_auc
+
+    methods = list(tables)
+    ref = tables[methods[0]]
+    y = ref["label"].to_numpy(int)
+    prob = {m: t["probability"].to_numpy(float) for m, t in tables.items()}
+    fams = sorted(ref["family"].unique())
+    whole = [np.flatnonzero((ref["family"] == f).to_numpy()) for f in fams]
+    people = [{s: i[ref["subject"].to_numpy()[i] == s] for s in np.unique(ref["subject"].to_numpy()[i])} for i in whole]
+
+    def means(idx: list[np.ndarray]) -> dict[str, tuple[float, float]]:
+        return {m: (float(np.mean([pr_auc(y[i], prob[m][i]) for i in idx])),
+                    float(np.mean([roc_auc(y[i], prob[m][i]) for i in idx]))) for m in methods}
+
+    point = means(whole)
+    rng = np.random.default_rng(seed)
+    draws: dict[str, list[tuple[float, float]]] = {m: [] for m in methods[1:]}
+    for _ in range(n_boot):
+        idx = []
+        for i, groups in zip(whole, people):
+            subs = list(groups)
+            pick = np.concatenate([groups[subs[k]] for k in rng.choice(len(subs), len(subs), replace=True)])
+            idx.append(pick if 0 < y[pick].sum() < pick.size else i)  # a draw without both classes: the family as is
+        got = means(idx)
+        for m in methods[1:]:
+            draws[m].append((got[methods[0]][0] - got[m][0], got[methods[0]][1] - got[m][1]))
+    out = {"families": fams, "n_boot": n_boot,
+           "methods": {m: {"pr_auc_mean": v[0], "roc_auc_mean": v[1]} for m, v in point.items()},
+           "paired_vs_" + methods[0]: {}}
+    for m, d in draws.items():
+        d = np.asarray(d)
+        out["paired_vs_" + methods[0]][m] = {
+            k: {"difference": point[methods[0]][j] - point[m][j], "ci_low": float(np.percentile(d[:, j], 2.5)),
+                "ci_high": float(np.percentile(d[:, j], 97.5))} for j, k in enumerate(("pr_auc", "roc_auc"))}
+    return out
+
+
 def in_family(model_dir: Path, family_of: dict[str, str]) -> dict:
     """Each family scored by a model trained with participant folds over all families (its other
     participants were in training): the in-family reference, at the model's stored map and F1 point."""
@@ -273,6 +316,19 @@ def markdown(summary: dict, methods: Sequence[str]) -> str:
         d = pooled["paired_vs_" + ref][m]
         cells = [f"{d[k]['difference']:+.3f} [{d[k]['ci_low']:+.3f}, {d[k]['ci_high']:+.3f}]" for k in ("pr_auc", "roc_auc")]
         lines.append(f"| {m} | {_f(p['pr_auc_pooled'])} | {_f(p['roc_auc_pooled'])} | {_f(p['ece'])} | {cells[0]} | {cells[1]} |")
+    within = summary.get("per_family_mean")
+    if within:
+        lines += ["", f"Mean over the left-out families of each family's own PR and ROC AUC (ranking within a family, "
+                  f"raw probabilities): {ref} minus each method, participants resampled within each family, 95 % interval:", "",
+                  "| method | mean PR AUC | mean ROC AUC | PR AUC difference | ROC AUC difference |", "|---|---|---|---|---|"]
+        for m in methods:
+            w = within["methods"][m]
+            if m == ref:
+                lines.append(f"| {m} | {_f(w['pr_auc_mean'])} | {_f(w['roc_auc_mean'])} | | |")
+                continue
+            d = within["paired_vs_" + ref][m]
+            cells = [f"{d[k]['difference']:+.3f} [{d[k]['ci_low']:+.3f}, {d[k]['ci_high']:+.3f}]" for k in ("pr_auc", "roc_auc")]
+            lines.append(f"| {m} | {_f(w['pr_auc_mean'])} | {_f(w['roc_auc_mean'])} | {cells[0]} | {cells[1]} |")
     for fam, rec in summary.get("recalibration", {}).items():
         sizes = [r["reviewed"] for r in rec["random"]["by_size"]]
         lines += ["", f"Recalibration on {fam} (left out; before: recall {rec['before']['recall']:.2f}, precision "
@@ -319,6 +375,8 @@ def main(argv: list[str] | None = None) -> int:
     models = _pairs(args.model)
     tables = {m: read_oof(d, family_of) for m, d in models.items()}
     summary, rows = lofo(tables, args.n_boot)
+    if len(tables) > 1:
+        summary["per_family_mean"] = per_family_mean(tables, args.n_boot)
     if args.test_family:
         summary["test_only"] = test_families(models, _pairs(args.test_family))
     for name, model_dir in _pairs(args.in_family).items():
@@ -339,6 +397,11 @@ def main(argv: list[str] | None = None) -> int:
     for m, v in summary["pooled"]["paired_vs_" + ref].items():
         d = v["pr_auc"]
         print(f"  {m}: {d['difference']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]")
+    if "per_family_mean" in summary:
+        print(f"{ref} minus each method, mean of the left-out families' own PR AUC (within-family bootstrap):")
+        for m, v in summary["per_family_mean"]["paired_vs_" + ref].items():
+            d = v["pr_auc"]
+            print(f"  {m}: {d['difference']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]")
     if args.markdown:
         args.markdown.write_text(markdown(summary, list(models)))
     for fam, rec in summary.get("recalibration", {}).items():

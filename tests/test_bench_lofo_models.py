@@ -60,6 +60,26 @@ def test_lofo_scores_each_family_with_maps_and_thresholds_from_the_others(bench,
     np.testing.assert_allclose(p_a, p_b) and np.testing.assert_allclose(thr_a, thr_b)
     preds = pd.read_csv(tmp_path / "p.tsv", sep="\t")
     assert len(preds) == 2 * 270 and set(preds["family"]) == {"A", "B", "C"}
+    within = summary["per_family_mean"]
+    assert within["families"] == ["A", "B", "C"]
+    diff = within["paired_vs_strong"]["weak"]["pr_auc"]
+    assert diff["difference"] > 0 and diff["ci_low"] > 0
+
+
+def test_per_family_mean_ignores_scales_that_differ_between_families(bench, tmp_path: Path) -> None:
+    """Ranking within each family: a method that only moves one family's scale scores the same there,
+    while the pooled ranking (one scale for all families) can tell them apart."""
+    families = {f"sub-{f}{i}": f for f in "ABC" for i in range(3)}
+    table = bench.read_oof(_model(tmp_path, "m", families, 1.5, 1), families)
+    shifted = table.copy()
+    in_b = shifted["family"] == "B"
+    shifted.loc[in_b, "probability"] = shifted.loc[in_b, "probability"] ** 4  # monotone within B only
+    within = bench.per_family_mean({"m": table, "shifted": shifted}, n_boot=100)
+    d = within["paired_vs_m"]["shifted"]
+    for k in ("pr_auc", "roc_auc"):
+        assert d[k]["difference"] == pytest.approx(0.0, abs=1e-12)
+        assert d[k]["ci_low"] == pytest.approx(0.0, abs=1e-12) and d[k]["ci_high"] == pytest.approx(0.0, abs=1e-12)
+    assert within["methods"]["m"]["pr_auc_mean"] == pytest.approx(within["methods"]["shifted"]["pr_auc_mean"])
 
 
 def test_in_family_reference_and_recalibration_from_a_rater(bench, tmp_path: Path) -> None:
