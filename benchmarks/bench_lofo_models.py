@@ -159,7 +159,8 @@ def per_family_mean(tables: dict[str, pd.DataFrame], n_boot: int, seed: int = 0)
     prob = {m: t["probability"].to_numpy(float) for m, t in tables.items()}
     fams = sorted(ref["family"].unique())
     whole = [np.flatnonzero((ref["family"] == f).to_numpy()) for f in fams]
-    people = [{s: i[ref["subject"].to_numpy()[i] == s] for s in np.unique(ref["subject"].to_numpy()[i])} for i in whole]
+    subject = ref["subject"].to_numpy()
+    people = [{s: i[subject[i] == s] for s in np.unique(subject[i])} for i in whole]
 
     def means(idx: list[np.ndarray]) -> dict[str, tuple[float, float]]:
         return {m: (float(np.mean([pr_auc(y[i], prob[m][i]) for i in idx])),
@@ -293,6 +294,11 @@ def _f(v) -> str:
     return "n/a" if v is None or (isinstance(v, float) and not np.isfinite(v)) else f"{v:.3f}"
 
 
+def _interval(d: dict) -> str:
+    """A paired difference as the tables and the log print it: '+0.012 [-0.022, +0.028]'."""
+    return f"{d['difference']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]"
+
+
 def markdown(summary: dict, methods: Sequence[str]) -> str:
     """The headline table (per left-out family, in-family PR beside), the pooled paired differences and
     the recalibration table, as docs/families.md and the model card show them."""
@@ -314,7 +320,7 @@ def markdown(summary: dict, methods: Sequence[str]) -> str:
             lines.append(f"| {m} | {_f(p['pr_auc_pooled'])} | {_f(p['roc_auc_pooled'])} | {_f(p['ece'])} | | |")
             continue
         d = pooled["paired_vs_" + ref][m]
-        cells = [f"{d[k]['difference']:+.3f} [{d[k]['ci_low']:+.3f}, {d[k]['ci_high']:+.3f}]" for k in ("pr_auc", "roc_auc")]
+        cells = [_interval(d[k]) for k in ("pr_auc", "roc_auc")]
         lines.append(f"| {m} | {_f(p['pr_auc_pooled'])} | {_f(p['roc_auc_pooled'])} | {_f(p['ece'])} | {cells[0]} | {cells[1]} |")
     within = summary.get("per_family_mean")
     if within:
@@ -327,7 +333,7 @@ def markdown(summary: dict, methods: Sequence[str]) -> str:
                 lines.append(f"| {m} | {_f(w['pr_auc_mean'])} | {_f(w['roc_auc_mean'])} | | |")
                 continue
             d = within["paired_vs_" + ref][m]
-            cells = [f"{d[k]['difference']:+.3f} [{d[k]['ci_low']:+.3f}, {d[k]['ci_high']:+.3f}]" for k in ("pr_auc", "roc_auc")]
+            cells = [_interval(d[k]) for k in ("pr_auc", "roc_auc")]
             lines.append(f"| {m} | {_f(w['pr_auc_mean'])} | {_f(w['roc_auc_mean'])} | {cells[0]} | {cells[1]} |")
     for fam, rec in summary.get("recalibration", {}).items():
         sizes = [r["reviewed"] for r in rec["random"]["by_size"]]
@@ -396,12 +402,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{ref} minus each method, pooled over left-out families (participant bootstrap, PR AUC):")
     for m, v in summary["pooled"]["paired_vs_" + ref].items():
         d = v["pr_auc"]
-        print(f"  {m}: {d['difference']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]")
+        print(f"  {m}: {_interval(d)}")
     if "per_family_mean" in summary:
         print(f"{ref} minus each method, mean of the left-out families' own PR AUC (within-family bootstrap):")
         for m, v in summary["per_family_mean"]["paired_vs_" + ref].items():
             d = v["pr_auc"]
-            print(f"  {m}: {d['difference']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]")
+            print(f"  {m}: {_interval(d)}")
     if args.markdown:
         args.markdown.write_text(markdown(summary, list(models)))
     for fam, rec in summary.get("recalibration", {}).items():

@@ -10,9 +10,8 @@
 #
 # Outputs: WORKDIR/bids/<family> (merged BIDS, participants relabelled sub-<prefix>NN so that the families
 # merge with the others', whose sub-NN are the Ljubljana patients), WORKDIR/out/<family> (participant
-# level). FAMILIES picks
-# the families (default all three; e.g. FAMILIES=tv-ich-a to make one on each core); PY (default
-# .venv/bin/python) runs both; DATA defaults to ../shared/data. The patients also carry other families'
+# level). FAMILIES picks the families (default all three; e.g. FAMILIES=tv-ich-a to make one on each core);
+# PY (default .venv/bin/python) runs both; DATA defaults to ../shared/data. The patients also carry other families'
 # lesions (all 20 Ljubljana patients are in the bundled corpus): a left-out family shares lesion shapes,
 # not rim physics, background reconstruction or grid.
 set -euo pipefail
