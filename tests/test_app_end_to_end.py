@@ -128,6 +128,12 @@ def test_training_writes_a_loadable_model_that_beats_chance(trained_model):
                 "fn", "tn", "count_pearson_r", "count_pearson_ci", "count_mse"):
         assert key in values, key
     assert values["roc_auc"] > 0.6
+    # the fast protocol reads no pyradiomics feature that counts native voxels (model/inputs.py), and says so
+    meta = json.loads((trained_model / "model.json").read_text())
+    assert meta["config"]["feature_set"] == "no-voxel-counts"
+    names = meta["feature_names"]
+    assert not [n for n in names if "_glrlm_" in n or n.endswith("_firstorder_Energy")]
+    assert "original_glcm_JointEnergy" in names and any(n.startswith("radial_") for n in names)
 
 
 def test_participant_outputs_are_bids_and_consistent(classified):

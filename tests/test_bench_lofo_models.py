@@ -44,6 +44,9 @@ def test_lofo_scores_each_family_with_maps_and_thresholds_from_the_others(bench,
                        str(tmp_path / "p.tsv")]) == 0
     summary = json.loads(out.read_text())
     assert set(summary["lofo"]) == {"A", "B", "C"}
+    # B's scores sit 1 logit high: EM reads that as more rim+ than the other families had
+    assert set(summary["prior_shift"]) == {"A", "B", "C"}
+    assert summary["prior_shift"]["B"]["prior_estimated"] > summary["prior_shift"]["B"]["prior_train"]
     for fam, entry in summary["lofo"].items():
         s, w = entry["methods"]["strong"], entry["methods"]["weak"]
         assert s["roc_auc_pooled"] > w["roc_auc_pooled"] and 0 < s["threshold_f1"] < 1
@@ -112,3 +115,25 @@ def test_folds_that_mix_families_are_refused(bench, tmp_path: Path) -> None:
     table.to_csv(model / "oof_predictions.tsv", sep="\t", index=False)
     with pytest.raises(SystemExit, match="folds mix families"):
         bench.read_oof(model, families)
+
+
+def test_prior_adaptation_recovers_a_pure_label_shift_and_leaves_an_unshifted_cohort(bench) -> None:
+    """Saerens' EM: lesions drawn from the same class-conditional scores at another rim+ share. Calibrated
+    where rim+ are 10 %, a cohort at 30 % is found at ~30 % and its probabilities' ECE falls; a cohort at
+    10 % stays where it is."""
+    from qsmrim_app.model.calibration import expected_calibration_error
+
+    rng = np.random.default_rng(3)
+    shift = 2.0  # class-conditional scores: N(+-1, 1) on the logit scale -> exact posterior at a prior
+    def cohort(share: float, n: int = 4000):
+        y = (rng.random(n) < share).astype(int)
+        x = rng.normal(np.where(y == 1, 1.0, -1.0), 1.0)
+        p_train = 1 / (1 + np.exp(-(shift * x + np.log(0.1 / 0.9))))  # the posterior where rim+ are 10 %
+        return y, p_train
+    y, p = cohort(0.3)
+    q, prior = bench.adapt_to_prior(p, 0.1)
+    assert prior == pytest.approx(0.3, abs=0.03)
+    assert expected_calibration_error(y, q) < 0.5 * expected_calibration_error(y, p)
+    y, p = cohort(0.1)
+    q, prior = bench.adapt_to_prior(p, 0.1)
+    assert prior == pytest.approx(0.1, abs=0.02) and np.abs(q - p).max() < 0.05

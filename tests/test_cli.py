@@ -265,10 +265,14 @@ def test_protocol_settings_reach_the_trainer(tmp_path: Path, dataset: Path, disp
     assert (paper.protocol, paper.epochs, paper.folds, paper.seeds, paper.width_multiplier) == ("paper", 40, 5, 3, 1.0)
     assert paper.learning_rate == 1e-4 and paper.batch_size == 64 and paper.max_steps is None
     assert paper.lr_milestones == (0.5, 0.7, 0.9) and paper.input_level == "referenced"
+    assert paper.feature_set == "all"  # the paper's 527 pyradiomics features
     assert main([str(dataset), str(output), "group", "--train", "--protocol", "fast"]) == 0
     fast = dispatched["group"].training
     assert fast.protocol == "fast" and fast.max_steps == 200 and fast.seeds == 1 and fast.width_multiplier == 0.125
     assert fast.batch_size == 32 and fast.inner_val_fraction > 0 and fast.positive_fraction and fast.lr_schedule == "onecycle"
+    assert fast.feature_set == "no-voxel-counts"
+    assert main([str(dataset), str(output), "group", "--train", "--protocol", "fast", "--feature-set", "all"]) == 0
+    assert dispatched["group"].training.feature_set == "all"
     assert main([str(dataset), str(output), "group", "--train", "--protocol", "fast", "--seeds", "2",
                  "--width-multiplier", "0.25", "--folds", "3", "--inputs", "paper"]) == 0
     mixed = dispatched["group"].training

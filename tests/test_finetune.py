@@ -126,7 +126,8 @@ def test_command_line_refusals(tmp_path):
 
 
 def test_fine_tuning_builds_the_starting_models_network(tmp_path):
-    """`group --train --init-model M` without architecture options trains M's network, whatever the protocol."""
+    """`group --train --init-model M` without architecture options trains M's network on M's feature set,
+    whatever the protocol."""
     from qsmrim_app.cli.parser import build_parser
     from qsmrim_app.cli.run import build_config
     from test_bids import make_dataset
@@ -138,7 +139,7 @@ def test_fine_tuning_builds_the_starting_models_network(tmp_path):
     argv = [str(bids), str(out), "group", "--train", "--init-model", str(BUNDLED_MODEL_DIR)]
     for protocol in ("paper", "fast"):
         cfg = build_config(build_parser().parse_args([*argv, "--protocol", protocol]), argv).training
-        for key in ("width_multiplier", "fusion", "stem_stride", "wide"):
+        for key in ("width_multiplier", "fusion", "stem_stride", "wide", "feature_set"):
             assert getattr(cfg, key) == getattr(stored, key), (protocol, key)
     cfg = build_config(build_parser().parse_args([*argv, "--width-multiplier", "0.5"]), argv).training
     assert cfg.width_multiplier == 0.5  # explicit wins (and is refused later by check_init_model)

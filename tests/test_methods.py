@@ -46,6 +46,26 @@ def test_feature_names_follow_the_run_configuration() -> None:
         methods.get("svm")
 
 
+def test_no_voxel_counts_leaves_out_the_features_that_count_native_voxels() -> None:
+    """The 527 pyradiomics names: 'no-voxel-counts' drops the 144 run-length (GLRLM) features and the 9
+    first-order Energy (one per image type), keeps TotalEnergy, GLCM JointEnergy, shape and the radial columns,
+    for the floors (pyradiomics columns) and the networks' feature methods alike."""
+    from qsmrim_app import radiomics as rad
+
+    names = [*rad.feature_names(rad.load_params()), "radial_shell_mean_ppb", FLOOR_COLUMN]
+    for method in ("rf", "features-only", "qsmrimnet"):
+        every = methods.feature_names(TrainConfig(method=method), names)
+        kept = methods.feature_names(TrainConfig(method=method, feature_set="no-voxel-counts"), names)
+        dropped = set(every) - set(kept)
+        assert set(kept) <= set(every) and len(dropped) == 144 + 9, method
+        assert all("_glrlm_" in n or n.endswith("_firstorder_Energy") for n in dropped)
+        assert {"original_firstorder_TotalEnergy", "original_glcm_JointEnergy", "original_shape_VoxelVolume"} <= set(kept)
+        assert ("radial_shell_mean_ppb" in kept) == (method != "rf")
+    assert methods.feature_names(TrainConfig(method="shell-core", feature_set="no-voxel-counts"), names) == [FLOOR_COLUMN]
+    with pytest.raises(ValueError, match="unknown feature set"):
+        TrainConfig(feature_set="physical")
+
+
 def test_sklearn_builders_fit_through_the_registry() -> None:
     from qsmrim_app.model.comparators import fit_comparator
 

@@ -201,3 +201,34 @@ def test_names_match_what_pyradiomics_returns(params) -> None:
     result = RadiomicsFeatureExtractor(params).execute(rad._to_sitk(image, (1, 1, 2)), rad._to_sitk(mask, (1, 1, 2)))
     produced = {k for k in result if not k.startswith("diagnostics_")}
     assert produced == set(rad.feature_names(params))
+
+
+def _smooth_lesion(spacing: tuple[float, float, float]) -> tuple[np.ndarray, np.ndarray]:
+    """One ellipsoidal lesion (semi-axes 8, 6, 5 mm) with a rim and texture defined in mm, on ``spacing``."""
+    shape = [int(round(30.0 / s)) for s in spacing]
+    axes = [(np.arange(n) + 0.5) * s - 15.0 for n, s in zip(shape, spacing)]
+    x, y, z = np.meshgrid(*axes, indexing="ij")
+    r = np.sqrt((x / 8) ** 2 + (y / 6) ** 2 + (z / 5) ** 2)
+    qsm = 10 + 40 * np.exp(-(((r - 1) / 0.15) ** 2)) - 10 * (r < 0.8) + 8 * np.sin(x / 2) * np.cos(y / 3)
+    return qsm.astype(np.float32), (r <= 1).astype(np.int32)
+
+
+def test_energy_counts_voxels_and_total_energy_does_not(params) -> None:
+    """Why the fast protocol's feature set leaves first-order Energy out (model/inputs.py counts_voxels): the
+    same lesion on a 0.75 x 0.75 x 3 mm and a 1 mm grid changes Energy by the ratio of its voxel counts, while
+    TotalEnergy (Energy x voxel volume) and the mean stay put."""
+    from qsmrim_app.model.inputs import counts_voxels
+
+    rows, voxels = [], []
+    for spacing in ((0.75, 0.75, 3.0), (1.0, 1.0, 1.0)):
+        qsm, labels = _smooth_lesion(spacing)
+        rows.append(rad.extract_lesion_features(qsm, labels, spacing, [1], params).iloc[0])
+        voxels.append(int(labels.sum()))
+    coarse, fine = rows
+    count_ratio = voxels[0] / voxels[1]
+    assert count_ratio < 0.7  # the coarse grid holds far fewer voxels of the same lesion
+    assert coarse["original_firstorder_Energy"] / fine["original_firstorder_Energy"] == pytest.approx(count_ratio, rel=0.15)
+    assert coarse["original_firstorder_TotalEnergy"] / fine["original_firstorder_TotalEnergy"] == pytest.approx(1, abs=0.15)
+    assert coarse["original_firstorder_Mean"] == pytest.approx(fine["original_firstorder_Mean"], rel=0.1)
+    assert counts_voxels("original_firstorder_Energy") and not counts_voxels("original_firstorder_TotalEnergy")
+

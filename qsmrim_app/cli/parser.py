@@ -22,7 +22,7 @@ from ..config import PreprocConfig
 from ..lesion_split import LESION_THRESHOLD, SPLIT_METHODS
 from ..lesions import MIN_LESION_VOXELS
 from ..model.config import PROTOCOLS
-from ..model.inputs import DEFAULT_LEVEL, LEVELS
+from ..model.inputs import DEFAULT_LEVEL, FEATURE_SETS, LEVELS
 from ..model.methods import ALL_METHODS
 
 
@@ -291,6 +291,12 @@ def build_parser() -> argparse.ArgumentParser:
                             "'margin' + surrounding tissue and an outline channel; 'radial' + radial-profile "
                             "features; 'referenced' + QSM relative to the lesion's local reference tissue; 'tissue' + the "
                             "first-order radiomic features relative to that tissue too")
+    train.add_argument("--feature-set", "--feature_set", dest="feature_set", choices=FEATURE_SETS, default=None,
+                       help="the pyradiomics columns the feature methods read: 'no-voxel-counts' (the fast "
+                            "protocol's default) leaves out those that count voxels of the scan's own grid "
+                            "(run-length GLRLM, first-order Energy), which made one lesion score differently on "
+                            "a 0.6 mm and a 1 x 1 x 3 mm grid; 'all' (the paper protocol's default) keeps the "
+                            "paper's 527; with --init-model, that model's")
     train.add_argument("--epochs", type=positive_int, default=None,
                        help="training epochs (paper protocol: 40)")
     train.add_argument("--folds", type=at_least_two, default=None,

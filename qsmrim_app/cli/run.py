@@ -175,7 +175,7 @@ def build_config(args: Namespace, argv: Sequence[str]) -> AppConfig:
         explicit = dict(method=methods[0], epochs=args.epochs, max_steps=args.max_steps,
                         batch_size=args.batch_size, folds=args.folds, seeds=args.seeds,
                         width_multiplier=args.width_multiplier, weights_fp16=args.weights_fp16 or None,
-                        input_level=args.inputs, patch_extent_mm=extent, patch_spacing_mm=spacing,
+                        input_level=args.inputs, feature_set=args.feature_set, patch_extent_mm=extent, patch_spacing_mm=spacing,
                         device=args.device, init_model=init_model)
         inherited = _init_architecture(init_model)
         # protocol_config drops None values, so an option left unset keeps the inherited architecture.
@@ -285,15 +285,16 @@ def _default_method(args: Namespace) -> str:
 
 
 def _init_architecture(init_model: str | None) -> dict:
-    """A fine-tuning run builds the starting model's network (width, stem, wide term, fusion) unless the
-    command line says otherwise (an explicit --width-multiplier wins and is then checked against it)."""
+    """A fine-tuning run builds the starting model's network (width, stem, wide term, fusion) and reads its
+    feature set unless the command line says otherwise (an explicit --width-multiplier wins and is then
+    checked against it)."""
     from ..model.config import TrainConfig
     from ..model.finetune import ARCHITECTURE_KEYS, read_init_model
 
     if init_model is None:
         return {}
     stored = TrainConfig.from_dict(read_init_model(Path(init_model)).get("config") or {})
-    return {key: getattr(stored, key) for key in ARCHITECTURE_KEYS}
+    return {key: getattr(stored, key) for key in (*ARCHITECTURE_KEYS, "feature_set")}
 
 
 def _validate_dataset(config: AppConfig) -> None:

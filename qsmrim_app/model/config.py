@@ -45,6 +45,9 @@ class TrainConfig:
     patch_extent_mm: tuple[float, float, float] = PATCH_EXTENT_MM
     patch_spacing_mm: tuple[float, float, float] = PATCH_SPACING_MM
     margin_mm: float = 3.0
+    # The pyradiomics columns the features are drawn from (model/inputs.py FEATURE_SETS): "all" (the paper's
+    # 527) or "no-voxel-counts" (without those counted in native voxels: GLRLM, first-order Energy).
+    feature_set: str = "all"
     n_radiomic_features: int = 527
     base_seed: int = 0
     device: str = "auto"
@@ -66,6 +69,12 @@ class TrainConfig:
     contrast_augment: bool | None = None  # QSM scale/noise augmentation; None: on for referenced inputs
     init_model: str | None = None  # fine-tuning: model directory whose members start the networks
     extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        from .inputs import FEATURE_SETS
+
+        if self.feature_set not in FEATURE_SETS:
+            raise ValueError(f"unknown feature set {self.feature_set!r} (one of {', '.join(FEATURE_SETS)})")
 
     def input_spec(self):
         from .inputs import InputSpec
@@ -93,11 +102,12 @@ class TrainConfig:
 # cohort size, one-cycle LR at 1e-3 with AdamW, a quarter of every batch rim+ (DeepSMOTE still
 # interpolates them), a wide linear term fitted on the member's training lesions (the deep part learns a
 # correction to it), and each member kept at its best inner-validation AUC (checked every 25 steps on a
-# fifth of its training subjects; the fitted start is a candidate).
+# fifth of its training subjects; the fitted start is a candidate), and no pyradiomics feature that counts
+# native voxels (a model trained on one grid must give the same answer on another's).
 FAST_PROTOCOL: dict = dict(protocol="fast", width_multiplier=0.125, folds=5, seeds=1, batch_size=32,
                            learning_rate=1e-3, optimizer="adamw", weight_decay=1e-4, lr_schedule="onecycle",
                            max_steps=200, positive_fraction=0.25, inner_val_fraction=0.2, eval_every=25,
-                           epochs=40, stem_stride=(2, 2, 1), wide=True)
+                           epochs=40, stem_stride=(2, 2, 1), wide=True, feature_set="no-voxel-counts")
 PAPER_PROTOCOL: dict = dict(protocol="paper")
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from importlib import import_module
 from typing import TYPE_CHECKING, Callable, Literal, Sequence
 
-from .inputs import FLOOR_COLUMN, is_pyradiomics_feature
+from .inputs import FLOOR_COLUMN, in_feature_set, is_pyradiomics_feature
 
 if TYPE_CHECKING:
     import numpy as np
@@ -61,9 +61,9 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("image-radiomics", "network", "inputs", "network:build_image_radiomics",
            "ablation: image + radiomics without DeepSMOTE (paper's Table 3)"),
     Method("rf", "sklearn", "pyradiomics", "comparators:fit_rf",
-           "floor: class-balanced random forest on the 527 features"),
+           "floor: class-balanced random forest on the pyradiomics features (--feature-set)"),
     Method("logreg", "sklearn", "pyradiomics", "comparators:fit_logreg",
-           "floor: penalised logistic regression on the 527 features (C by inner CV)"),
+           "floor: penalised logistic regression on the pyradiomics features (C by inner CV)"),
     Method("features-only", "sklearn", "inputs", "comparators:fit_logreg",
            "ablation: the features alone, as the fast recipe's wide term sees them (logistic regression on the "
            "networks' feature columns: "
@@ -103,7 +103,8 @@ def starts_from_model(name: str) -> bool:
 
 
 def feature_names(config: "TrainConfig", names: Sequence[str]) -> list[str]:
-    """The feature columns ``config.method`` reads from a table with columns ``names``, in table order."""
+    """The feature columns ``config.method`` reads from a table with columns ``names``, in table order
+    (pyradiomics columns only those of ``config.feature_set``)."""
     method = get(config.method)
     names = list(names)
     if method.features == "none":
@@ -113,8 +114,10 @@ def feature_names(config: "TrainConfig", names: Sequence[str]) -> list[str]:
             raise ValueError(f"method {method.name!r} needs the {FLOOR_COLUMN!r} column; rerun the participant level")
         return [FLOOR_COLUMN]
     if method.features == "pyradiomics":
-        return [n for n in names if is_pyradiomics_feature(n)]
-    return config.input_spec().select_features(names)
+        wanted = [n for n in names if is_pyradiomics_feature(n)]
+    else:
+        wanted = config.input_spec().select_features(names)
+    return [n for n in wanted if in_feature_set(n, config.feature_set)]
 
 
 @dataclass(frozen=True)

@@ -111,7 +111,7 @@ def train_from_derivatives(config: AppConfig) -> int:
     done: dict[str, Path] = {}  # method -> its directory, for a fusion to reuse its components
     effective = {k: getattr(base, k) for k in ("protocol", "epochs", "max_steps", "folds", "seeds",
                                                  "width_multiplier", "stem_stride", "wide", "batch_size",
-                                                 "learning_rate", "input_level",
+                                                 "learning_rate", "input_level", "feature_set",
                                                  "patch_extent_mm", "patch_spacing_mm")}
     LOGGER.info("training protocol %s: %s", base.protocol, ", ".join(f"{k}={v}" for k, v in effective.items()))
     for method in methods:
