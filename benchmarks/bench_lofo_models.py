@@ -14,7 +14,10 @@ and at no extra cost. This script turns those tables into the headline table of 
   expected counts (sum of calibrated probabilities);
 * the first method minus every other by the paired participant bootstrap, per family and pooled over all
   families (pooled on the calibrated out-of-family probabilities: what a user's table would rank), and on
-  the mean of the families' own PR/ROC AUC (ranking within each family, participants resampled within it).
+  the mean of the families' own PR/ROC AUC (ranking within each family, participants resampled within it);
+* the obvious alternative to a rater's recalibration, measured on the first method: re-estimating each
+  left-out family's rim+ share from its own unlabelled lesions (EM under label shift, Saerens et al., Neural
+  Computation 2002) and moving the calibrated probabilities to it (``prior_shift``).
 
 Caveat, stated in the JSON: the other families' predictions that fit F's map and threshold come from
 members that did train on F (a nested leave-two-out would avoid it at 5x the cost).
@@ -144,6 +147,49 @@ def lofo(tables: dict[str, pd.DataFrame], n_boot: int) -> tuple[dict, pd.DataFra
                                                               n_boot=n_boot) for m in methods[1:]},
               "methods": {m: pooled_scores(y_all, calibrated[m], reference["scan"].to_numpy()) for m in methods}}
     return {"lofo": results, "pooled": pooled}, pd.DataFrame(rows)
+
+
+def adapt_to_prior(p: np.ndarray, prior_train: float, iterations: int = 200, tol: float = 1e-7
+                   ) -> tuple[np.ndarray, float]:
+    """Saerens et al. (2002): calibrated probabilities ``p`` (fitted where rim+ were ``prior_train``) moved to
+    the rim+ share that their own mean implies, by EM; right only when the lesions of each class look the
+    same as in training (label shift), which leaving a family out does not promise. Returns (p', prior)."""
+    p = np.clip(np.asarray(p, float), 1e-9, 1 - 1e-9)
+    prior, q = prior_train, p
+    for _ in range(iterations):
+        up, down = prior / prior_train * p, (1 - prior) / (1 - prior_train) * (1 - p)
+        q = up / (up + down)
+        new = float(q.mean())
+        if abs(new - prior) < tol:
+            break
+        prior = new
+    return q, prior
+
+
+def prior_shift(table: pd.DataFrame, predictions: pd.DataFrame, method: str) -> dict:
+    """Per left-out family: its calibrated probabilities as they are and moved to the rim+ share EM
+    estimates from its unlabelled lesions; ECE, expected rim+ total, recall and precision at the stored F1
+    threshold, per-scan expected-count r, both ways."""
+    from qsmrim_app.model.calibration import expected_calibration_error
+
+    rows = predictions[predictions["method"] == method]
+    out = {}
+    for family, mine in rows.groupby("family", sort=True):
+        y, p = mine["label"].to_numpy(int), mine["probability"].to_numpy(float)
+        threshold = float(mine["threshold_f1"].iloc[0])
+        prior_train = float(table.loc[table["family"] != family, "label"].mean())
+        q, prior = adapt_to_prior(p, prior_train)
+        scans = scan_ids(mine["subject"], mine["session"])
+        entry = {"rimplus_share": float(y.mean()), "prior_train": prior_train, "prior_estimated": prior,
+                 "rimplus_total": int(y.sum())}
+        for key, v in (("before", p), ("after", q)):
+            called = v >= threshold
+            tp = int((called & (y == 1)).sum())
+            entry[key] = {"ece": float(expected_calibration_error(y, v)), "expected_total": float(v.sum()),
+                          "recall": tp / max(1, int(y.sum())), "precision": tp / max(1, int(called.sum())),
+                          "expected_count_r": expected_counts(y, v, scans)["expected_count_r"]}
+        out[family] = entry
+    return out
 
 
 def per_family_mean(tables: dict[str, pd.DataFrame], n_boot: int, seed: int = 0) -> dict:
@@ -335,6 +381,18 @@ def markdown(summary: dict, methods: Sequence[str]) -> str:
             d = within["paired_vs_" + ref][m]
             cells = [_interval(d[k]) for k in ("pr_auc", "roc_auc")]
             lines.append(f"| {m} | {_f(w['pr_auc_mean'])} | {_f(w['roc_auc_mean'])} | {cells[0]} | {cells[1]} |")
+    shift = summary.get("prior_shift")
+    if shift:
+        lines += ["", f"Without a rater: {ref}'s calibrated probabilities moved to the rim+ share EM estimates from each "
+                  "left-out family's own unlabelled lesions (label shift, Saerens et al. 2002), before -> after:", "",
+                  "| left out | rim+ share (training) | estimated | ECE | expected rim+ (true) | recall @F1 | precision @F1 | expected-count r |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for fam, e in shift.items():
+            b, a = e["before"], e["after"]
+            lines.append(f"| {fam} | {e['rimplus_share']:.3f} ({e['prior_train']:.3f}) | {e['prior_estimated']:.3f} | "
+                         f"{b['ece']:.3f} -> {a['ece']:.3f} | {b['expected_total']:.0f} -> {a['expected_total']:.0f} "
+                         f"({e['rimplus_total']}) | {b['recall']:.2f} -> {a['recall']:.2f} | {b['precision']:.2f} -> "
+                         f"{a['precision']:.2f} | {_f(b['expected_count_r'])} -> {_f(a['expected_count_r'])} |")
     for fam, rec in summary.get("recalibration", {}).items():
         sizes = [r["reviewed"] for r in rec["random"]["by_size"]]
         lines += ["", f"Recalibration on {fam} (left out; before: recall {rec['before']['recall']:.2f}, precision "
@@ -383,6 +441,8 @@ def main(argv: list[str] | None = None) -> int:
     summary, rows = lofo(tables, args.n_boot)
     if len(tables) > 1:
         summary["per_family_mean"] = per_family_mean(tables, args.n_boot)
+    first = list(models)[0]
+    summary["prior_shift"] = prior_shift(tables[first], rows, first)
     if args.test_family:
         summary["test_only"] = test_families(models, _pairs(args.test_family))
     for name, model_dir in _pairs(args.in_family).items():
@@ -410,6 +470,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {m}: {_interval(d)}")
     if args.markdown:
         args.markdown.write_text(markdown(summary, list(models)))
+    for fam, e in summary["prior_shift"].items():
+        print(f"prior shift on {fam}: rim+ share {e['rimplus_share']:.3f}, estimated {e['prior_estimated']:.3f}; ECE "
+              f"{e['before']['ece']:.3f} -> {e['after']['ece']:.3f}")
     for fam, rec in summary.get("recalibration", {}).items():
         print(f"recalibration on {fam}: before recall/precision {rec['before']['recall']:.2f}/{rec['before']['precision']:.2f}; "
               f"target {rec['target_recall']:.2f}/{rec['target_precision']:.2f} - {rec['tolerance']}; reviewed lesions for "
