@@ -39,6 +39,7 @@ mkdir -p "$WORK" && cd "$WORK" && WORK=$(pwd)
 FAMILIES="semireal cosmos-faint ich-a-strong ich-b-mixed cosmos-thick"
 VARIATIONS=${VARIATIONS-warped-tv tv-ich-a cosmos-tv-mixed}  # planned in scripts/make_variation_corpus.sh
 FOLDS=${FOLDS:-9}  # one per family: the five above, the variation families, the phantoms
+FEATURES=${FEATURES:-no-voxel-counts}  # --feature-set: without pyradiomics' voxel counts (grid test below)
 # family -> "round:patient:grid ..."
 declare -A PLAN=(
   [semireal]="1:4:0.75x0.75x3 1:9:1x1x1 2:4:1x1x1 2:9:0.75x0.75x3 2:3:0.75x0.75x3 2:15:1x1x1
@@ -114,14 +115,16 @@ train() {
     # the bundled recipe: the image-only network and the features-only model trained apart through the
     # same family folds, their mean calibrated as one model (docs/families.md, the image-branch table)
     "$BIN/qsmrim" train_bids train_out group --train --protocol fast --cv-group-by family --folds $FOLDS --method fusion \
-        --weights-fp16
+        --feature-set "$FEATURES" --weights-fp16
 }
 
 floors() {
     local m
-    "$BIN/qsmrim" train_bids train_out group --train --protocol fast --cv-group-by family --folds $FOLDS --weights-fp16
+    "$BIN/qsmrim" train_bids train_out group --train --protocol fast --cv-group-by family --folds $FOLDS \
+        --feature-set "$FEATURES" --weights-fp16
     for m in logreg rf aprl-rf shell-core; do
-        "$BIN/qsmrim" train_bids train_out group --train --protocol fast --cv-group-by family --folds $FOLDS --method "$m"
+        "$BIN/qsmrim" train_bids train_out group --train --protocol fast --cv-group-by family --folds $FOLDS \
+            --feature-set "$FEATURES" --method "$m"
     done
 }
 
@@ -155,7 +158,7 @@ install() {
         tests/test_patches.py::test_bundled_model_gives_the_same_probability_on_three_grids)
 }
 
-export REPO WORK BIN DATA FAMILIES VARIATIONS FOLDS PHANTOMS
+export REPO WORK BIN DATA FAMILIES VARIATIONS FOLDS FEATURES PHANTOMS
 export -f generate participant merge train floors latest lofo install
 for stage in $STAGES; do
     echo "== $stage ($(date -u +%FT%TZ))"
