@@ -40,6 +40,8 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the other benchmarks, run as scripts or loaded by tests
+from bench_recalibration import review_draws  # noqa: E402
 from qsmrim_app.model.calibration import CalibrationMap, calibration_metrics, fit_cv_calibration, fit_site_map
 from qsmrim_app.model.metrics import confusion, f1_optimal_threshold, lesion_and_subject_metrics, paired_bootstrap
 from qsmrim_app.model.train import calibrated_thresholds
@@ -268,24 +270,18 @@ def recalibration(table: pd.DataFrame, family: str, target: tuple[float, float],
     _, thr, base = out_of_family(table, family)
     mine = table[table["family"] == family]
     y_all, raw_all = mine["label"].to_numpy(int), mine["probability"].to_numpy(float)
-    units = mine["scan"].to_numpy()
-    names = np.unique(units)
-    members = {u: np.flatnonzero(units == u) for u in names}
+    units, scores = mine["scan"].to_numpy(), base.apply(raw_all)
     out = {"target_recall": target[0], "target_precision": target[1], "tolerance": tolerance,
            "before": dict(zip(("recall", "precision", "f1"), _at(y_all, base.apply(raw_all), thr)))}
     for scenario in ("random", "queue"):
         rows = []
         for n in sizes:
-            rng = np.random.default_rng(1000 + n)
             ok = fitted = 0
             recalls, precisions = [], []
-            for _ in range(draws):
-                idx = np.concatenate([members[u] for u in rng.choice(names, names.size, replace=True)])
-                y, raw = y_all[idx], raw_all[idx]
-                if n > idx.size:
+            for idx, rev in review_draws(units, scores, n, draws, scenario):
+                if rev is None:
                     continue
-                rev = (rng.choice(idx.size, n, replace=False) if scenario == "random"
-                       else np.lexsort((rng.random(idx.size), -base.apply(raw)))[:n])
+                y, raw = y_all[idx], raw_all[idx]
                 if y[rev].sum() < MIN_RIMPLUS or n - y[rev].sum() < MIN_RIMMINUS:
                     continue
                 site = fit_site_map(base, y[rev], raw[rev])

@@ -31,6 +31,7 @@ import platform
 import sys
 import time
 from pathlib import Path
+from typing import Callable, Iterator
 
 import numpy as np
 import pandas as pd
@@ -65,14 +66,34 @@ def at(y: np.ndarray, p: np.ndarray, t: float) -> dict:
     return {"recall": c["sensitivity"], "precision": c["ppv"], "f1": c["f1"], "flagged": int((p >= t).sum())}
 
 
+def review_draws(units: np.ndarray, scores: np.ndarray, n: int, draws: int, scenario: str,
+                 keep: Callable[[np.ndarray], bool] | None = None) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
+    """Simulated sites of one cohort, as both recalibration benchmarks draw them: per draw, a site (the
+    cohort's scans ``units`` resampled with replacement: ``idx``, lesion rows) and the ``n`` lesions its
+    rater reviewed (``rev``, positions in ``idx``): uniformly (``random``) or in qsmrim-review's queue order,
+    most probable by ``scores`` first (``queue``). ``rev`` is None for a site with fewer than ``n`` lesions
+    or one ``keep`` rejects. The generator is seeded by ``n``, so every variant sees the same sites."""
+    names = np.unique(units)
+    members = {u: np.flatnonzero(units == u) for u in names}
+    rng = np.random.default_rng(1000 + n)
+    for _ in range(draws):
+        idx = np.concatenate([members[u] for u in rng.choice(names, names.size, replace=True)])
+        if n > idx.size or (keep is not None and not keep(idx)):
+            yield idx, None
+            continue
+        if scenario == "random":
+            yield idx, rng.choice(idx.size, n, replace=False)
+        else:  # ties in random order
+            yield idx, np.lexsort((rng.random(idx.size), -scores[idx]))[:n]
+
+
 def one_cohort(outputs: Path, args, meta: dict, base: CalibrationMap, target_r: float, target_p: float) -> dict:
     """Everything measured on one cohort's outputs."""
     data = cohort(outputs)
     y_all, raw_all = data["label"].to_numpy(int), data["probability_raw"].to_numpy(float)
     p_model = base.apply(raw_all)
-    units = data["participant_id"] + "_" + data["session"]
+    units = (data["participant_id"] + "_" + data["session"]).to_numpy()
     names = np.unique(units)
-    members = {u: np.flatnonzero(units.to_numpy() == u) for u in names}
     oracle_t = f1_optimal_threshold(y_all, p_model)
     summary = {
         "lesions": int(y_all.size), "rim_positive": int(y_all.sum()), "scans": int(names.size),
@@ -107,17 +128,12 @@ def one_cohort(outputs: Path, args, meta: dict, base: CalibrationMap, target_r: 
         for name, (prior, rule) in variants.items():
             rows = []
             for n in args.sizes:
-                rng = np.random.default_rng(1000 + n)
                 recs = []
-                for _ in range(args.draws):
-                    idx = np.concatenate([members[u] for u in rng.choice(names, names.size, replace=True)])
-                    y, raw = y_all[idx], raw_all[idx]
-                    if n > idx.size or not 0 < y.sum() < y.size:
+                for idx, rev in review_draws(units, p_model, n, args.draws, scenario,
+                                             keep=lambda idx: 0 < y_all[idx].sum() < idx.size):
+                    if rev is None:
                         continue
-                    if scenario == "random":
-                        rev = rng.choice(idx.size, n, replace=False)
-                    else:  # qsmrim-review's queue: most probable first (ties in random order)
-                        rev = np.lexsort((rng.random(idx.size), -base.apply(raw)))[:n]
+                    y, raw = y_all[idx], raw_all[idx]
                     n_pos = int(y[rev].sum())
                     best = at(y, base.apply(raw), f1_optimal_threshold(y, base.apply(raw)))  # all labels known
                     as_is = at(y, base.apply(raw), model_t)
