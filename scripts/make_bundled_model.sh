@@ -12,10 +12,10 @@
 # qsmrim-synth phantoms (5 small x 4 participants, 2 full-size x 2; the demo's seed 1 is not among them).
 # Every scan goes through the app's own participant level (`--no-classify`).
 #
-# The bundled model now (fusion-564a27a067) is the six-family run: VARIATIONS= FOLDS=6 reproduces it. The
-# nine-family run (fusion-ab2ccb3578, docs/families.md) failed the grid-invariance test that the install
-# stage runs (its features-only component leans on pyradiomics' voxel-count run-length features) and was
-# not bundled.
+# The bundled model now (fusion-22acca9783) is the nine-family run without pyradiomics' voxel-count features
+# (FEATURES=no-voxel-counts). VARIATIONS= FOLDS=6 FEATURES=all retrains the former six-family model
+# (fusion-564a27a067); the nine-family run on all features (fusion-ab2ccb3578) failed the grid-invariance
+# test that the install stage runs and was not bundled (docs/families.md).
 #
 # Training folds keep each family whole (`--cv-group-by family --folds 9`): every out-of-fold prediction
 # is on a family its member never saw, so the calibration map and the operating points stored in
