@@ -35,6 +35,7 @@ import numpy as np
 import pandas as pd
 
 from qsmrim_app.model.config import protocol_config
+from qsmrim_app.model.methods import feature_names
 from qsmrim_app.model.data import FeatureScaler, LesionSet, concat
 from qsmrim_app.model.metrics import f1_optimal_threshold, lesion_and_subject_metrics, paired_bootstrap
 from qsmrim_app.workflows.training import collect_lesion_set
@@ -100,7 +101,7 @@ def _features_only(train: LesionSet, test: LesionSet, seed: int) -> tuple[np.nda
     from qsmrim_app.model.comparators import fit_comparator
     from qsmrim_app.model.folds import stratified_subject_folds
 
-    cols = protocol_config("fast").input_spec().select_features(list(train.feature_names))
+    cols = feature_names(protocol_config("fast", method="features-only"), list(train.feature_names))
     idx = [train.feature_names.index(c) for c in cols]
 
     def fit_predict(x_tr, y_tr, x_te):

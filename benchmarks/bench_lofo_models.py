@@ -157,15 +157,21 @@ def adapt_to_prior(p: np.ndarray, prior_train: float, iterations: int = 200, tol
     the rim+ share that their own mean implies, by EM; right only when the lesions of each class look the
     same as in training (label shift), which leaving a family out does not promise. Returns (p', prior)."""
     p = np.clip(np.asarray(p, float), 1e-9, 1 - 1e-9)
-    prior, q = prior_train, p
-    for _ in range(iterations):
+    if not 0 < prior_train < 1 or not p.size:
+        return p, float(prior_train)
+
+    def moved(prior: float) -> np.ndarray:
         up, down = prior / prior_train * p, (1 - prior) / (1 - prior_train) * (1 - p)
-        q = up / (up + down)
-        new = float(q.mean())
-        if abs(new - prior) < tol:
-            break
+        return up / (up + down)
+
+    prior = float(prior_train)
+    for _ in range(iterations):
+        new = float(moved(prior).mean())
+        done = abs(new - prior) < tol
         prior = new
-    return q, prior
+        if done:
+            break
+    return moved(prior), prior
 
 
 def prior_shift(table: pd.DataFrame, predictions: pd.DataFrame, method: str) -> dict:
@@ -185,10 +191,9 @@ def prior_shift(table: pd.DataFrame, predictions: pd.DataFrame, method: str) -> 
         entry = {"rimplus_share": float(y.mean()), "prior_train": prior_train, "prior_estimated": prior,
                  "rimplus_total": int(y.sum())}
         for key, v in (("before", p), ("after", q)):
-            called = v >= threshold
-            tp = int((called & (y == 1)).sum())
+            recall, precision, _ = _at(y, v, threshold)
             entry[key] = {"ece": float(expected_calibration_error(y, v)), "expected_total": float(v.sum()),
-                          "recall": tp / max(1, int(y.sum())), "precision": tp / max(1, int(called.sum())),
+                          "recall": recall, "precision": precision if (v >= threshold).any() else None,
                           "expected_count_r": expected_counts(y, v, scans)["expected_count_r"]}
         out[family] = entry
     return out
@@ -387,8 +392,8 @@ def markdown(summary: dict, methods: Sequence[str]) -> str:
             b, a = e["before"], e["after"]
             lines.append(f"| {fam} | {e['rimplus_share']:.3f} ({e['prior_train']:.3f}) | {e['prior_estimated']:.3f} | "
                          f"{b['ece']:.3f} -> {a['ece']:.3f} | {b['expected_total']:.0f} -> {a['expected_total']:.0f} "
-                         f"({e['rimplus_total']}) | {b['recall']:.2f} -> {a['recall']:.2f} | {b['precision']:.2f} -> "
-                         f"{a['precision']:.2f} | {_f(b['expected_count_r'])} -> {_f(a['expected_count_r'])} |")
+                         f"({e['rimplus_total']}) | {b['recall']:.2f} -> {a['recall']:.2f} | {_f(b['precision'])} -> "
+                         f"{_f(a['precision'])} | {_f(b['expected_count_r'])} -> {_f(a['expected_count_r'])} |")
     for fam, rec in summary.get("recalibration", {}).items():
         sizes = [r["reviewed"] for r in rec["random"]["by_size"]]
         lines += ["", f"Recalibration on {fam} (left out; before: recall {rec['before']['recall']:.2f}, precision "

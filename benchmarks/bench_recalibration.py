@@ -72,7 +72,7 @@ def review_draws(units: np.ndarray, scores: np.ndarray, n: int, draws: int, scen
     cohort's scans ``units`` resampled with replacement: ``idx``, lesion rows) and the ``n`` lesions its
     rater reviewed (``rev``, positions in ``idx``): uniformly (``random``) or in qsmrim-review's queue order,
     most probable by ``scores`` first (``queue``). ``rev`` is None for a site with fewer than ``n`` lesions
-    or one ``keep`` rejects. The generator is seeded by ``n``, so every variant sees the same sites."""
+    or one ``keep`` rejects. The generator is seeded by ``n``, so every variant of a scenario sees the same sites."""
     names = np.unique(units)
     members = {u: np.flatnonzero(units == u) for u in names}
     rng = np.random.default_rng(1000 + n)

@@ -13,8 +13,9 @@
 # Every scan goes through the app's own participant level (`--no-classify`).
 #
 # The bundled model now (fusion-22acca9783) is the nine-family run without pyradiomics' voxel-count features
-# (FEATURES=no-voxel-counts). VARIATIONS= FOLDS=6 FEATURES=all retrains the former six-family model
-# (fusion-564a27a067); the nine-family run on all features (fusion-ab2ccb3578) failed the grid-invariance
+# (FEATURES=no-voxel-counts). VARIATIONS= FOLDS=6 FEATURES=all retrains the former six-family recipe (that
+# model, fusion-564a27a067, was fused by scripts/fuse_models.py from separate runs, so its id differs from a
+# --method fusion run's); the nine-family run on all features (fusion-ab2ccb3578) failed the grid-invariance
 # test that the install stage runs and was not bundled (docs/families.md).
 #
 # Training folds keep each family whole (`--cv-group-by family --folds 9`): every out-of-fold prediction
@@ -128,7 +129,19 @@ floors() {
     done
 }
 
-latest() { ls -td train_out/models/"$1"-* | head -1; }
+latest() {
+    # the newest model directory of method $1 trained on $FEATURES (a work directory can hold both sets)
+    local d
+    for d in $(ls -td train_out/models/"$1"-* 2>/dev/null); do
+        if [ "$("$BIN/python" -c 'import json, sys; print(json.load(open(sys.argv[1]))["config"].get("feature_set", "all"))' \
+                "$d/model.json")" = "$FEATURES" ]; then
+            echo "$d"
+            return 0
+        fi
+    done
+    echo "no $1 model on the feature set $FEATURES in train_out/models" >&2
+    return 1
+}
 
 lofo() {
     local models=() m

@@ -80,7 +80,7 @@ def test_one_epoch_of_fine_tuning_moves_away_from_the_start(tmp_path):
 @pytest.mark.parametrize("case, needle", [
     ("voxel", "inputs: model"), ("features", "feature_names"), ("width", "--width-multiplier 0.125"),
     ("inputs-key", "inputs: the model does not define it"), ("rf-model", "not a network"),
-    ("other-network", "another architecture")])
+    ("other-network", "another architecture"), ("feature-set", "(pass --feature-set all)")])
 def test_incompatible_models_are_refused(tmp_path, case, needle):
     lesions, cfg = lesions_like_bundled(), config()
     if case == "voxel":
@@ -92,6 +92,14 @@ def test_incompatible_models_are_refused(tmp_path, case, needle):
         shutil.copytree(START_DIR, model)
         (model / "model.json").write_text(json.dumps({**BUNDLED, "method": "qsmrimnet", "feature_names": names}))
         cfg = config(method="qsmrimnet", init_model=str(model))
+    elif case == "feature-set":  # a network trained on all features; this run leaves out the voxel counts
+        names = list(FUSION["feature_names"]) + ["original_glrlm_RunVariance"]
+        lesions = lesions_like_bundled(names=names)
+        model = tmp_path / "init"
+        shutil.copytree(START_DIR, model)
+        (model / "model.json").write_text(json.dumps({**BUNDLED, "method": "qsmrimnet", "feature_names": names,
+                                                      "config": {**BUNDLED["config"], "feature_set": "all"}}))
+        cfg = config(method="qsmrimnet", init_model=str(model), feature_set="no-voxel-counts")
     elif case == "width":
         cfg = config(width_multiplier=0.25)
     elif case in ("inputs-key", "rf-model"):

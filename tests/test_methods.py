@@ -64,6 +64,9 @@ def test_no_voxel_counts_leaves_out_the_features_that_count_native_voxels() -> N
     assert methods.feature_names(TrainConfig(method="shell-core", feature_set="no-voxel-counts"), names) == [FLOOR_COLUMN]
     with pytest.raises(ValueError, match="unknown feature set"):
         TrainConfig(feature_set="physical")
+    # a model.json written before the option existed read all the features, and still says so; its id is kept
+    stored = {k: v for k, v in TrainConfig(method="rf").to_dict().items() if k != "feature_set"}
+    assert TrainConfig.from_dict(stored).feature_set == "all"
 
 
 def test_sklearn_builders_fit_through_the_registry() -> None:

@@ -296,7 +296,7 @@ def test_real_flair_and_lesions(shared_data) -> None:
 
 @pytest.mark.slow
 def test_bundled_model_gives_the_same_probability_on_three_grids() -> None:
-    """The bundled model, the full feature path (527 pyradiomics + radial + patches) on one lesion per grid.
+    """The bundled model, the full feature path (pyradiomics + radial features + patches) on one lesion per grid.
 
     The pyradiomics features are computed on each native grid (as the paper does), so they differ
     somewhat; the patches and radial features are physical. The model's probability must agree within 0.05.

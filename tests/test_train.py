@@ -334,6 +334,11 @@ def test_fold_groups_keep_each_site_in_one_fold(tmp_path: Path) -> None:
     # without groups the participant folds mix the sites, and the two are different models
     assert any(len(f) > 1 for f in _sites_per_fold(train(lesions, config, tmp_path / "p"), sites))
     assert model_id("logreg", config.to_dict(), grouped) != model_id("logreg", config.to_dict(), lesions)
+    # the feature set is part of the model; "all" (how every model before the option was trained) keeps its id
+    before = {k: v for k, v in config.to_dict().items() if k != "feature_set"}
+    assert config.feature_set == "all" and model_id("logreg", config.to_dict(), lesions) == model_id("logreg", before, lesions)
+    assert model_id("logreg", replace(config, feature_set="no-voxel-counts").to_dict(), lesions) != model_id(
+        "logreg", config.to_dict(), lesions)
 
 
 def test_tissue_level_model_is_invariant_to_the_reconstruction_scale(tmp_path: Path) -> None:

@@ -54,8 +54,11 @@ def model_id(method: str, config: Mapping, lesions: "LesionSet") -> str:
     It names the model's directory under ``models/`` (so rerunning a command resumes its training) and is
     what ``model.json`` and the participant summaries call the model.
     """
+    config = dict(config)
+    if config.get("feature_set") == "all":  # added later: the ids of models on all features stay what they were
+        config.pop("feature_set")
     digest = hashlib.sha1()
-    digest.update(json.dumps(dict(config), sort_keys=True, default=str).encode())
+    digest.update(json.dumps(config, sort_keys=True, default=str).encode())
     digest.update(np.asarray(lesions.subjects).astype(str).tobytes())
     digest.update(np.asarray(lesions.lesion_ids).tobytes())
     digest.update(np.asarray(lesions.labels).tobytes())
