@@ -1,0 +1,112 @@
+"""Where a model fails on a test family: its probabilities by the generator's lesion kind and by lesion volume.
+
+The blind family's truth (``<bids>_truth/lesions.tsv``: ``kind`` per lesion: plain, rim_positive,
+central_vein, edge_vein, short_arc, diamagnetic_focus, near_haemorrhage, ...) joined to the app's participant
+outputs, each model directory scored as a user runs it (all members, its stored calibration map and F1
+threshold). Beside the kinds: rim+ share and mean probability in lesion-volume bins, in the test family and in
+a training corpus (``--train-outputs``), because a model that learnt "large lesions are rim+" from its training
+families fails on a family whose rim+ lesions are small.
+
+    python benchmarks/bench_blind_breakdown.py --outputs BLIND_OUT --truth BIDS1_truth --truth BIDS2_truth \\
+        --model bundled=qsmrim_app/data/model --model former=OLD_MODEL --train-outputs TRAIN_OUT \\
+        --out benchmarks/results/blind_breakdown.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from qsmrim_app import derivatives as drv  # noqa: E402
+
+VOLUME_BINS_MM3 = (0.0, 140.0, 310.0, np.inf)  # about the blind family's terciles
+
+
+def volumes(outputs: Path) -> pd.DataFrame:
+    """Per labelled lesion of a participant output directory: subject, session, lesion id, volume, label."""
+    rows = []
+    for unit, path in drv.find_units(outputs, "radiomics").items():
+        geometry = drv.read_tsv(path)[["lesion_id", "volume_mm3"]]
+        labels = drv.read_tsv(drv.output_path(outputs, unit, "annotations"))[["lesion_id", "rim_positive"]]
+        table = geometry.merge(labels.dropna(), on="lesion_id")
+        rows.append(table.assign(subject=unit.participant_id, session=unit.session or "n/a"))
+    out = pd.concat(rows, ignore_index=True)
+    out["rim_positive"] = out["rim_positive"].astype(int)
+    return out
+
+
+def by_volume(table: pd.DataFrame, value: str) -> list[dict]:
+    bins = pd.cut(table["volume_mm3"], VOLUME_BINS_MM3)
+    return [{"volume_mm3": f"{b.left:g}-{b.right:g}", "n": int(len(g)), "mean": float(g[value].mean())}
+            for b, g in table.groupby(bins, observed=True)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    from bench_lofo_models import _pairs, scan_ids, score
+
+    from qsmrim_app.model.predict import load_ensemble
+    from qsmrim_app.workflows.training import collect_lesion_set
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--outputs", type=Path, required=True, help="the test family's participant outputs")
+    parser.add_argument("--truth", type=Path, action="append", required=True, help="a <bids>_truth directory")
+    parser.add_argument("--model", action="append", required=True, metavar="NAME=DIR")
+    parser.add_argument("--train-outputs", type=Path, default=None, help="a training corpus's participant outputs")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+
+    truth = pd.concat([pd.read_csv(t / "lesions.tsv", sep="\t", dtype={"subject": str}) for t in args.truth])
+    truth["subject"] = "sub-" + truth["subject"].str.removeprefix("sub-")
+    lesions = collect_lesion_set(args.outputs)
+    table = pd.DataFrame({"subject": lesions.subjects, "lesion_id": lesions.lesion_ids, "label": lesions.labels})
+    geometry = volumes(args.outputs)[["subject", "lesion_id", "volume_mm3"]]
+    table = table.merge(geometry, on=["subject", "lesion_id"], how="left")
+    table = table.merge(truth[["subject", "lesion_id", "kind"]], on=["subject", "lesion_id"], how="left")
+    scans = scan_ids(lesions.subjects, lesions.sessions)
+    result = {"command": " ".join(sys.argv), "outputs": str(args.outputs), "lesions": int(len(table)),
+              "rim_positive": int(table["label"].sum()), "models": {}}
+    for name, model_dir in _pairs(args.model).items():
+        ens = load_ensemble(model_dir, device="cpu")
+        pred = ens.predict(lesions.patches, lesions.features, lesions.feature_names, reference=lesions.reference)
+        p = np.asarray(pred.probability, float)
+        raw = np.asarray(pred.probability_raw if pred.probability_raw is not None else p, float)
+        threshold = float(ens.thresholds["f1"])
+        table[name], table[name + "_called"] = p, p >= threshold
+        kinds = [{"kind": kind, "label": int(label), "n": int(len(g)), "mean_probability": float(g[name].mean()),
+                  "called": float(g[name + "_called"].mean())}
+                 for (kind, label), g in table.groupby(["kind", "label"])]
+        rimplus = table[table["label"] == 1]
+        result["models"][name] = {
+            "model_id": ens.meta.get("model_id"),
+            "scores": score(lesions.labels, raw, p, threshold, scans),
+            "by_kind": kinds,
+            "rimplus_by_volume": by_volume(rimplus, name),
+            "rimplus_probability_volume_spearman": float(rimplus[name].corr(rimplus["volume_mm3"], method="spearman")),
+        }
+        print(name, pd.DataFrame(kinds).round(3).to_string(index=False), sep="\n")
+        print(name, "rim+ by volume:", result["models"][name]["rimplus_by_volume"])
+    result["rimplus_share_by_volume"] = {"test": by_volume(table.assign(y=table["label"]), "y")}
+    if args.train_outputs:
+        train = volumes(args.train_outputs)
+        result["rimplus_share_by_volume"]["train"] = by_volume(train, "rim_positive")
+        result["median_volume_mm3"] = {
+            "train": {"rim+": float(train.loc[train["rim_positive"] == 1, "volume_mm3"].median()),
+                      "rim-": float(train.loc[train["rim_positive"] == 0, "volume_mm3"].median())},
+            "test": {"rim+": float(table.loc[table["label"] == 1, "volume_mm3"].median()),
+                     "rim-": float(table.loc[table["label"] == 0, "volume_mm3"].median())}}
+    print(json.dumps({k: result[k] for k in ("rimplus_share_by_volume", "median_volume_mm3") if k in result}, indent=1))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1, default=float) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    sys.exit(main())
