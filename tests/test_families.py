@@ -77,6 +77,26 @@ def test_lesion_designs_are_deterministic_per_seed_and_follow_the_family(shared_
     assert lesion_designs(shared_data, 1, 0, family=FAMILIES["semireal"]) == lesion_designs(shared_data, 1, 0)
 
 
+def test_a_family_can_give_rims_to_small_lesions(shared_data: Path) -> None:
+    """The eligible volume and height are the family's: the defaults are the generator's (80 mm3, 9 mm), under
+    which no lesion below 80 mm3 gets a rim; lowered, small lesions get rims, and each lesion's other draws
+    (rim strength, thickness) do not move."""
+    from dataclasses import replace
+
+    from qsmrim_app.synthetic.semireal_lesions import ELIGIBLE_HEIGHT_MM, ELIGIBLE_VOLUME_MM3, lesion_designs
+
+    fam = FAMILIES["ich-b-mixed"]
+    assert (fam.eligible_volume_mm3, fam.eligible_height_mm) == (ELIGIBLE_VOLUME_MM3, ELIGIBLE_HEIGHT_MM)
+    small = replace(fam, eligible_volume_mm3=(20.0, 12000.0), eligible_height_mm=3.0)
+    before, after = {}, {}
+    for patient in (1, 2, 3):
+        before.update({(patient, k): d for k, d in lesion_designs(shared_data, patient, 0, family=fam).items()})
+        after.update({(patient, k): d for k, d in lesion_designs(shared_data, patient, 0, family=small).items()})
+    assert not [d for d in before.values() if d.kind != "plain" and d.volume_mm3 < 80]
+    assert [d for d in after.values() if d.kind == "rim" and d.volume_mm3 < 80]
+    assert [d.rim_thickness for d in before.values()] == [d.rim_thickness for d in after.values()]
+
+
 def _digest(root: Path) -> str:
     digest = hashlib.sha256()
     for path in sorted(p for p in root.rglob("*.nii.gz")):

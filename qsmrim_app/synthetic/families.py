@@ -34,6 +34,11 @@ class Family:
     rim_fraction: float = 0.05  # share of counted lesions given a rim source of coverage `rim_coverage`
     confounder_fraction: float = 0.05  # share given each confounder kind
     confounders: tuple[str, ...] = ("arc", "vein", "hyper")
+    # Which lesions may get a rim or a confounder (mm3, mm): every family so far keeps the generator's
+    # 80-12,000 mm3 and 9 mm, which made rim+ lesions large (median 327 mm3 vs 56 for rim-) and taught the
+    # models size as evidence of a rim (docs/families.md, the blind family); lower them for small rims.
+    eligible_volume_mm3: Range = (80.0, 12000.0)
+    eligible_height_mm: float = 9.0
     rim_chi: Range = (0.02, 0.06)  # ppm above the local tissue (before the blur of the inversion)
     rim_thickness: Range = (0.6, 2.0)  # mm
     full_ring_share: float = 0.5

@@ -96,7 +96,14 @@ def _geometry(labels: np.ndarray, affine: np.ndarray) -> dict[int, tuple[float, 
     return out
 
 
-def _rates(data_dir, rim_fraction: float = RIM_FRACTION, confounder_fraction: float = CONFOUNDER_FRACTION
+def is_eligible(volume: float, height: float, eligible_volume: tuple[float, float] = ELIGIBLE_VOLUME_MM3,
+                eligible_height: float = ELIGIBLE_HEIGHT_MM) -> bool:
+    """Whether a lesion (volume in mm3, height in mm) may get a rim or a confounder."""
+    return eligible_volume[0] <= volume <= eligible_volume[1] and height >= eligible_height
+
+
+def _rates(data_dir, rim_fraction: float = RIM_FRACTION, confounder_fraction: float = CONFOUNDER_FRACTION,
+           eligible_volume: tuple[float, float] = ELIGIBLE_VOLUME_MM3, eligible_height: float = ELIGIBLE_HEIGHT_MM
            ) -> tuple[float, float]:
     """Per eligible lesion probabilities of a rim and of each confounder so the cohort's shares are met."""
     counted = eligible = 0
@@ -104,18 +111,19 @@ def _rates(data_dir, rim_fraction: float = RIM_FRACTION, confounder_fraction: fl
         geo = _geometry(lesion_instances(data_dir, p).data, np.eye(4))
         for volume, height, _, _ in geo.values():
             counted += volume >= COUNTED_VOXELS
-            eligible += ELIGIBLE_VOLUME_MM3[0] <= volume <= ELIGIBLE_VOLUME_MM3[1] and height >= ELIGIBLE_HEIGHT_MM
+            eligible += is_eligible(volume, height, eligible_volume, eligible_height)
     return min(0.24, rim_fraction * counted / eligible), min(0.24, confounder_fraction * counted / eligible)
 
 
 _RATE_CACHE: dict[tuple, tuple[float, float]] = {}
 
 
-def cohort_rates(data_dir, rim_fraction: float = RIM_FRACTION, confounder_fraction: float = CONFOUNDER_FRACTION
-                 ) -> tuple[float, float]:
-    key = (str(data_dir), rim_fraction, confounder_fraction)
+def cohort_rates(data_dir, rim_fraction: float = RIM_FRACTION, confounder_fraction: float = CONFOUNDER_FRACTION,
+                 eligible_volume: tuple[float, float] = ELIGIBLE_VOLUME_MM3,
+                 eligible_height: float = ELIGIBLE_HEIGHT_MM) -> tuple[float, float]:
+    key = (str(data_dir), rim_fraction, confounder_fraction, tuple(eligible_volume), eligible_height)
     if key not in _RATE_CACHE:
-        _RATE_CACHE[key] = _rates(data_dir, rim_fraction, confounder_fraction)
+        _RATE_CACHE[key] = _rates(data_dir, rim_fraction, confounder_fraction, tuple(eligible_volume), eligible_height)
     return _RATE_CACHE[key]
 
 
@@ -140,11 +148,11 @@ def _edge_vein(rng: np.random.Generator, labels: np.ndarray, label: int, sl: tup
 
 
 def _draw_kind(u: float, volume: float, height: float, rim_rate: float, confounder_rate: float,
-               kinds: tuple[str, ...]) -> str:
-    """A lesion's kind from one uniform draw `u`: rim, one of the confounder `kinds` or plain; lesions too
-    small or too flat for a judgeable rim are plain (the draw is still made, so others do not shift)."""
-    eligible = ELIGIBLE_VOLUME_MM3[0] <= volume <= ELIGIBLE_VOLUME_MM3[1] and height >= ELIGIBLE_HEIGHT_MM
-    if not eligible:
+               kinds: tuple[str, ...], eligible_volume: tuple[float, float] = ELIGIBLE_VOLUME_MM3,
+               eligible_height: float = ELIGIBLE_HEIGHT_MM) -> str:
+    """A lesion's kind from one uniform draw `u`: rim, one of the confounder `kinds` or plain; lesions
+    outside the eligible volume and height are plain (the draw is still made, so others do not shift)."""
+    if not is_eligible(volume, height, eligible_volume, eligible_height):
         return "plain"
     if u < rim_rate:
         return "rim"
@@ -205,7 +213,8 @@ def _family_designs(data_dir, patient: int, seed: int, labels: Volume | None, fa
     inst = labels if labels is not None else lesion_instances(data_dir, patient)
     # Up to 45 % of the eligible lesions get a rim, the confounder kinds share the rest: enough rim+
     # lesions per generated head to train on (the prevalence of a cohort is not what a family is about).
-    rim_rate, confounder_rate = cohort_rates(data_dir, family.rim_fraction, family.confounder_fraction)
+    rim_rate, confounder_rate = cohort_rates(data_dir, family.rim_fraction, family.confounder_fraction,
+                                             family.eligible_volume_mm3, family.eligible_height_mm)
     rim_rate = min(0.45, rim_rate * 0.45 / 0.24) if rim_rate >= 0.24 else rim_rate
     confounder_rate = min(confounder_rate, (1.0 - rim_rate) / max(1, len(family.confounders)))
     rng = rng_for(seed, patient, 100 + zlib_crc(family.name))
@@ -214,7 +223,8 @@ def _family_designs(data_dir, patient: int, seed: int, labels: Volume | None, fa
     kinds = tuple(family.confounders)
     designs = {}
     for label, (volume, height, centroid, sl) in _geometry(inst.data, inst.affine).items():
-        kind = _draw_kind(rng.random(), volume, height, rim_rate, confounder_rate, kinds)
+        kind = _draw_kind(rng.random(), volume, height, rim_rate, confounder_rate, kinds,
+                          family.eligible_volume_mm3, family.eligible_height_mm)
         full_ring = rng.random() < family.full_ring_share
         d = dict(chi_core=_u(rng, family.core_chi), chi_hyper=_u(rng, family.hyper_chi),
                  chi_dia=_u(rng, family.dia_chi), rim_hyper=bool(rng.random() < family.rim_core_hyper_share),
