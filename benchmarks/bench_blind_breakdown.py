@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         }
         print(name, pd.DataFrame(kinds).round(3).to_string(index=False), sep="\n")
         print(name, "rim+ by volume:", result["models"][name]["rimplus_by_volume"])
-    result["rimplus_share_by_volume"] = {"test": by_volume(table.assign(y=table["label"]), "y")}
+    result["rimplus_share_by_volume"] = {"test": by_volume(table, "label")}
     if args.train_outputs:
         train = volumes(args.train_outputs)
         result["rimplus_share_by_volume"]["train"] = by_volume(train, "rim_positive")

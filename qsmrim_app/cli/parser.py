@@ -295,8 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the pyradiomics columns the feature methods read: 'no-voxel-counts' (the fast "
                             "protocol's default) leaves out those that count voxels of the scan's own grid "
                             "(run-length GLRLM, first-order Energy), which moved one lesion's probability from "
-                            "0.15 to 0.31 between 0.75 x 0.75 x 3 and 0.6 x 0.6 x 2 mm grids; 'all' (the paper protocol's default) keeps the "
-                            "paper's 527; with --init-model, that model's")
+                            "0.15 to 0.31 between 0.75 x 0.75 x 3 and 0.6 x 0.6 x 2 mm grids; 'all' (the paper "
+                            "protocol's default) keeps the paper's 527; with --init-model, that model's")
     train.add_argument("--epochs", type=positive_int, default=None,
                        help="training epochs (paper protocol: 40)")
     train.add_argument("--folds", type=at_least_two, default=None,

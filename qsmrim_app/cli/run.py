@@ -175,8 +175,8 @@ def build_config(args: Namespace, argv: Sequence[str]) -> AppConfig:
         explicit = dict(method=methods[0], epochs=args.epochs, max_steps=args.max_steps,
                         batch_size=args.batch_size, folds=args.folds, seeds=args.seeds,
                         width_multiplier=args.width_multiplier, weights_fp16=args.weights_fp16 or None,
-                        input_level=args.inputs, feature_set=args.feature_set, patch_extent_mm=extent, patch_spacing_mm=spacing,
-                        device=args.device, init_model=init_model)
+                        input_level=args.inputs, feature_set=args.feature_set, patch_extent_mm=extent,
+                        patch_spacing_mm=spacing, device=args.device, init_model=init_model)
         inherited = _init_architecture(init_model)
         # protocol_config drops None values, so an option left unset keeps the inherited architecture.
         training = protocol_config(args.protocol, **{**inherited, **{k: v for k, v in explicit.items() if v is not None}})

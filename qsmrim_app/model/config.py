@@ -71,10 +71,9 @@ class TrainConfig:
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        from .inputs import FEATURE_SETS
+        from .inputs import check_feature_set
 
-        if self.feature_set not in FEATURE_SETS:
-            raise ValueError(f"unknown feature set {self.feature_set!r} (one of {', '.join(FEATURE_SETS)})")
+        check_feature_set(self.feature_set)
 
     def input_spec(self):
         from .inputs import InputSpec

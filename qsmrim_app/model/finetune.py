@@ -83,9 +83,10 @@ def check_init_model(init_meta: Mapping, run_inputs: Mapping, config: TrainConfi
         elif not _same(init_meta[key], run_inputs[key]):
             problems.append(f"{key}: model {_show(init_meta[key])}, this run {_show(run_inputs[key])}")
     init_config = init_meta.get("config") or {}
-    theirs = init_config.get("feature_set", TrainConfig().feature_set)
-    if any(p.startswith("feature_names") for p in problems) and theirs != config.feature_set:
-        problems.append(f"feature_set: model {theirs!r}, this run {config.feature_set!r} (pass --feature-set {theirs})")
+    their_set = init_config.get("feature_set", TrainConfig().feature_set)
+    if any(p.startswith("feature_names") for p in problems) and their_set != config.feature_set:
+        problems.append(f"feature_set: model {their_set!r}, this run {config.feature_set!r} "
+                        f"(pass --feature-set {their_set})")
     for key in ARCHITECTURE_KEYS:
         mine = getattr(config, key)
         theirs = init_config.get(key, getattr(TrainConfig(), key))

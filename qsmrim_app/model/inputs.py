@@ -61,9 +61,13 @@ def counts_voxels(name: str) -> bool:
     return is_pyradiomics_feature(name) and ("_glrlm_" in name or name.endswith("_firstorder_Energy"))
 
 
-def in_feature_set(name: str, feature_set: str) -> bool:
+def check_feature_set(feature_set: str) -> None:
     if feature_set not in FEATURE_SETS:
         raise ValueError(f"unknown feature set {feature_set!r} (one of {', '.join(FEATURE_SETS)})")
+
+
+def in_feature_set(name: str, feature_set: str) -> bool:
+    """Whether column ``name`` belongs to ``feature_set`` (checked where the set is chosen: TrainConfig)."""
     return feature_set == "all" or not counts_voxels(name)
 
 
