@@ -21,7 +21,7 @@ shift
 STAGES=${*:-generate participant}
 PY=${PY:-$REPO/.venv/bin/python}
 DATA=${DATA:-$REPO/../shared/data}
-FAMILIES=${FAMILIES:-warped-tv tv-ich-a cosmos-tv-mixed}
+FAMILIES=${FAMILIES:-warped-tv tv-ich-a cosmos-tv-mixed ich-b-small cosmos-small}
 # family: round:patient:grid ...
 declare -A PLAN=(
   [warped-tv]="1:1:0.9x0.9x2 1:4:1x1x3 2:1:1x1x3 2:4:0.9x0.9x2 2:12:0.9x0.9x2 2:16:1x1x3
@@ -30,8 +30,12 @@ declare -A PLAN=(
               3:3:0.9x0.9x2 3:14:1x1x1 3:18:0.75x0.75x3 3:5:1x1x3"
   [cosmos-tv-mixed]="1:9:0.75x0.75x3 1:19:1x1x1 2:9:1x1x1 2:19:0.75x0.75x3 2:20:1x1x1 2:10:0.75x0.75x3
                      3:9:0.9x0.9x2 3:19:1x1x3 3:20:0.6x0.6x2 3:10:0.9x0.9x2"
+  [ich-b-small]="1:6:1x1x1 1:20:0.9x0.9x2 2:6:0.9x0.9x2 2:20:1x1x1 2:11:1x1x1 2:16:0.9x0.9x2
+                 3:6:0.75x0.75x3 3:20:0.6x0.6x2 3:11:0.6x0.6x2 3:16:0.75x0.75x3"
+  [cosmos-small]="1:1:0.6x0.6x2 1:4:0.75x0.75x3 2:1:0.75x0.75x3 2:4:0.6x0.6x2 2:12:0.6x0.6x2 2:5:0.75x0.75x3
+                  3:1:1x1x1 3:4:0.9x0.9x2 3:12:1x1x3 3:5:1x1x1"
 )
-declare -A PREFIX=([warped-tv]=wt [tv-ich-a]=ta [cosmos-tv-mixed]=ct)
+declare -A PREFIX=([warped-tv]=wt [tv-ich-a]=ta [cosmos-tv-mixed]=ct [ich-b-small]=sb [cosmos-small]=cs)
 mkdir -p "$WORK" && cd "$WORK" && WORK=$(pwd)
 
 generate() {
