@@ -1,6 +1,7 @@
 #!/bin/bash
 # The corpora of the families that use the generator's variations (docs/families.md: warp, own TV
-# inversions of real tissue fields, FLAIR voxel draws): `warped-tv`, `tv-ich-a`, `cosmos-tv-mixed`. Each is
+# inversions of real tissue fields, FLAIR voxel draws, rims on small lesions): `warped-tv`, `tv-ich-a`,
+# `cosmos-tv-mixed`, `ich-b-small`, `cosmos-small`. Each is
 # made and run through the app the way scripts/make_bundled_model.sh makes its other families: every
 # patient on the family's two grids (rounds 1-2, seed 0) and on grids the family does not otherwise use
 # (round 3, seed 1); one merged BIDS dataset per family; the participant level with --no-classify (gate
@@ -10,7 +11,7 @@
 #
 # Outputs: WORKDIR/bids/<family> (merged BIDS, participants relabelled sub-<prefix>NN so that the families
 # merge with the others', whose sub-NN are the Ljubljana patients), WORKDIR/out/<family> (participant
-# level). FAMILIES picks the families (default all three; e.g. FAMILIES=tv-ich-a to make one on each core);
+# level). FAMILIES picks the families (default all five; e.g. FAMILIES=tv-ich-a to make one on each core);
 # PY (default .venv/bin/python) runs both; DATA defaults to ../shared/data. The patients also carry other families'
 # lesions (all 20 Ljubljana patients are in the bundled corpus): a left-out family shares lesion shapes,
 # not rim physics, background reconstruction or grid.

@@ -44,11 +44,12 @@ def test_only_the_new_family_draws_the_new_variations() -> None:
     assert all(fam.tv_lambda[0] <= d.tv_lambda <= fam.tv_lambda[1] for d in draws)
 
 
-@pytest.mark.parametrize("name", ["tv-ich-a", "cosmos-tv-mixed"])
-def test_own_inversion_families_draw_within_their_ranges(name: str) -> None:
-    """The families on our own TV inversions draw warps and FLAIR voxels deterministically, inside their ranges."""
+@pytest.mark.parametrize("name", ["tv-ich-a", "cosmos-tv-mixed", "ich-b-small", "cosmos-small"])
+def test_later_families_draw_within_their_ranges(name: str) -> None:
+    """The families on our own TV inversions and the small-rim families draw warps and FLAIR voxels
+    deterministically, inside their ranges."""
     fam = FAMILIES[name]
-    assert fam.varies and fam.background.endswith("-tv")
+    assert fam.varies and (fam.background.endswith("-tv") or fam.name.endswith("-small"))
     draws = [draw_variations(fam, rng_for(s, 2, 5)) for s in range(16)]
     again = draw_variations(fam, rng_for(0, 2, 5))
     pts = np.random.default_rng(2).uniform(-80, 80, size=(3, 200))

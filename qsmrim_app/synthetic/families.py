@@ -181,8 +181,8 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            warp_wavelength_mm=(25.0, 45.0), noise_scale=(0.5, 2.0), inversion=("gradient-l2", "tkd", "tikhonov"),
            tkd_threshold=(0.12, 0.25), tikhonov_lambda=(0.01, 0.08), background_field_ppm=(0.0, 0.02),
            map_scale=(0.85, 1.2), map_offset_ppm=(-0.01, 0.01), flair_voxels=((1.0, 1.0, 1.0), (0.9, 0.9, 2.0))),
-    # Two families whose rims and confounders also reach small lesions (from 20 mm3, a 3 mm lesion by the
-    # usual lesion definition, and 4 mm tall, two slices of their 2 mm grids): every other family keeps the
+    # Two families whose rims and confounders also reach small lesions (from 20 mm3, about 3.4 mm across, just
+    # above the usual 3 mm lesion definition, and 4 mm tall, two slices of a 2 mm grid): every other family keeps the
     # generator's 80 mm3 and 9 mm, which made rim+ lesions large and taught the models size as evidence of a
     # rim. Thin rims dominate (a 2.5 mm rim would fill a small lesion); the 2/3-of-the-edge-on-2-slices rule
     # still decides rim+, so a small lesion's rim seen on one slice is a rim- lesion, as for raters.
