@@ -5,7 +5,8 @@ central_vein, edge_vein, short_arc, diamagnetic_focus, near_haemorrhage, ...) jo
 outputs, each model directory scored as a user runs it (all members, its stored calibration map and F1
 threshold). Beside the kinds: rim+ share and mean probability in lesion-volume bins, in the test family and in
 a training corpus (``--train-outputs``), because a model that learnt "large lesions are rim+" from its training
-families fails on a family whose rim+ lesions are small.
+families fails on a family whose rim+ lesions are small; and each model's ROC/PR AUC within each volume bin
+beside lesion volume alone as a score, which separates a size prior from a failure to see small rims.
 
     python benchmarks/bench_blind_breakdown.py --outputs BLIND_OUT --truth BIDS1_truth --truth BIDS2_truth \\
         --model bundled=qsmrim_app/data/model --model former=OLD_MODEL --train-outputs TRAIN_OUT \\
@@ -46,6 +47,22 @@ def by_volume(table: pd.DataFrame, value: str) -> list[dict]:
     bins = pd.cut(table["volume_mm3"], VOLUME_BINS_MM3)
     return [{"volume_mm3": f"{b.left:g}-{b.right:g}", "n": int(len(g)), "mean": float(g[value].mean())}
             for b, g in table.groupby(bins, observed=True)]
+
+
+def ranking_by_volume(table: pd.DataFrame, score: str, label: str = "label") -> list[dict]:
+    """ROC and PR AUC of `score` within each volume bin: whether a model tells rim+ from rim- among lesions
+    of one size, apart from the size prior that a calibrated model may rightly carry (the rim+ share rises
+    with volume in the test family too). None where a bin holds one class only."""
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    bins = pd.cut(table["volume_mm3"], VOLUME_BINS_MM3)
+    rows = []
+    for b, g in table.groupby(bins, observed=True):
+        both = g[label].nunique() == 2
+        rows.append({"volume_mm3": f"{b.left:g}-{b.right:g}", "n": int(len(g)), "rim_positive": int(g[label].sum()),
+                     "roc_auc": float(roc_auc_score(g[label], g[score])) if both else None,
+                     "pr_auc": float(average_precision_score(g[label], g[score])) if both else None})
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -89,10 +106,16 @@ def main(argv: list[str] | None = None) -> int:
             "by_kind": kinds,
             "rimplus_by_volume": by_volume(rimplus, name),
             "rimplus_probability_volume_spearman": float(rimplus[name].corr(rimplus["volume_mm3"], method="spearman")),
+            "ranking_by_volume": ranking_by_volume(table, name),
         }
         print(name, pd.DataFrame(kinds).round(3).to_string(index=False), sep="\n")
         print(name, "rim+ by volume:", result["models"][name]["rimplus_by_volume"])
+        print(name, "ranking within volume bins:", result["models"][name]["ranking_by_volume"])
     result["rimplus_share_by_volume"] = {"test": by_volume(table, "label")}
+    # the training-free size floor: lesion volume alone as the score
+    result["volume_alone"] = ranking_by_volume(table.assign(volume_score=table["volume_mm3"]), "volume_score")
+    result["volume_alone_pooled"] = {**ranking_by_volume(
+        table.assign(volume_score=table["volume_mm3"], volume_mm3=1.0), "volume_score")[0], "volume_mm3": "all"}
     if args.train_outputs:
         train = volumes(args.train_outputs)
         result["rimplus_share_by_volume"]["train"] = by_volume(train, "rim_positive")
@@ -101,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
                       "rim-": float(train.loc[train["rim_positive"] == 0, "volume_mm3"].median())},
             "test": {"rim+": float(table.loc[table["label"] == 1, "volume_mm3"].median()),
                      "rim-": float(table.loc[table["label"] == 0, "volume_mm3"].median())}}
-    print(json.dumps({k: result[k] for k in ("rimplus_share_by_volume", "median_volume_mm3") if k in result}, indent=1))
+    print(json.dumps({k: result[k] for k in ("rimplus_share_by_volume", "median_volume_mm3", "volume_alone",
+                                              "volume_alone_pooled") if k in result}, indent=1))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1, default=float) + "\n")
     return 0
