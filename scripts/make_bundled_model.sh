@@ -17,6 +17,9 @@
 # model, fusion-564a27a067, was fused by scripts/fuse_models.py from separate runs, so its id differs from a
 # --method fusion run's); the nine-family run on all features (fusion-ab2ccb3578) failed the grid-invariance
 # test that the install stage runs and was not bundled (docs/families.md).
+# VARIATIONS="warped-tv tv-ich-a cosmos-tv-mixed ich-b-small cosmos-small" FOLDS=11 adds the two families with
+# rims on small lesions: measured (fusion-87e8db9ff2), not bundled: it did not rank better left out on the nine
+# families or on the blind family (docs/families.md, eleven families).
 #
 # Training folds keep each family whole (`--cv-group-by family --folds 9`): every out-of-fold prediction
 # is on a family its member never saw, so the calibration map and the operating points stored in
