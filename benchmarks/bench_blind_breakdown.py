@@ -6,7 +6,9 @@ outputs, each model directory scored as a user runs it (all members, its stored 
 threshold). Beside the kinds: rim+ share and mean probability in lesion-volume bins, in the test family and in
 a training corpus (``--train-outputs``), because a model that learnt "large lesions are rim+" from its training
 families fails on a family whose rim+ lesions are small; and each model's ROC/PR AUC within each volume bin
-beside lesion volume alone as a score, which separates a size prior from a failure to see small rims.
+beside lesion volume alone as a score, which separates a size prior from a failure to see small rims; each
+radial feature's AUC within each bin; and, among rim+ lesions per bin, the test generator's rim attributes
+(amplitude, thickness, coverage, slices) beside each model's median probability.
 
     python benchmarks/bench_blind_breakdown.py --outputs BLIND_OUT --truth BIDS1_truth --truth BIDS2_truth \\
         --model bundled=qsmrim_app/data/model --model former=OLD_MODEL --train-outputs TRAIN_OUT \\
@@ -28,6 +30,8 @@ sys.path.insert(0, str(REPO))
 from qsmrim_app import derivatives as drv  # noqa: E402
 
 VOLUME_BINS_MM3 = (0.0, 140.0, 310.0, np.inf)  # about the blind family's terciles
+#: the blind generator's rim attributes (its truth ``lesions.tsv``), summarised among rim+ lesions per volume bin
+RIM_TRUTH_COLUMNS = ("rim_visible_ppb", "rim_seen_p95_ppb", "rim_thickness_mm", "rim_coverage", "rule_slices_covered")
 
 
 def volumes(outputs: Path) -> pd.DataFrame:
@@ -65,6 +69,25 @@ def ranking_by_volume(table: pd.DataFrame, score: str, label: str = "label") -> 
     return rows
 
 
+def features_by_volume(table: pd.DataFrame, features: pd.DataFrame) -> dict[str, list[dict]]:
+    """ROC AUC of each radial feature alone within each volume bin (an AUC under 0.5 means the feature points
+    the wrong way there: e.g. a fixed-mm core that a small lesion does not have)."""
+    out = {}
+    for name in [c for c in features.columns if c.startswith("radial_")]:
+        ranked = ranking_by_volume(table.assign(_f=features[name].to_numpy()).dropna(subset=["_f"]), "_f")
+        out[name] = [{k: r[k] for k in ("volume_mm3", "n", "roc_auc")} for r in ranked]
+    return out
+
+
+def truth_by_volume(rimplus: pd.DataFrame, columns: list[str]) -> list[dict]:
+    """Medians of the test generator's rim attributes (and of each model's probability) among rim+ lesions per
+    volume bin: whether small rim+ lesions are fainter, thinner or shorter than large ones."""
+    bins = pd.cut(rimplus["volume_mm3"], VOLUME_BINS_MM3)
+    return [{"volume_mm3": f"{b.left:g}-{b.right:g}", "n": int(len(g)),
+             **{c: float(pd.to_numeric(g[c], errors="coerce").median()) for c in columns}}
+            for b, g in rimplus.groupby(bins, observed=True)]
+
+
 def main(argv: list[str] | None = None) -> int:
     from bench_lofo_models import _pairs, scan_ids, score
 
@@ -82,10 +105,13 @@ def main(argv: list[str] | None = None) -> int:
     truth = pd.concat([pd.read_csv(t / "lesions.tsv", sep="\t", dtype={"subject": str}) for t in args.truth])
     truth["subject"] = "sub-" + truth["subject"].str.removeprefix("sub-")
     lesions = collect_lesion_set(args.outputs)
-    table = pd.DataFrame({"subject": lesions.subjects, "lesion_id": lesions.lesion_ids, "label": lesions.labels})
-    geometry = volumes(args.outputs)[["subject", "lesion_id", "volume_mm3"]]
-    table = table.merge(geometry, on=["subject", "lesion_id"], how="left")
-    table = table.merge(truth[["subject", "lesion_id", "kind"]], on=["subject", "lesion_id"], how="left")
+    table = pd.DataFrame({"subject": lesions.subjects, "session": [s or "n/a" for s in lesions.sessions],
+                          "lesion_id": lesions.lesion_ids, "label": lesions.labels})
+    geometry = volumes(args.outputs)[["subject", "session", "lesion_id", "volume_mm3"]]
+    table = table.merge(geometry, on=["subject", "session", "lesion_id"], how="left")
+    rim_columns = [c for c in RIM_TRUTH_COLUMNS if c in truth]
+    table = table.merge(truth[["subject", "lesion_id", "kind", *rim_columns]], on=["subject", "lesion_id"], how="left")
+    assert len(table) == len(lesions.labels), "one truth row per lesion (the truth has no sessions)"
     scans = scan_ids(lesions.subjects, lesions.sessions)
     result = {"command": " ".join(sys.argv), "outputs": str(args.outputs), "lesions": int(len(table)),
               "rim_positive": int(table["label"].sum()), "models": {}}
@@ -108,10 +134,19 @@ def main(argv: list[str] | None = None) -> int:
             "rimplus_probability_volume_spearman": float(rimplus[name].corr(rimplus["volume_mm3"], method="spearman")),
             "ranking_by_volume": ranking_by_volume(table, name),
         }
+        if "rim_seen_p95_ppb" in rim_columns:
+            seen = pd.to_numeric(rimplus["rim_seen_p95_ppb"], errors="coerce")
+            result["models"][name]["rimplus_probability_rim_seen_spearman"] = float(
+                rimplus[name].corr(seen, method="spearman"))
         print(name, pd.DataFrame(kinds).round(3).to_string(index=False), sep="\n")
         print(name, "rim+ by volume:", result["models"][name]["rimplus_by_volume"])
         print(name, "ranking within volume bins:", result["models"][name]["ranking_by_volume"])
     result["rimplus_share_by_volume"] = {"test": by_volume(table, "label")}
+    features = pd.DataFrame(np.asarray(lesions.features, float), columns=list(lesions.feature_names))
+    result["radial_by_volume"] = features_by_volume(table, features)
+    if rim_columns:
+        result["rimplus_truth_by_volume"] = truth_by_volume(
+            table[table["label"] == 1], rim_columns + list(result["models"]))
     # the training-free size floor: lesion volume alone as the score
     result["volume_alone"] = ranking_by_volume(table.assign(volume_score=table["volume_mm3"]), "volume_score")
     result["volume_alone_pooled"] = {**ranking_by_volume(

@@ -25,3 +25,21 @@ def test_ranking_within_volume_bins_ignores_the_size_prior() -> None:
     assert [r["n"] for r in rim] == [4, 2, 2] and [r["rim_positive"] for r in rim] == [2, 1, 2]
     assert rim[0]["roc_auc"] == 1.0 and rim[1]["roc_auc"] == 1.0 and rim[2]["roc_auc"] is None
     assert size[0]["roc_auc"] == 0.5 and size[1]["roc_auc"] == 0.5
+
+
+def test_radial_features_and_rim_truth_are_summarised_per_volume_bin() -> None:
+    """A feature that points the wrong way in small lesions shows an AUC under 0.5 there; rim attributes are
+    medians among rim+ lesions per bin, non-numeric truth entries (n/a) ignored."""
+    bench = load_benchmark("bench_blind_breakdown")
+    table = pd.DataFrame({"volume_mm3": [50.0, 60.0, 70.0, 80.0, 400.0, 500.0, 600.0, 700.0],
+                          "label": [0, 0, 1, 1, 0, 0, 1, 1]})
+    features = pd.DataFrame({"radial_rim_minus_core": [0.9, 0.8, 0.1, 0.2, 0.1, 0.2, 0.8, 0.9],
+                             "not_radial": [0.0] * 8})
+    out = bench.features_by_volume(table, features)
+    assert list(out) == ["radial_rim_minus_core"]
+    assert [r["roc_auc"] for r in out["radial_rim_minus_core"]] == [0.0, 1.0]
+    rimplus = table[table["label"] == 1].assign(rule_slices_covered=["2", "n/a", "6", "8"], model=[0.1, 0.3, 0.5, 0.7])
+    rows = bench.truth_by_volume(rimplus, ["rule_slices_covered", "model"])
+    assert [(r["volume_mm3"], r["n"]) for r in rows] == [("0-140", 2), ("310-inf", 2)]
+    assert rows[0]["rule_slices_covered"] == 2.0 and rows[1]["rule_slices_covered"] == 7.0
+    assert rows[0]["model"] == 0.2 and rows[1]["model"] == 0.6
