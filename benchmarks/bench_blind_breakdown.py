@@ -47,31 +47,37 @@ def volumes(outputs: Path) -> pd.DataFrame:
     return out
 
 
-def by_volume(table: pd.DataFrame, value: str) -> list[dict]:
+def volume_bins(table: pd.DataFrame):
+    """(label, rows) per non-empty bin of ``VOLUME_BINS_MM3``, labelled like "0-140"."""
     bins = pd.cut(table["volume_mm3"], VOLUME_BINS_MM3)
-    return [{"volume_mm3": f"{b.left:g}-{b.right:g}", "n": int(len(g)), "mean": float(g[value].mean())}
-            for b, g in table.groupby(bins, observed=True)]
+    for b, g in table.groupby(bins, observed=True):
+        yield f"{b.left:g}-{b.right:g}", g
+
+
+def by_volume(table: pd.DataFrame, value: str) -> list[dict]:
+    return [{"volume_mm3": name, "n": int(len(g)), "mean": float(g[value].mean())} for name, g in volume_bins(table)]
+
+
+def ranking(g: pd.DataFrame, score: str, label: str = "label") -> dict:
+    """n, rim+ count, ROC and PR AUC of `score` over the rows `g` (None where they hold one class only)."""
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    both = g[label].nunique() == 2
+    return {"n": int(len(g)), "rim_positive": int(g[label].sum()),
+            "roc_auc": float(roc_auc_score(g[label], g[score])) if both else None,
+            "pr_auc": float(average_precision_score(g[label], g[score])) if both else None}
 
 
 def ranking_by_volume(table: pd.DataFrame, score: str, label: str = "label") -> list[dict]:
-    """ROC and PR AUC of `score` within each volume bin: whether a model tells rim+ from rim- among lesions
-    of one size, apart from the size prior that a calibrated model may rightly carry (the rim+ share rises
-    with volume in the test family too). None where a bin holds one class only."""
-    from sklearn.metrics import average_precision_score, roc_auc_score
-
-    bins = pd.cut(table["volume_mm3"], VOLUME_BINS_MM3)
-    rows = []
-    for b, g in table.groupby(bins, observed=True):
-        both = g[label].nunique() == 2
-        rows.append({"volume_mm3": f"{b.left:g}-{b.right:g}", "n": int(len(g)), "rim_positive": int(g[label].sum()),
-                     "roc_auc": float(roc_auc_score(g[label], g[score])) if both else None,
-                     "pr_auc": float(average_precision_score(g[label], g[score])) if both else None})
-    return rows
+    """:func:`ranking` within each volume bin: whether a model tells rim+ from rim- among lesions of one size,
+    apart from the size prior that a calibrated model may rightly carry (the rim+ share rises with volume in
+    the test family too)."""
+    return [{"volume_mm3": name, **ranking(g, score, label)} for name, g in volume_bins(table)]
 
 
 def features_by_volume(table: pd.DataFrame, features: pd.DataFrame) -> dict[str, list[dict]]:
     """ROC AUC of each radial feature alone within each volume bin (an AUC under 0.5 means the feature points
-    the wrong way there: e.g. a fixed-mm core that a small lesion does not have)."""
+    the wrong way there: e.g. rim minus core in small lesions, whose whole core lies within the rim's blur)."""
     out = {}
     for name in [c for c in features.columns if c.startswith("radial_")]:
         ranked = ranking_by_volume(table.assign(_f=features[name].to_numpy()).dropna(subset=["_f"]), "_f")
@@ -82,10 +88,9 @@ def features_by_volume(table: pd.DataFrame, features: pd.DataFrame) -> dict[str,
 def truth_by_volume(rimplus: pd.DataFrame, columns: list[str]) -> list[dict]:
     """Medians of the test generator's rim attributes (and of each model's probability) among rim+ lesions per
     volume bin: whether small rim+ lesions are fainter, thinner or shorter than large ones."""
-    bins = pd.cut(rimplus["volume_mm3"], VOLUME_BINS_MM3)
-    return [{"volume_mm3": f"{b.left:g}-{b.right:g}", "n": int(len(g)),
+    return [{"volume_mm3": name, "n": int(len(g)),
              **{c: float(pd.to_numeric(g[c], errors="coerce").median()) for c in columns}}
-            for b, g in rimplus.groupby(bins, observed=True)]
+            for name, g in volume_bins(rimplus)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -148,9 +153,8 @@ def main(argv: list[str] | None = None) -> int:
         result["rimplus_truth_by_volume"] = truth_by_volume(
             table[table["label"] == 1], rim_columns + list(result["models"]))
     # the training-free size floor: lesion volume alone as the score
-    result["volume_alone"] = ranking_by_volume(table.assign(volume_score=table["volume_mm3"]), "volume_score")
-    result["volume_alone_pooled"] = {**ranking_by_volume(
-        table.assign(volume_score=table["volume_mm3"], volume_mm3=1.0), "volume_score")[0], "volume_mm3": "all"}
+    result["volume_alone"] = ranking_by_volume(table, "volume_mm3")
+    result["volume_alone_pooled"] = {"volume_mm3": "all", **ranking(table, "volume_mm3")}
     if args.train_outputs:
         train = volumes(args.train_outputs)
         result["rimplus_share_by_volume"]["train"] = by_volume(train, "rim_positive")
