@@ -20,6 +20,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 Range = tuple[float, float]
+#: Which lesions the `-small` families may give a rim or a confounder: from 20 mm3 (about 3.4 mm across, just
+#: above the usual 3 mm lesion definition) and 4 mm tall (two slices of a 2 mm grid); the generator's default
+#: is 80-12,000 mm3 and 9 mm (Family.eligible_volume_mm3, eligible_height_mm).
+SMALL_LESIONS = dict(eligible_volume_mm3=(20.0, 12000.0), eligible_height_mm=4.0)
 
 
 @dataclass(frozen=True)
@@ -181,9 +185,8 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            warp_wavelength_mm=(25.0, 45.0), noise_scale=(0.5, 2.0), inversion=("gradient-l2", "tkd", "tikhonov"),
            tkd_threshold=(0.12, 0.25), tikhonov_lambda=(0.01, 0.08), background_field_ppm=(0.0, 0.02),
            map_scale=(0.85, 1.2), map_offset_ppm=(-0.01, 0.01), flair_voxels=((1.0, 1.0, 1.0), (0.9, 0.9, 2.0))),
-    # Two families whose rims and confounders also reach small lesions (from 20 mm3, about 3.4 mm across, just
-    # above the usual 3 mm lesion definition, and 4 mm tall, two slices of a 2 mm grid): every other family keeps the
-    # generator's 80 mm3 and 9 mm, which made rim+ lesions large and taught the models size as evidence of a
+    # Two families whose rims and confounders also reach small lesions (SMALL_LESIONS): every other family keeps
+    # the generator's 80 mm3 and 9 mm, which made rim+ lesions large and taught the models size as evidence of a
     # rim. Thin rims dominate (a 2.5 mm rim would fill a small lesion); the 2/3-of-the-edge-on-2-slices rule
     # still decides rim+, so a small lesion's rim seen on one slice is a rim- lesion, as for raters.
     Family("ich-b-small", "patient B's in-vivo QSM as background; rims and confounders also on small lesions "
@@ -191,7 +194,7 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
                           "position, modulated; 14 % of lesions given a rim; all confounders; TV, gradient-l2 "
                           "or TKD 0.1-0.25; FLAIR at 1 mm or 0.9x0.9x2 mm; 1x1x1 and 0.9x0.9x2 mm",
            background="ich-b", grids=("1x1x1", "0.9x0.9x2"), rim_fraction=0.14, confounder_fraction=0.06,
-           confounders=("arc", "vein", "hyper", "dia"), eligible_volume_mm3=(20.0, 12000.0), eligible_height_mm=4.0,
+           confounders=("arc", "vein", "hyper", "dia"), **SMALL_LESIONS,
            rim_chi=(0.005, 0.05), rim_thickness=(0.3, 1.5), full_ring_share=0.3, rim_coverage=(0.4, 1.0),
            arc_coverage=(0.1, 0.65), position_weights=(1, 1, 1), rim_modulation=(0.0, 0.8),
            rim_core_hyper_share=0.2, core_chi=(-0.01, 0.02), hyper_chi=(0.01, 0.06), vein_chi=(0.15, 0.45),
@@ -207,7 +210,7 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
                            "Tikhonov, TKD 0.12-0.3 or TV; maps in ppb; FLAIR at 1 mm or 1x1x3 mm; "
                            "0.6x0.6x2 and 0.75x0.75x3 mm",
            grids=("0.6x0.6x2", "0.75x0.75x3"), rim_fraction=0.12, confounder_fraction=0.06,
-           confounders=("arc", "vein", "hyper", "dia"), eligible_volume_mm3=(20.0, 12000.0), eligible_height_mm=4.0,
+           confounders=("arc", "vein", "hyper", "dia"), **SMALL_LESIONS,
            rim_chi=(0.005, 0.06), rim_thickness=(0.3, 2.0), full_ring_share=0.35, rim_coverage=(0.45, 1.0),
            arc_coverage=(0.1, 0.7), position_weights=(2, 2, 1), rim_modulation=(0.0, 1.0),
            rim_core_hyper_share=0.25, core_chi=(-0.01, 0.02), hyper_chi=(0.01, 0.06), vein_chi=(0.15, 0.5),
