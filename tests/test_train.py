@@ -163,6 +163,29 @@ def test_cpu_training_is_deterministic_and_resumes_after_interrupt(tmp_path: Pat
     assert resumed.thresholds == ref.thresholds
 
 
+def test_members_trained_apart_make_the_same_cross_validation(tmp_path: Path) -> None:
+    """Two processes (here: two calls) each train some members; one cross_validate then only collects them."""
+    from qsmrim_app.model.cv import train_members
+
+    lesions = synthetic_lesions(n_subjects=6, per_subject=10)
+    config = tiny_config(epochs=2, folds=2, seeds=2, width_multiplier=0.0625)
+    ref = cross_validate(lesions, config, tmp_path / "whole", progress=False)
+    first = train_members(lesions, config, tmp_path / "apart", [(1, 1), (0, 0)])
+    second = train_members(lesions, config, tmp_path / "apart", [(0, 1), (1, 0)])
+    assert sorted(first) == [(0, 0), (1, 1)] and sorted(second) == [(0, 1), (1, 0)]
+    assert sorted(p.name for p in (tmp_path / "apart" / "weights").iterdir()) == [
+        "fold0_seed0.pt", "fold0_seed1.pt", "fold1_seed0.pt", "fold1_seed1.pt"]
+    for (k, s), prob in {**first, **second}.items():
+        np.testing.assert_allclose(prob, ref.member_probability[s, ref.folds[k][1]], rtol=0, atol=1e-6)
+    trained: list[tuple[int, int]] = []
+    collected = cross_validate(lesions, config, tmp_path / "apart", progress=False,
+                               epoch_callback=lambda f, s, e, r: trained.append((f, s)))
+    assert trained == []  # every member's weights were there
+    np.testing.assert_allclose(collected.probability, ref.probability, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="outside 2 folds x 2 seeds"):
+        train_members(lesions, config, tmp_path / "apart", [(2, 0)])
+
+
 def test_fp16_weights_and_other_methods(tmp_path: Path) -> None:
     lesions = synthetic_lesions(n_subjects=4, per_subject=8)
     for method in ("image-only", "aprl-nn", "rimnet"):

@@ -125,6 +125,37 @@ def _start(lesions: LesionSet, config: TrainConfig, out_dir: Path, features: Fea
                 progress, epoch_callback)
 
 
+def cv_folds(lesions: LesionSet, config: TrainConfig) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The (training, held-out) indices of every fold of this configuration's cross-validation."""
+    folds = stratified_subject_folds(lesions.fold_units, lesions.labels, config.folds, config.base_seed)
+    return [(np.asarray(a), np.asarray(b)) for a, b in folds]
+
+
+def train_members(lesions: LesionSet, config: TrainConfig, out_dir: Path, members: list[tuple[int, int]],
+                  progress: bool = False) -> dict[tuple[int, int], np.ndarray]:
+    """Train only the listed (fold, seed) members of ``cross_validate(lesions, config, out_dir)``.
+
+    Same folds, torch seeds, feature scalers, weight and checkpoint paths as the whole run, so several
+    processes (GPUs, SLURM tasks) can share one cross-validation: each trains its members, then one
+    ``train()`` in the same directory finds every member's weights and only collects their predictions.
+    Returns each member's held-out probabilities (in the fold's held-out order).
+    """
+    if lesions.labels is None:
+        raise ValueError("cross-validation needs labels")
+    config = with_data_grid(config, lesions)
+    folds = cv_folds(lesions, config)
+    run = _start(lesions, config, out_dir, None, progress, None)
+    bad = [(k, s) for k, s in members if not (0 <= k < len(folds) and 0 <= s < run.seeds)]
+    if bad:
+        raise ValueError(f"members {bad} are outside {len(folds)} folds x {run.seeds} seeds")
+    out = {}
+    for k, s in members:
+        train_idx, test_idx = folds[k]
+        scaler = FeatureScaler.fit(run.features.values[train_idx])
+        out[(k, s)] = _member_probability(run, k, s, train_idx, test_idx, scaler)[1]
+    return out
+
+
 def cross_validate(lesions: LesionSet, config: TrainConfig, out_dir: Path, progress: bool = True,
                    epoch_callback: EpochCallback | None = None, features: FeatureColumns | None = None) -> CVResult:
     """Train every (fold, seed) member under ``out_dir/weights`` and collect out-of-fold predictions.
@@ -136,7 +167,7 @@ def cross_validate(lesions: LesionSet, config: TrainConfig, out_dir: Path, progr
     if lesions.labels is None:
         raise ValueError("cross-validation needs labels")
     config = with_data_grid(config, lesions)
-    folds = stratified_subject_folds(lesions.fold_units, lesions.labels, config.folds, config.base_seed)
+    folds = cv_folds(lesions, config)
     run = _start(lesions, config, out_dir, features, progress, epoch_callback)
     member_prob = np.full((run.seeds, len(lesions)), np.nan, dtype=np.float64)
     fold_of = np.full(len(lesions), -1, dtype=np.int64)
@@ -158,8 +189,7 @@ def cross_validate(lesions: LesionSet, config: TrainConfig, out_dir: Path, progr
     vote_fraction = (member_prob >= thr[None, :]).mean(axis=0)  # p >= t is rim+ (metrics.py)
     thresholds = ensemble_thresholds(lesions.labels, prob, fold_of, fold_thresholds)
     return CVResult(prob, member_prob, vote_fraction, (vote_fraction > 0.5).astype(np.int64), fold_of,
-                    fold_thresholds, thresholds, scalers, members,
-                    [(np.asarray(a), np.asarray(b)) for a, b in folds])
+                    fold_thresholds, thresholds, scalers, members, folds)
 
 
 def ensemble_thresholds(labels: np.ndarray, prob: np.ndarray, fold_of: np.ndarray,

@@ -1,0 +1,228 @@
+"""The paper's protocol (ResNet-18 at width 1.0, 40 epochs, 3 seeds per fold) leave-one-family-out, on a GPU.
+
+Issue 18 asks for it on the arrays the bundled model was trained on when a GPU is lent. The corpus is built on
+the CPU machine (scripts/make_bundled_model.sh, stages generate participant merge); a GPU machine gets only
+arrays, so there are two steps:
+
+    # on the machine that holds the corpus
+    python benchmarks/bench_paper_protocol.py pack --output-dir WORK/train_out --bids WORK/train_bids \\
+        --column family --out arrays.npz
+    # on the GPU machine (only torch, numpy, scipy, pandas, scikit-learn, imbalanced-learn and this repo)
+    python benchmarks/bench_paper_protocol.py train --arrays arrays.npz --out-dir DIR --workers 6 \\
+        --deadline-s 420 --json timing.json
+
+``pack`` collects the lesions as ``group --train --cv-group-by COLUMN`` does (workflows/training.py) and stores
+their raw patches cut to what the network reads: QSM and FLAIR set to zero where every input level masks them
+(beyond the margin, other lesions), the signed distance clipped just beyond the margin. The network inputs are
+unchanged (:func:`check_packed`), the file is ~20x smaller.
+
+``train`` trains the (fold, seed) members of ``protocol_config("paper")`` with one fold per family, in worker
+processes that share the device (``model.cv.train_members``), seed-major, so a deadline leaves whole seeds;
+then ``train()`` in the same directory finds every member's weights and writes the model directory
+(model.json, oof_predictions.tsv, calibration, operating points) over the seeds that finished, and says so.
+``bench_lofo_models.py --model paper=DIR/...`` scores it beside the bundled recipe and the floors.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a bare copy of the repository
+
+from qsmrim_app.model.config import TrainConfig, protocol_config  # noqa: E402
+from qsmrim_app.model.data import LesionSet  # noqa: E402
+
+FIELDS = ("patches", "features", "labels", "subjects", "lesion_ids", "voxel_size_mm", "reference", "extent_mm",
+          "sessions", "groups")
+
+
+def pack_patches(raw: np.ndarray, margin_mm: float) -> np.ndarray:
+    """Raw patches with everything the network never reads set to constants (zeros compress to nothing).
+
+    The input levels keep QSM and FLAIR where the signed distance is <= ``margin_mm`` and no other lesion is,
+    or (the paper level) inside the lesion (inputs.InputSpec.network_inputs), and read the distance only
+    clipped to +-margin and compared with 0 and the margin. Beyond the margin it becomes margin + 1 (still
+    outside), below -margin it becomes -margin (still inside).
+    """
+    out = np.array(raw, dtype=np.float32, copy=True)
+    sd, other = out[:, 2], out[:, 3] > 0.5
+    keep = ((sd <= margin_mm) & ~other) | (sd < 0)
+    out[:, 0] = np.where(keep, out[:, 0], 0.0)
+    out[:, 1] = np.where(keep, out[:, 1], 0.0)
+    out[:, 2] = np.where(sd > margin_mm, margin_mm + 1.0, np.maximum(sd, -margin_mm))
+    return out
+
+
+def check_packed(raw: np.ndarray, packed: np.ndarray, reference: np.ndarray, config: TrainConfig) -> None:
+    """Refuse a packing that changes what this configuration's network sees."""
+    spec = config.input_spec()
+    if not np.array_equal(spec.network_inputs(raw, reference), spec.network_inputs(packed, reference)):
+        raise RuntimeError("packed patches change the network inputs")
+
+
+def save_arrays(path: Path, lesions: LesionSet, column: str, margin_mm: float) -> None:
+    arrays = {name: getattr(lesions, name) for name in FIELDS}
+    arrays["patches"] = pack_patches(lesions.patches, margin_mm)
+    np.savez_compressed(path, **arrays, feature_names=np.asarray(lesions.feature_names), column=np.asarray(column),
+                        margin_mm=np.asarray(margin_mm))
+
+
+def load_arrays(path: Path) -> tuple[LesionSet, str, float]:
+    with np.load(path, allow_pickle=False) as z:
+        lesions = LesionSet(**{name: z[name] for name in FIELDS}, feature_names=z["feature_names"].tolist())
+        return lesions, str(z["column"]), float(z["margin_mm"])
+
+
+def paper_config(lesions: LesionSet, column: str, **overrides) -> TrainConfig:
+    """The paper's protocol with one fold per family (leave one family out), as `--protocol paper` gives it."""
+    n_groups = int(np.unique(lesions.groups).size)
+    base = dict(folds=n_groups, fold_groups_by=column, checkpoint=False, weights_fp16=True, device="auto")
+    return protocol_config("paper", **{**base, **overrides})
+
+
+def pack(args: argparse.Namespace) -> int:
+    from qsmrim_app.workflows.training import collect_lesion_set, with_fold_groups
+
+    lesions = collect_lesion_set(Path(args.output_dir))
+    if lesions is None:
+        raise SystemExit(f"no annotated lesions under {args.output_dir}")
+    lesions, _ = with_fold_groups(lesions, TrainConfig(), Path(args.bids), args.column)
+    config = paper_config(lesions, args.column)
+    save_arrays(Path(args.out), lesions, args.column, config.margin_mm)
+    packed, _, _ = load_arrays(Path(args.out))
+    check_packed(lesions.patches, packed.patches, lesions.reference, config)
+    summary = lesions.summary()
+    print(json.dumps({"out": str(args.out), "bytes": Path(args.out).stat().st_size, **summary}))
+    return 0
+
+
+# ---- training (worker processes share the device) ----
+def run_worker(args: argparse.Namespace) -> int:
+    """Train this worker's members in order; one JSON line per member (or skip) appended to ``--log``."""
+    import torch
+
+    from qsmrim_app.model.cv import train_members
+
+    torch.set_num_threads(args.threads)
+    lesions, column, _ = load_arrays(Path(args.arrays))
+    config = paper_config(lesions, column, **json.loads(args.overrides))
+    last = 0.0
+    for item in args.members.split(","):
+        k, s = (int(v) for v in item.split(":"))
+        start = time.time()
+        if start + last > args.deadline:  # this member would not finish before the deadline
+            rec = {"fold": k, "seed": s, "skipped": True}
+        else:
+            train_members(lesions, config, Path(args.out_dir), [(k, s)])
+            last = time.time() - start
+            rec = {"fold": k, "seed": s, "seconds": round(last, 1), "pid": os.getpid()}
+        with open(args.log, "a") as fh:
+            fh.write(json.dumps(rec) + "\n")
+        print(json.dumps(rec), flush=True)
+    return 0
+
+
+def complete_seeds(done: set[tuple[int, int]], folds: int, seeds: int) -> int:
+    """How many leading seeds have every fold trained (what a deadline leaves a whole ensemble of)."""
+    m = 0
+    while m < seeds and all((k, m) in done for k in range(folds)):
+        m += 1
+    return m
+
+
+def train_paper(args: argparse.Namespace) -> int:
+    import torch
+
+    from qsmrim_app.model.train import train
+
+    t0 = time.time()
+    lesions, column, margin = load_arrays(Path(args.arrays))
+    overrides = {k: v for k, v in dict(epochs=args.epochs, width_multiplier=args.width, seeds=args.seeds,
+                                       device=args.device).items() if v is not None}
+    config = paper_config(lesions, column, **overrides)
+    if abs(config.margin_mm - margin) > 1e-6:
+        raise SystemExit(f"the arrays were packed for a {margin} mm margin, the configuration reads {config.margin_mm}")
+    out_dir = Path(args.out_dir)
+    members = [(k, s) for s in range(config.seeds) for k in range(config.folds)]  # seed-major
+    deadline = t0 + args.deadline_s
+    threads = max(1, (os.cpu_count() or 2) // args.workers)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # Worker processes (not multiprocessing: a spawned child re-imports its parent's main module, e.g. pytest)
+    # take every args.workers-th member of the seed-major list, so seed 0 finishes first.
+    procs, logs = [], []
+    for w in range(args.workers):
+        mine = members[w::args.workers]
+        if not mine:
+            continue
+        logs.append(out_dir / f"worker{w}.jsonl")
+        logs[-1].unlink(missing_ok=True)
+        procs.append(subprocess.Popen([
+            sys.executable, str(Path(__file__).resolve()), "worker", "--arrays", str(args.arrays),
+            "--out-dir", str(out_dir), "--members", ",".join(f"{k}:{s}" for k, s in mine),
+            "--deadline", repr(deadline), "--threads", str(threads), "--overrides", json.dumps(overrides),
+            "--log", str(logs[-1])]))
+    failed = [p.args for p in procs if p.wait() != 0]
+    if failed:
+        raise SystemExit(f"{len(failed)} worker(s) failed; see their output above")
+    records = [json.loads(line) for log in logs if log.is_file() for line in log.read_text().splitlines()]
+    done = {(r["fold"], r["seed"]) for r in records if not r.get("skipped")}
+    m = complete_seeds(done, config.folds, config.seeds)
+    trained_s = time.time() - t0
+    model_dir = None
+    if m:
+        model_dir = train(lesions, replace(config, seeds=m), out_dir, progress=False)
+    result = {
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+        "torch": torch.__version__, "workers": args.workers, "threads_per_worker": threads,
+        "config": {k: v for k, v in config.to_dict().items() if k in (
+            "protocol", "epochs", "batch_size", "learning_rate", "width_multiplier", "folds", "seeds",
+            "input_level", "feature_set", "fold_groups_by", "deepsmote", "augment")},
+        "lesions": lesions.summary(), "members_planned": len(members), "members_trained": len(done),
+        "seeds_complete": m, "model_dir": str(model_dir) if model_dir else None,
+        "member_seconds": sorted(records, key=lambda r: (r["seed"], r["fold"])),
+        "training_wall_s": round(trained_s, 1), "total_wall_s": round(time.time() - t0, 1),
+    }
+    Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps({k: result[k] for k in ("device", "members_trained", "seeds_complete", "total_wall_s")}))
+    return 0 if m else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="step", required=True)
+    p = sub.add_parser("pack", help="the training lesions of a participant-level output, as one .npz")
+    p.add_argument("--output-dir", required=True, help="participant-level output with annotations")
+    p.add_argument("--bids", required=True, help="the BIDS dataset whose participants.tsv holds --column")
+    p.add_argument("--column", default="family")
+    p.add_argument("--out", required=True)
+    t = sub.add_parser("train", help="the paper's protocol, one fold per family, in worker processes")
+    t.add_argument("--arrays", required=True)
+    t.add_argument("--out-dir", required=True, help="the model directory (weights stay here)")
+    t.add_argument("--workers", type=int, default=4, help="processes that share the device")
+    t.add_argument("--deadline-s", type=float, default=float("inf"),
+                   help="start no member that would not finish within this many seconds of the start")
+    t.add_argument("--json", required=True, help="timings and what was trained")
+    t.add_argument("--epochs", type=int, default=None, help="(smoke tests) instead of the paper's 40")
+    t.add_argument("--width", type=float, default=None, help="(smoke tests) instead of the paper's 1.0")
+    t.add_argument("--seeds", type=int, default=None, help="instead of the paper's 3")
+    t.add_argument("--device", default=None, help="auto (default), cuda or cpu")
+    w = sub.add_parser("worker", help="(internal) one worker process of train")
+    for name in ("--arrays", "--out-dir", "--members", "--overrides", "--log"):
+        w.add_argument(name, required=True)
+    w.add_argument("--deadline", type=float, required=True)
+    w.add_argument("--threads", type=int, required=True)
+    args = parser.parse_args(argv)
+    return {"pack": pack, "train": train_paper, "worker": run_worker}[args.step](args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,82 @@
+"""benchmarks/bench_paper_protocol.py: packed arrays feed the network what the corpus did; members trained in
+worker processes assemble into the model directory a single run writes."""
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import load_benchmark
+from test_train import synthetic_lesions
+
+from qsmrim_app.model.inputs import LEVELS, InputSpec
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return load_benchmark("bench_paper_protocol")
+
+
+def _grouped(n_subjects: int = 6, per_subject: int = 8):
+    lesions = synthetic_lesions(n_subjects=n_subjects, per_subject=per_subject)
+    lesions.patches[:, 3, :3] = 1.0  # another lesion in the first slabs: masked out beside the margin
+    groups = np.array([f"fam{int(s[-2:]) % 3}" for s in lesions.subjects])
+    return replace(lesions, groups=groups)
+
+
+def test_packing_keeps_every_input_level_and_compresses(bench, tmp_path: Path) -> None:
+    lesions = _grouped()
+    packed = bench.pack_patches(lesions.patches, 3.0)
+    for level in LEVELS:
+        spec = InputSpec(level, tuple(lesions.extent_mm), tuple(lesions.voxel_size_mm), 3.0)
+        np.testing.assert_array_equal(spec.network_inputs(lesions.patches, lesions.reference),
+                                      spec.network_inputs(packed, lesions.reference))
+    assert (packed[:, 0] == 0).mean() > (lesions.patches[:, 0] == 0).mean() + 0.2  # texture beyond the margin gone
+    # a wider margin than the packing's would read what was cut away: refused
+    wide = bench.paper_config(lesions, "family", margin_mm=5.0)
+    with pytest.raises(RuntimeError, match="change the network inputs"):
+        bench.check_packed(lesions.patches, packed, lesions.reference, wide)
+    path = tmp_path / "arrays.npz"
+    bench.save_arrays(path, lesions, "family", 3.0)
+    back, column, margin = bench.load_arrays(path)
+    assert (column, margin) == ("family", 3.0) and back.feature_names == lesions.feature_names
+    np.testing.assert_array_equal(back.groups, lesions.groups)
+    np.testing.assert_array_equal(back.patches, packed)
+    np.testing.assert_array_equal(back.labels, lesions.labels)
+
+
+def test_complete_seeds_counts_only_seeds_with_every_fold(bench) -> None:
+    assert bench.complete_seeds({(0, 0), (1, 0), (2, 0), (0, 1)}, 3, 3) == 1
+    assert bench.complete_seeds({(0, 1), (1, 1), (2, 1)}, 3, 3) == 0  # seed 0 unfinished: no ensemble
+    assert bench.complete_seeds({(k, s) for k in range(3) for s in range(2)}, 3, 2) == 2
+
+
+@pytest.mark.slow
+def test_train_in_two_workers_writes_a_leave_one_family_out_model(bench, tmp_path: Path) -> None:
+    lesions = _grouped()
+    bench.save_arrays(tmp_path / "arrays.npz", lesions, "family", 3.0)
+    timing = tmp_path / "timing.json"
+    rc = bench.main(["train", "--arrays", str(tmp_path / "arrays.npz"), "--out-dir", str(tmp_path / "model"),
+                     "--workers", "2", "--json", str(timing), "--epochs", "1", "--width", "0.0625",
+                     "--seeds", "2", "--device", "cpu"])
+    assert rc == 0
+    result = json.loads(timing.read_text())
+    assert result["members_trained"] == 6 and result["seeds_complete"] == 2
+    model = json.loads((tmp_path / "model" / "model.json").read_text())
+    assert model["config"]["protocol"] == "paper" and model["config"]["fold_groups_by"] == "family"
+    assert len(model["members"]) == 6 and model["training_data"]["fold_groups"] == {"fam0": 16, "fam1": 16,
+                                                                                     "fam2": 16}
+    oof = pd.read_csv(tmp_path / "model" / "oof_predictions.tsv", sep="\t")
+    assert len(oof) == len(lesions) and oof["probability"].between(0, 1).all()
+    # every family is held out by exactly one fold: the out-of-fold table is leave-one-family-out
+    fam = dict(zip(lesions.subjects, lesions.groups))
+    assert oof.groupby(oof["subject"].map(fam))["fold"].nunique().eq(1).all()
+    # a deadline already past starts nothing and writes no model
+    rc = bench.main(["train", "--arrays", str(tmp_path / "arrays.npz"), "--out-dir", str(tmp_path / "none"),
+                     "--workers", "1", "--json", str(timing), "--epochs", "1", "--width", "0.0625",
+                     "--device", "cpu", "--deadline-s", "-1"])
+    assert rc == 1 and json.loads(timing.read_text())["members_trained"] == 0
+    assert not (tmp_path / "none" / "model.json").exists()
