@@ -46,6 +46,10 @@ def test_packing_keeps_every_input_level_and_compresses(bench, tmp_path: Path) -
     np.testing.assert_array_equal(back.groups, lesions.groups)
     np.testing.assert_array_equal(back.patches, packed)
     np.testing.assert_array_equal(back.labels, lesions.labels)
+    bench.save_arrays(path, lesions, "family", 3.0, half=True)  # float16: rounding only, still accepted
+    half, _, _ = bench.load_arrays(path)
+    assert not np.array_equal(half.patches, packed)
+    bench.check_packed(lesions.patches, half.patches, lesions.reference, bench.paper_config(lesions, "family"), half=True)
 
 
 def test_complete_seeds_counts_only_seeds_with_every_fold(bench) -> None:
