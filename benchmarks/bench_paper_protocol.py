@@ -48,6 +48,12 @@ FIELDS = ("patches", "features", "labels", "subjects", "lesion_ids", "voxel_size
           "sessions", "groups")
 
 
+def read_mask(sd: np.ndarray, other: np.ndarray, margin_mm: float) -> np.ndarray:
+    """Where some input level reads QSM and FLAIR (inputs.InputSpec.network_inputs): within the margin and not
+    another lesion, or (the paper level) inside the lesion."""
+    return ((sd <= margin_mm) & ~other) | (sd < 0)
+
+
 def pack_patches(raw: np.ndarray, margin_mm: float) -> np.ndarray:
     """Raw patches with everything the network never reads set to constants (zeros compress to nothing).
 
@@ -58,7 +64,7 @@ def pack_patches(raw: np.ndarray, margin_mm: float) -> np.ndarray:
     """
     out = np.array(raw, dtype=np.float32, copy=True)
     sd, other = out[:, 2], out[:, 3] > 0.5
-    keep = ((sd <= margin_mm) & ~other) | (sd < 0)
+    keep = read_mask(sd, other, margin_mm)
     out[:, 0] = np.where(keep, out[:, 0], 0.0)
     out[:, 1] = np.where(keep, out[:, 1], 0.0)
     out[:, 2] = np.where(sd > margin_mm, margin_mm + 1.0, np.maximum(sd, -margin_mm))
@@ -67,8 +73,9 @@ def pack_patches(raw: np.ndarray, margin_mm: float) -> np.ndarray:
 
 def check_packed(raw: np.ndarray, packed: np.ndarray, reference: np.ndarray, config: TrainConfig,
                  half: bool = False) -> None:
-    """Refuse a packing that changes what this configuration's network sees (beyond float16 rounding of
-    QSM and FLAIR with ``half``: relative 5e-4, finer than the bfloat16 the network computes in on a GPU)."""
+    """Refuse a packing that changes what this configuration's network sees (beyond float16 rounding with
+    ``half``: relative 5e-4 of the referenced QSM and of FLAIR, finer than the bfloat16 the network computes in
+    on a GPU). Checks this configuration's input level only; the tests check every level."""
     spec = config.input_spec()
     a, b = spec.network_inputs(raw, reference), spec.network_inputs(packed, reference)
     same = np.allclose(a, b, rtol=2e-3, atol=1e-3) if half else np.array_equal(a, b)
@@ -84,7 +91,7 @@ def save_arrays(path: Path, lesions: LesionSet, column: str, margin_mm: float, h
         patches, ref = arrays["patches"], np.asarray(lesions.reference, np.float32)
         med, scale = ref[:, 0, None, None, None], ref[:, 1, None, None, None]
         sd, other = patches[:, 2], patches[:, 3] > 0.5
-        keep = ((sd <= margin_mm) & ~other) | (sd < 0)  # pack_patches' mask: outside it QSM is never read
+        keep = read_mask(sd, other, margin_mm)  # outside it QSM is never read
         patches[:, 0] = np.where(keep, (patches[:, 0] - med) / scale, 0.0)
         arrays["patches"] = patches.astype(np.float16)
     np.savez_compressed(path, **arrays, feature_names=np.asarray(lesions.feature_names), column=np.asarray(column),
@@ -103,7 +110,8 @@ def load_arrays(path: Path) -> tuple[LesionSet, str, float]:
 
 
 def paper_config(lesions: LesionSet, column: str, **overrides) -> TrainConfig:
-    """The paper's protocol with one fold per family (leave one family out), as `--protocol paper` gives it."""
+    """The paper's protocol (`--protocol paper`) with one fold per family (leave one family out; the command
+    line's `--cv-group-by family` would need `--folds` set to the number of families for that)."""
     n_groups = int(np.unique(lesions.groups).size)
     base = dict(folds=n_groups, fold_groups_by=column, checkpoint=False, weights_fp16=True, device="auto")
     return protocol_config("paper", **{**base, **overrides})
@@ -135,7 +143,7 @@ def run_worker(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     lesions, column, _ = load_arrays(Path(args.arrays))
     config = paper_config(lesions, column, **json.loads(args.overrides))
-    last = 0.0
+    last = args.member_estimate  # then each member's own time
     for item in args.members.split(","):
         k, s = (int(v) for v in item.split(":"))
         start = time.time()
@@ -143,7 +151,7 @@ def run_worker(args: argparse.Namespace) -> int:
             rec = {"fold": k, "seed": s, "skipped": True}
         else:
             train_members(lesions, config, Path(args.out_dir), [(k, s)])
-            last = time.time() - start
+            last = max(time.time() - start, last if last > 0 else 0.0)
             rec = {"fold": k, "seed": s, "seconds": round(last, 1), "pid": os.getpid()}
         with open(args.log, "a") as fh:
             fh.write(json.dumps(rec) + "\n")
@@ -178,6 +186,12 @@ def train_paper(args: argparse.Namespace) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     # Worker processes (not multiprocessing: a spawned child re-imports its parent's main module, e.g. pytest)
     # take every args.workers-th member of the seed-major list, so seed 0 finishes first.
+    # A member's time before any has run: a few timed steps, times the workers that time-slice the device.
+    from qsmrim_app.model.methods import select_features
+    from qsmrim_app.model.train import estimate_training_seconds
+
+    est = estimate_training_seconds(config, len(lesions), select_features(lesions, config).values.shape[1], 3)
+    member_estimate = est["seconds"] / max(est["members"], 1) * min(args.workers, len(members))
     procs, logs = [], []
     for w in range(args.workers):
         mine = members[w::args.workers]
@@ -189,10 +203,16 @@ def train_paper(args: argparse.Namespace) -> int:
             sys.executable, str(Path(__file__).resolve()), "worker", "--arrays", str(args.arrays),
             "--out-dir", str(out_dir), "--members", ",".join(f"{k}:{s}" for k, s in mine),
             "--deadline", repr(deadline), "--threads", str(threads), "--overrides", json.dumps(overrides),
-            "--log", str(logs[-1])]))
-    failed = [p.args for p in procs if p.wait() != 0]
+            "--log", str(logs[-1]), "--member-estimate", repr(member_estimate)]))
+    try:
+        failed = [w for w, p in enumerate(procs) if p.wait() != 0]
+    finally:  # an interrupted parent leaves no worker on the device
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+                p.wait()
     if failed:
-        raise SystemExit(f"{len(failed)} worker(s) failed; see their output above")
+        raise SystemExit(f"worker(s) {failed} failed (their output is above; logs in {out_dir})")
     records = [json.loads(line) for log in logs if log.is_file() for line in log.read_text().splitlines()]
     done = {(r["fold"], r["seed"]) for r in records if not r.get("skipped")}
     m = complete_seeds(done, config.folds, config.seeds)
@@ -209,6 +229,7 @@ def train_paper(args: argparse.Namespace) -> int:
             "input_level", "feature_set", "fold_groups_by", "deepsmote", "augment")},
         "lesions": lesions.summary(), "members_planned": len(members), "members_trained": len(done),
         "seeds_complete": m, "model_dir": str(model_dir) if model_dir else None,
+        "member_estimate_s": round(member_estimate, 1),
         "member_seconds": sorted(records, key=lambda r: (r["seed"], r["fold"])),
         "training_wall_s": round(trained_s, 1), "total_wall_s": round(time.time() - t0, 1),
     }
@@ -232,7 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--out-dir", required=True, help="the model directory (weights stay here)")
     t.add_argument("--workers", type=int, default=4, help="processes that share the device")
     t.add_argument("--deadline-s", type=float, default=float("inf"),
-                   help="start no member that would not finish within this many seconds of the start")
+                   help="start no member expected to end later than this many seconds after the start (the "
+                        "expectation: timed steps, then each worker's slowest member); no hard stop")
     t.add_argument("--json", required=True, help="timings and what was trained")
     t.add_argument("--epochs", type=int, default=None, help="(smoke tests) instead of the paper's 40")
     t.add_argument("--width", type=float, default=None, help="(smoke tests) instead of the paper's 1.0")
@@ -243,6 +265,7 @@ def main(argv: list[str] | None = None) -> int:
         w.add_argument(name, required=True)
     w.add_argument("--deadline", type=float, required=True)
     w.add_argument("--threads", type=int, required=True)
+    w.add_argument("--member-estimate", type=float, default=0.0)
     args = parser.parse_args(argv)
     return {"pack": pack, "train": train_paper, "worker": run_worker}[args.step](args)
 

@@ -24,7 +24,9 @@ def _grouped(n_subjects: int = 6, per_subject: int = 8):
     lesions = synthetic_lesions(n_subjects=n_subjects, per_subject=per_subject)
     lesions.patches[:, 3, :3] = 1.0  # another lesion in the first slabs: masked out beside the margin
     groups = np.array([f"fam{int(s[-2:]) % 3}" for s in lesions.subjects])
-    return replace(lesions, groups=groups)
+    rng = np.random.default_rng(5)  # a reconstruction's own offset and scale per lesion
+    reference = np.stack([rng.uniform(-40, 40, len(lesions)), rng.uniform(3, 20, len(lesions))], axis=1)
+    return replace(lesions, groups=groups, reference=reference)
 
 
 def test_packing_keeps_every_input_level_and_compresses(bench, tmp_path: Path) -> None:
@@ -49,6 +51,10 @@ def test_packing_keeps_every_input_level_and_compresses(bench, tmp_path: Path) -
     bench.save_arrays(path, lesions, "family", 3.0, half=True)  # float16: rounding only, still accepted
     half, _, _ = bench.load_arrays(path)
     assert not np.array_equal(half.patches, packed)
+    for level in LEVELS:  # every level within float16 rounding, on references far from (0, 1)
+        spec = InputSpec(level, tuple(lesions.extent_mm), tuple(lesions.voxel_size_mm), 3.0)
+        np.testing.assert_allclose(spec.network_inputs(half.patches, half.reference),
+                                   spec.network_inputs(lesions.patches, lesions.reference), rtol=2e-3, atol=2e-2)
     bench.check_packed(lesions.patches, half.patches, lesions.reference, bench.paper_config(lesions, "family"), half=True)
 
 
@@ -78,6 +84,7 @@ def test_train_in_two_workers_writes_a_leave_one_family_out_model(bench, tmp_pat
     # every family is held out by exactly one fold: the out-of-fold table is leave-one-family-out
     fam = dict(zip(lesions.subjects, lesions.groups))
     assert oof.groupby(oof["subject"].map(fam))["fold"].nunique().eq(1).all()
+    assert oof.groupby("fold")["subject"].agg(lambda s: s.map(fam).nunique()).eq(1).all() and oof["fold"].nunique() == 3
     # a deadline already past starts nothing and writes no model
     rc = bench.main(["train", "--arrays", str(tmp_path / "arrays.npz"), "--out-dir", str(tmp_path / "none"),
                      "--workers", "1", "--json", str(timing), "--epochs", "1", "--width", "0.0625",

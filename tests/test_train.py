@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+from dataclasses import replace
 import json
 from pathlib import Path
 
@@ -184,6 +185,8 @@ def test_members_trained_apart_make_the_same_cross_validation(tmp_path: Path) ->
     np.testing.assert_allclose(collected.probability, ref.probability, rtol=0, atol=1e-6)
     with pytest.raises(ValueError, match="outside 2 folds x 2 seeds"):
         train_members(lesions, config, tmp_path / "apart", [(2, 0)])
+    with pytest.raises(ValueError, match="fusion trains its components"):
+        train_members(lesions, replace(config, method="fusion"), tmp_path / "fused", [(0, 0)])
 
 
 def test_fp16_weights_and_other_methods(tmp_path: Path) -> None:

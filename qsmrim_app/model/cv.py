@@ -142,6 +142,8 @@ def train_members(lesions: LesionSet, config: TrainConfig, out_dir: Path, member
     """
     if lesions.labels is None:
         raise ValueError("cross-validation needs labels")
+    if get_method(config.method).kind == "fusion":
+        raise ValueError("a fusion trains its components (fusion.py); train their members instead")
     config = with_data_grid(config, lesions)
     folds = cv_folds(lesions, config)
     run = _start(lesions, config, out_dir, None, progress, None)
