@@ -151,8 +151,9 @@ def run_worker(args: argparse.Namespace) -> int:
             rec = {"fold": k, "seed": s, "skipped": True}
         else:
             train_members(lesions, config, Path(args.out_dir), [(k, s)])
-            last = max(time.time() - start, last if last > 0 else 0.0)
-            rec = {"fold": k, "seed": s, "seconds": round(last, 1), "pid": os.getpid()}
+            elapsed = time.time() - start
+            last = max(elapsed, last)  # the slowest so far (or the estimate) decides the next start
+            rec = {"fold": k, "seed": s, "seconds": round(elapsed, 1), "pid": os.getpid()}
         with open(args.log, "a") as fh:
             fh.write(json.dumps(rec) + "\n")
         print(json.dumps(rec), flush=True)
@@ -170,7 +171,8 @@ def complete_seeds(done: set[tuple[int, int]], folds: int, seeds: int) -> int:
 def train_paper(args: argparse.Namespace) -> int:
     import torch
 
-    from qsmrim_app.model.train import train
+    from qsmrim_app.model.methods import select_features
+    from qsmrim_app.model.train import estimate_training_seconds, train
 
     t0 = time.time()
     lesions, column, margin = load_arrays(Path(args.arrays))
@@ -187,9 +189,6 @@ def train_paper(args: argparse.Namespace) -> int:
     # Worker processes (not multiprocessing: a spawned child re-imports its parent's main module, e.g. pytest)
     # take every args.workers-th member of the seed-major list, so seed 0 finishes first.
     # A member's time before any has run: a few timed steps, times the workers that time-slice the device.
-    from qsmrim_app.model.methods import select_features
-    from qsmrim_app.model.train import estimate_training_seconds
-
     est = estimate_training_seconds(config, len(lesions), select_features(lesions, config).values.shape[1], 3)
     member_estimate = est["seconds"] / max(est["members"], 1) * min(args.workers, len(members))
     procs, logs = [], []

@@ -175,7 +175,6 @@ def cross_validate(lesions: LesionSet, config: TrainConfig, out_dir: Path, progr
     fold_of = np.full(len(lesions), -1, dtype=np.int64)
     scalers, members, fold_thresholds = [], [], []
     for k, (train_idx, test_idx) in enumerate(folds):
-        train_idx, test_idx = np.asarray(train_idx), np.asarray(test_idx)
         fold_of[test_idx] = k
         scalers.append(FeatureScaler.fit(run.features.values[train_idx]))
         for s in range(run.seeds):
