@@ -138,19 +138,21 @@ def run_worker(args: argparse.Namespace) -> int:
     """Train this worker's members in order; one JSON line per member (or skip) appended to ``--log``."""
     import torch
 
-    from qsmrim_app.model.cv import train_members
+    from qsmrim_app.model.cv import cv_folds, train_members, with_data_grid
 
     torch.set_num_threads(args.threads)
     lesions, column, _ = load_arrays(Path(args.arrays))
     config = paper_config(lesions, column, **json.loads(args.overrides))
     last = args.member_estimate  # then each member's own time
+    folds = cv_folds(lesions, with_data_grid(config, lesions))
     for item in args.members.split(","):
         k, s = (int(v) for v in item.split(":"))
         start = time.time()
         if start + last > args.deadline:  # this member would not finish before the deadline
             rec = {"fold": k, "seed": s, "skipped": True}
         else:
-            train_members(lesions, config, Path(args.out_dir), [(k, s)])
+            prob = train_members(lesions, config, Path(args.out_dir), [(k, s)])[(k, s)]
+            save_heldout(Path(args.out_dir), k, s, folds[k][1], prob)
             elapsed = time.time() - start
             last = max(elapsed, last)  # the slowest so far (or the estimate) decides the next start
             rec = {"fold": k, "seed": s, "seconds": round(elapsed, 1), "pid": os.getpid()}
@@ -160,12 +162,43 @@ def run_worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def save_heldout(out_dir: Path, fold: int, seed: int, index: np.ndarray, probability: np.ndarray) -> Path:
+    """One member's held-out probabilities with the lesions' indices in the packed arrays: what ``score`` reads
+    when the run stopped before a whole seed (the per-family figures need only that family's member)."""
+    path = out_dir / "heldout" / f"fold{fold}_seed{seed}.npz"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, fold=fold, seed=seed, index=np.asarray(index, np.int64),
+             probability=np.asarray(probability, np.float64))
+    return path
+
+
 def complete_seeds(done: set[tuple[int, int]], folds: int, seeds: int) -> int:
     """How many leading seeds have every fold trained (what a deadline leaves a whole ensemble of)."""
     m = 0
     while m < seeds and all((k, m) in done for k in range(folds)):
         m += 1
     return m
+
+
+def choose_memory_format(config: TrainConfig, n_lesions: int, n_features: int, choice: str) -> dict:
+    """Set the training layout for this process and its workers (``loop.training_memory_format``): ``on``,
+    ``off``, or ``auto``: on a GPU time the trainer's own steps both ways and keep the faster (the layout
+    changes speed, not results); off on a CPU."""
+    from qsmrim_app.model.loop import CHANNELS_LAST_ENV
+    from qsmrim_app.model.predict import resolve_device
+    from qsmrim_app.model.train import estimate_training_seconds
+
+    if choice != "auto" or resolve_device(config.device).type != "cuda":
+        os.environ[CHANNELS_LAST_ENV] = "1" if choice == "on" else "0"
+        return {"channels_last": choice == "on", "chosen_by": choice if choice != "auto" else "not a GPU"}
+    per_step = {}
+    for flag in ("0", "1"):
+        os.environ[CHANNELS_LAST_ENV] = flag
+        per_step[flag] = estimate_training_seconds(config, n_lesions, n_features, 10)["seconds_per_step"]
+    best = min(per_step, key=per_step.get)
+    os.environ[CHANNELS_LAST_ENV] = best
+    return {"channels_last": best == "1", "chosen_by": "timed", "seconds_per_step_default": per_step["0"],
+            "seconds_per_step_channels_last": per_step["1"]}
 
 
 def train_paper(args: argparse.Namespace) -> int:
@@ -189,7 +222,9 @@ def train_paper(args: argparse.Namespace) -> int:
     # Worker processes (not multiprocessing: a spawned child re-imports its parent's main module, e.g. pytest)
     # take every args.workers-th member of the seed-major list, so seed 0 finishes first.
     # A member's time before any has run: a few timed steps, times the workers that time-slice the device.
-    est = estimate_training_seconds(config, len(lesions), select_features(lesions, config).values.shape[1], 3)
+    n_features = select_features(lesions, config).values.shape[1]
+    layout = choose_memory_format(config, len(lesions), n_features, args.channels_last)
+    est = estimate_training_seconds(config, len(lesions), n_features, 3)
     member_estimate = est["seconds"] / max(est["members"], 1) * min(args.workers, len(members))
     procs, logs = [], []
     for w in range(args.workers):
@@ -228,13 +263,74 @@ def train_paper(args: argparse.Namespace) -> int:
             "input_level", "feature_set", "fold_groups_by", "deepsmote", "augment")},
         "lesions": lesions.summary(), "members_planned": len(members), "members_trained": len(done),
         "seeds_complete": m, "model_dir": str(model_dir) if model_dir else None,
-        "member_estimate_s": round(member_estimate, 1),
+        "member_estimate_s": round(member_estimate, 1), "layout": layout,
         "member_seconds": sorted(records, key=lambda r: (r["seed"], r["fold"])),
         "training_wall_s": round(trained_s, 1), "total_wall_s": round(time.time() - t0, 1),
     }
     Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps({k: result[k] for k in ("device", "members_trained", "seeds_complete", "total_wall_s")}))
     return 0 if m else 1
+
+
+def read_heldout(out_dir: Path) -> dict[tuple[int, int], tuple[np.ndarray, np.ndarray]]:
+    """Every finished member's (held-out indices, probabilities), by (fold, seed)."""
+    out = {}
+    for path in sorted((Path(out_dir) / "heldout").glob("fold*_seed*.npz")):
+        with np.load(path) as z:
+            out[(int(z["fold"]), int(z["seed"]))] = (z["index"], z["probability"])
+    return out
+
+
+def score_heldout(lesions: LesionSet, heldout: dict, reference: "pd.DataFrame | None", n_boot: int) -> list[dict]:
+    """Per left-out family (fold): ROC / PR AUC of the mean of its finished seeds, and with ``reference`` (an
+    ``oof_predictions.tsv`` of the same lesions, e.g. the bundled model's) that model's on the same lesions and
+    the paired participant bootstrap of the difference. Ranking only: a partial run has no calibration."""
+    from qsmrim_app.model.metrics import paired_bootstrap, pr_auc, roc_auc
+
+    by_fold: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}
+    for (k, _), item in sorted(heldout.items()):
+        by_fold.setdefault(k, []).append(item)
+    ref = None
+    if reference is not None:
+        keys = reference.set_index(["subject", "session", "lesion_id"])
+        ref = keys.reindex(list(zip(lesions.subjects, lesions.sessions, lesions.lesion_ids.astype(int))))
+        if ref["label"].isna().any() or (ref["label"].to_numpy(int) != lesions.labels).any():
+            raise SystemExit("the reference table does not hold these lesions with these labels")
+    rows = []
+    for k, items in sorted(by_fold.items()):
+        index = items[0][0]
+        if any(not np.array_equal(i, index) for i, _ in items):
+            raise SystemExit(f"fold {k}: members disagree on the held-out lesions")
+        y, p = lesions.labels[index], np.mean([q for _, q in items], axis=0)
+        families = np.unique(lesions.groups[index])
+        row = {"fold": k, "family": ",".join(map(str, families)), "seeds": len(items), "n_lesions": int(index.size),
+               "n_rimplus": int(y.sum()), "roc_auc": roc_auc(y, p), "pr_auc": pr_auc(y, p)}
+        if ref is not None:
+            p_ref = ref["probability"].to_numpy(float)[index]
+            boot = paired_bootstrap(y, p, p_ref, lesions.subjects[index], n_boot=n_boot)
+            row.update({"reference_roc_auc": roc_auc(y, p_ref), "reference_pr_auc": pr_auc(y, p_ref),
+                        "pr_auc_difference": boot["pr_auc"]})
+        rows.append(row)
+    return rows
+
+
+def score(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    lesions, _, _ = load_arrays(Path(args.arrays))
+    heldout = read_heldout(Path(args.out_dir))
+    if not heldout:
+        raise SystemExit(f"no held-out predictions under {args.out_dir}/heldout")
+    reference = None
+    if args.reference:
+        reference = pd.read_csv(args.reference, sep="\t", dtype={"session": str}).fillna({"session": ""})
+    rows = score_heldout(lesions, heldout, reference, args.n_boot)
+    Path(args.json).write_text(json.dumps({"members": sorted(f"fold{k}_seed{s}" for k, s in heldout),
+                                           "reference": args.reference, "families": rows}, indent=1) + "\n")
+    for r in rows:
+        print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()
+                          if not isinstance(v, dict)}))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -259,6 +355,14 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--width", type=float, default=None, help="(smoke tests) instead of the paper's 1.0")
     t.add_argument("--seeds", type=int, default=None, help="instead of the paper's 3")
     t.add_argument("--device", default=None, help="auto (default), cuda or cpu")
+    t.add_argument("--channels-last", choices=("auto", "on", "off"), default="auto",
+                   help="train in the channels-last layout on a GPU (auto: time both, keep the faster)")
+    c = sub.add_parser("score", help="per left-out family, the finished members (a partial run too)")
+    c.add_argument("--arrays", required=True)
+    c.add_argument("--out-dir", required=True, help="train's --out-dir (its heldout/ folder)")
+    c.add_argument("--reference", help="an oof_predictions.tsv of the same lesions to compare with")
+    c.add_argument("--n-boot", type=int, default=2000)
+    c.add_argument("--json", required=True)
     w = sub.add_parser("worker", help="(internal) one worker process of train")
     for name in ("--arrays", "--out-dir", "--members", "--overrides", "--log"):
         w.add_argument(name, required=True)
@@ -266,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     w.add_argument("--threads", type=int, required=True)
     w.add_argument("--member-estimate", type=float, default=0.0)
     args = parser.parse_args(argv)
-    return {"pack": pack, "train": train_paper, "worker": run_worker}[args.step](args)
+    return {"pack": pack, "train": train_paper, "worker": run_worker, "score": score}[args.step](args)
 
 
 if __name__ == "__main__":

@@ -85,9 +85,47 @@ def test_train_in_two_workers_writes_a_leave_one_family_out_model(bench, tmp_pat
     fam = dict(zip(lesions.subjects, lesions.groups))
     assert oof.groupby(oof["subject"].map(fam))["fold"].nunique().eq(1).all()
     assert oof.groupby("fold")["subject"].agg(lambda s: s.map(fam).nunique()).eq(1).all() and oof["fold"].nunique() == 3
+    assert result["layout"] == {"channels_last": False, "chosen_by": "not a GPU"}
+    # score: each member's saved held-out probabilities map back onto the lesions the model's own table holds
+    scored = tmp_path / "scored.json"
+    assert bench.main(["score", "--arrays", str(tmp_path / "arrays.npz"), "--out-dir", str(tmp_path / "model"),
+                       "--reference", str(tmp_path / "model" / "oof_predictions.tsv"), "--n-boot", "50",
+                       "--json", str(scored)]) == 0
+    rows = json.loads(scored.read_text())["families"]
+    assert sorted(r["family"] for r in rows) == ["fam0", "fam1", "fam2"] and all(r["seeds"] == 2 for r in rows)
+    for r in rows:  # the mean of a fold's seeds is the out-of-fold probability of its lesions
+        assert r["pr_auc"] == pytest.approx(r["reference_pr_auc"], abs=1e-4)
+        assert r["roc_auc"] == pytest.approx(r["reference_roc_auc"], abs=1e-4)
+        assert abs(r["pr_auc_difference"]["difference"]) < 1e-4
     # a deadline already past starts nothing and writes no model
     rc = bench.main(["train", "--arrays", str(tmp_path / "arrays.npz"), "--out-dir", str(tmp_path / "none"),
                      "--workers", "1", "--json", str(timing), "--epochs", "1", "--width", "0.0625",
                      "--device", "cpu", "--deadline-s", "-1"])
     assert rc == 1 and json.loads(timing.read_text())["members_trained"] == 0
     assert not (tmp_path / "none" / "model.json").exists()
+
+
+def test_score_refuses_a_reference_of_other_lesions(bench, tmp_path: Path) -> None:
+    lesions = _grouped(n_subjects=3, per_subject=6)
+    index = np.arange(6)
+    heldout = {(0, 0): (index, np.linspace(0.1, 0.9, 6))}
+    reference = pd.DataFrame({"subject": lesions.subjects, "session": lesions.sessions,
+                              "lesion_id": lesions.lesion_ids, "label": lesions.labels,
+                              "probability": np.linspace(0, 1, len(lesions))})
+    rows = bench.score_heldout(lesions, heldout, reference, 20)
+    assert len(rows) == 1 and rows[0]["n_lesions"] == 6 and rows[0]["seeds"] == 1
+    reference.loc[0, "label"] = 1 - reference.loc[0, "label"]
+    with pytest.raises(SystemExit, match="does not hold these lesions"):
+        bench.score_heldout(lesions, heldout, reference, 20)
+
+
+def test_channels_last_only_on_a_gpu(monkeypatch) -> None:
+    import torch
+
+    from qsmrim_app.model.loop import CHANNELS_LAST_ENV, training_memory_format
+
+    monkeypatch.setenv(CHANNELS_LAST_ENV, "1")
+    assert training_memory_format(torch.device("cpu")) == torch.contiguous_format
+    assert training_memory_format(torch.device("cuda")) == torch.channels_last_3d
+    monkeypatch.setenv(CHANNELS_LAST_ENV, "0")
+    assert training_memory_format(torch.device("cuda")) == torch.contiguous_format

@@ -8,6 +8,7 @@ round with the same result as an uninterrupted one (on CPU, where the run is det
 """
 from __future__ import annotations
 
+import os
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -28,6 +29,19 @@ from .folds import stratified_subject_folds
 from .methods import get as get_method
 from .network import build_network
 from .predict import autocast_context, autocast_dtype, load_state, predict_probabilities, resolve_device
+
+
+CHANNELS_LAST_ENV = "QSMRIM_CUDA_CHANNELS_LAST"
+
+
+def training_memory_format(device: torch.device) -> torch.memory_format:
+    """Layout of the network and its batches while training: channels-last (NDHWC) on a GPU when
+    ``QSMRIM_CUDA_CHANNELS_LAST=1``, where cuDNN may run 3D convolutions faster in it (whether it does depends
+    on the GPU and cuDNN: benchmarks/bench_paper_protocol.py times both); the default layout otherwise.
+    A layout changes speed, not the computed function."""
+    if device.type == "cuda" and os.environ.get(CHANNELS_LAST_ENV, "0") == "1":
+        return torch.channels_last_3d
+    return torch.contiguous_format
 
 
 @dataclass
@@ -149,6 +163,7 @@ def training_step(net: torch.nn.Module, opt: torch.optim.Optimizer, grad_scaler:
         x = augment_batch(x, spacing, gen, config.augment_probability, config.blur_sigma_units)
         if config.uses_contrast_augment:
             x = contrast_jitter(x, gen)
+    x = x.contiguous(memory_format=training_memory_format(device))
     with autocast_context(device, amp):
         logits, y = net(x, f, y)
     loss = F.binary_cross_entropy_with_logits(logits.float(), y.float())
@@ -186,6 +201,7 @@ class MemberTraining:
     def __init__(self, net: torch.nn.Module, config: TrainConfig, device: torch.device, gen: torch.Generator,
                  n_fit: int, spacing: list[float]) -> None:
         self.net, self.config, self.device, self.gen, self.spacing = net.to(device), config, device, gen, spacing
+        self.net.to(memory_format=training_memory_format(device))
         self.amp = autocast_dtype(device, config.mixed_precision)
         trainable = [q for q in self.net.parameters() if q.requires_grad]
         optimiser = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
