@@ -8,8 +8,11 @@ arrays, so there are two steps:
     python benchmarks/bench_paper_protocol.py pack --output-dir WORK/train_out --bids WORK/train_bids \\
         --column family --out arrays.npz [--float16]
     # on the GPU machine (only torch, numpy, scipy, pandas, scikit-learn, imbalanced-learn and this repo)
-    python benchmarks/bench_paper_protocol.py train --arrays arrays.npz --out-dir DIR --workers 3 \\
+    python benchmarks/bench_paper_protocol.py train --arrays arrays.npz --out-dir DIR --workers 1 \\
         --json timing.json
+    # anywhere: per left-out family, whatever members finished, beside other methods on the same lesions
+    python benchmarks/bench_paper_protocol.py score --arrays arrays.npz --out-dir DIR \\
+        --reference benchmarks/results/lofo_models_predictions.tsv --json score.json
 
 ``pack`` collects the lesions as ``group --train --cv-group-by COLUMN`` does (workflows/training.py) and stores
 their raw patches cut to what the network reads: QSM and FLAIR set to zero where every input level masks them
@@ -18,12 +21,15 @@ unchanged (:func:`check_packed`); 1.0 GB of raw patches became 57 MB (35.8 MB wi
 
 ``train`` trains the (fold, seed) members of ``protocol_config("paper")`` with one fold per family, in worker
 processes that share the device (``model.cv.train_members``), seed-major, so a deadline leaves whole seeds;
-then ``train()`` in the same directory finds every member's weights and writes the model directory
-(model.json, oof_predictions.tsv, calibration, operating points) over the seeds that finished, and says so.
-``bench_lofo_models.py --model paper=DIR`` scores it beside the bundled recipe and the floors.
+each member saves its held-out probabilities (``heldout/``); then ``train()`` in the same directory finds every
+member's weights and writes the model directory (model.json, oof_predictions.tsv, calibration, operating
+points) over the seeds that finished, and says so. Run again on the same directory, it trains only what is
+missing. ``bench_lofo_models.py --model paper=DIR`` scores a whole run beside the bundled recipe and the floors;
+``score`` ranks a partial one (a family needs only its own member).
 
-Workers time-slice one GPU: on an H200 one member takes ~95 s alone (0.043 s per step), nine at once finished
-none within 590 s (benchmarks/results/paper_protocol_gpu.json); the whole run needs ~50 min of GPU time.
+On a GPU the step is compute-bound (7.1 TFLOP per step of 64 patches at width 1.0; on an H200 0.043 s, 86-122 s per
+member), so one worker is best: nine workers sharing the H200 finished none within 590 s. ``--channels-last
+auto`` times the channels-last layout against the default first (on the H200 it was not faster).
 ``--float16`` makes the packed corpus fit a 64 MiB transfer (35.8 MB for the bundled model's 3,881 lesions).
 """
 from __future__ import annotations
@@ -281,55 +287,73 @@ def read_heldout(out_dir: Path) -> dict[tuple[int, int], tuple[np.ndarray, np.nd
     return out
 
 
-def score_heldout(lesions: LesionSet, heldout: dict, reference: "pd.DataFrame | None", n_boot: int) -> list[dict]:
-    """Per left-out family (fold): ROC / PR AUC of the mean of its finished seeds, and with ``reference`` (an
-    ``oof_predictions.tsv`` of the same lesions, e.g. the bundled model's) that model's on the same lesions and
-    the paired participant bootstrap of the difference. Ranking only: a partial run has no calibration."""
+def reference_tables(path: Path) -> "dict[str, pd.DataFrame]":
+    """Other methods' out-of-family probabilities, by name: a model's ``oof_predictions.tsv`` (one, named
+    ``reference``) or bench_lofo_models.py's ``--predictions`` table (one per ``method``, its raw probability)."""
+    import pandas as pd
+
+    table = pd.read_csv(path, sep="\t", dtype={"session": str}).fillna({"session": ""})
+    if "method" not in table.columns:
+        return {"reference": table}
+    return {str(m): t.drop(columns="probability").rename(columns={"probability_raw": "probability"})
+            for m, t in table.groupby("method", sort=False)}
+
+
+def _aligned(lesions: LesionSet, name: str, table: "pd.DataFrame") -> np.ndarray:
+    """``table``'s probability for every lesion of the packed arrays (same lesions and labels, or refused)."""
+    keys = table.set_index(["subject", "session", "lesion_id"])
+    rows = keys.reindex(list(zip(lesions.subjects, lesions.sessions, lesions.lesion_ids.astype(int))))
+    if rows["label"].isna().any() or (rows["label"].to_numpy(int) != lesions.labels).any():
+        raise SystemExit(f"the {name} table does not hold these lesions with these labels")
+    return rows["probability"].to_numpy(float)
+
+
+def score_heldout(lesions: LesionSet, heldout: dict, references: "dict[str, pd.DataFrame]", n_boot: int
+                  ) -> list[dict]:
+    """Per left-out family (fold): ROC / PR AUC of the mean of its finished seeds and, for every reference
+    method (out-of-family probabilities of the same lesions), that method's on the same lesions and the paired
+    participant bootstrap of the PR AUC difference (paper minus method). Ranking only: a partial run has no
+    calibration map."""
     from qsmrim_app.model.metrics import paired_bootstrap, pr_auc, roc_auc
 
     by_fold: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}
     for (k, _), item in sorted(heldout.items()):
         by_fold.setdefault(k, []).append(item)
-    ref = None
-    if reference is not None:
-        keys = reference.set_index(["subject", "session", "lesion_id"])
-        ref = keys.reindex(list(zip(lesions.subjects, lesions.sessions, lesions.lesion_ids.astype(int))))
-        if ref["label"].isna().any() or (ref["label"].to_numpy(int) != lesions.labels).any():
-            raise SystemExit("the reference table does not hold these lesions with these labels")
+    refs = {name: _aligned(lesions, name, table) for name, table in references.items()}
     rows = []
     for k, items in sorted(by_fold.items()):
         index = items[0][0]
         if any(not np.array_equal(i, index) for i, _ in items):
             raise SystemExit(f"fold {k}: members disagree on the held-out lesions")
         y, p = lesions.labels[index], np.mean([q for _, q in items], axis=0)
-        families = np.unique(lesions.groups[index])
-        row = {"fold": k, "family": ",".join(map(str, families)), "seeds": len(items), "n_lesions": int(index.size),
-               "n_rimplus": int(y.sum()), "roc_auc": roc_auc(y, p), "pr_auc": pr_auc(y, p)}
-        if ref is not None:
-            p_ref = ref["probability"].to_numpy(float)[index]
+        row = {"fold": k, "family": ",".join(map(str, np.unique(lesions.groups[index]))), "seeds": len(items),
+               "n_lesions": int(index.size), "n_rimplus": int(y.sum()), "roc_auc": roc_auc(y, p),
+               "pr_auc": pr_auc(y, p), "compared": {}}
+        for name, p_all in refs.items():
+            p_ref = p_all[index]
+            if np.isnan(p_ref).any():
+                continue  # that method has no out-of-family prediction for this family
             boot = paired_bootstrap(y, p, p_ref, lesions.subjects[index], n_boot=n_boot)
-            row.update({"reference_roc_auc": roc_auc(y, p_ref), "reference_pr_auc": pr_auc(y, p_ref),
-                        "pr_auc_difference": boot["pr_auc"]})
+            row["compared"][name] = {"roc_auc": roc_auc(y, p_ref), "pr_auc": pr_auc(y, p_ref),
+                                     "pr_auc_difference": boot["pr_auc"]}
         rows.append(row)
     return rows
 
 
 def score(args: argparse.Namespace) -> int:
-    import pandas as pd
-
     lesions, _, _ = load_arrays(Path(args.arrays))
     heldout = read_heldout(Path(args.out_dir))
     if not heldout:
         raise SystemExit(f"no held-out predictions under {args.out_dir}/heldout")
-    reference = None
-    if args.reference:
-        reference = pd.read_csv(args.reference, sep="\t", dtype={"session": str}).fillna({"session": ""})
-    rows = score_heldout(lesions, heldout, reference, args.n_boot)
-    Path(args.json).write_text(json.dumps({"members": sorted(f"fold{k}_seed{s}" for k, s in heldout),
+    references = reference_tables(Path(args.reference)) if args.reference else {}
+    rows = score_heldout(lesions, heldout, references, args.n_boot)
+    Path(args.json).write_text(json.dumps({"command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+                                           "members": sorted(f"fold{k}_seed{s}" for k, s in heldout),
                                            "reference": args.reference, "families": rows}, indent=1) + "\n")
     for r in rows:
-        print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()
-                          if not isinstance(v, dict)}))
+        print(f"{r['family']:>16}  paper PR {r['pr_auc']:.3f} ROC {r['roc_auc']:.3f}  " + "  ".join(
+            f"{m} {c['pr_auc']:.3f} ({c['pr_auc_difference']['ci_low']:+.3f}, {c['pr_auc_difference']['ci_high']:+.3f})"
+            for m, c in r["compared"].items()))
     return 0
 
 
@@ -346,7 +370,9 @@ def main(argv: list[str] | None = None) -> int:
     t = sub.add_parser("train", help="the paper's protocol, one fold per family, in worker processes")
     t.add_argument("--arrays", required=True)
     t.add_argument("--out-dir", required=True, help="the model directory (weights stay here)")
-    t.add_argument("--workers", type=int, default=4, help="processes that share the device")
+    t.add_argument("--workers", type=int, default=1,
+                   help="processes that share the device (1 on a GPU, where a step is compute-bound; several on "
+                        "a many-core CPU)")
     t.add_argument("--deadline-s", type=float, default=float("inf"),
                    help="start no member expected to end later than this many seconds after the start (the "
                         "expectation: timed steps, then each worker's slowest member); no hard stop")
@@ -360,7 +386,8 @@ def main(argv: list[str] | None = None) -> int:
     c = sub.add_parser("score", help="per left-out family, the finished members (a partial run too)")
     c.add_argument("--arrays", required=True)
     c.add_argument("--out-dir", required=True, help="train's --out-dir (its heldout/ folder)")
-    c.add_argument("--reference", help="an oof_predictions.tsv of the same lesions to compare with")
+    c.add_argument("--reference", help="other methods on the same lesions: a model's oof_predictions.tsv or "
+                                       "bench_lofo_models.py's --predictions table")
     c.add_argument("--n-boot", type=int, default=2000)
     c.add_argument("--json", required=True)
     w = sub.add_parser("worker", help="(internal) one worker process of train")

@@ -94,9 +94,10 @@ def test_train_in_two_workers_writes_a_leave_one_family_out_model(bench, tmp_pat
     rows = json.loads(scored.read_text())["families"]
     assert sorted(r["family"] for r in rows) == ["fam0", "fam1", "fam2"] and all(r["seeds"] == 2 for r in rows)
     for r in rows:  # the mean of a fold's seeds is the out-of-fold probability of its lesions
-        assert r["pr_auc"] == pytest.approx(r["reference_pr_auc"], abs=1e-4)
-        assert r["roc_auc"] == pytest.approx(r["reference_roc_auc"], abs=1e-4)
-        assert abs(r["pr_auc_difference"]["difference"]) < 1e-4
+        ref = r["compared"]["reference"]
+        assert r["pr_auc"] == pytest.approx(ref["pr_auc"], abs=1e-4)
+        assert r["roc_auc"] == pytest.approx(ref["roc_auc"], abs=1e-4)
+        assert abs(ref["pr_auc_difference"]["difference"]) < 1e-4
     # a deadline already past starts nothing and writes no model
     rc = bench.main(["train", "--arrays", str(tmp_path / "arrays.npz"), "--out-dir", str(tmp_path / "none"),
                      "--workers", "1", "--json", str(timing), "--epochs", "1", "--width", "0.0625",
@@ -105,18 +106,26 @@ def test_train_in_two_workers_writes_a_leave_one_family_out_model(bench, tmp_pat
     assert not (tmp_path / "none" / "model.json").exists()
 
 
-def test_score_refuses_a_reference_of_other_lesions(bench, tmp_path: Path) -> None:
+def test_score_compares_every_method_and_refuses_other_lesions(bench, tmp_path: Path) -> None:
     lesions = _grouped(n_subjects=3, per_subject=6)
     index = np.arange(6)
     heldout = {(0, 0): (index, np.linspace(0.1, 0.9, 6))}
-    reference = pd.DataFrame({"subject": lesions.subjects, "session": lesions.sessions,
-                              "lesion_id": lesions.lesion_ids, "label": lesions.labels,
-                              "probability": np.linspace(0, 1, len(lesions))})
-    rows = bench.score_heldout(lesions, heldout, reference, 20)
+    base = pd.DataFrame({"subject": lesions.subjects, "session": lesions.sessions, "lesion_id": lesions.lesion_ids,
+                         "label": lesions.labels})
+    table = pd.concat([base.assign(method="good", probability_raw=lesions.labels * 0.8 + 0.1, probability=0.5),
+                       base.assign(method="flat", probability_raw=0.5, probability=0.5)])
+    path = tmp_path / "lofo_predictions.tsv"
+    table.to_csv(path, sep="\t", index=False)
+    rows = bench.score_heldout(lesions, heldout, bench.reference_tables(path), 20)
     assert len(rows) == 1 and rows[0]["n_lesions"] == 6 and rows[0]["seeds"] == 1
-    reference.loc[0, "label"] = 1 - reference.loc[0, "label"]
+    compared = rows[0]["compared"]
+    assert set(compared) == {"good", "flat"}
+    assert 0 < lesions.labels[index].sum() < 6  # both classes: the raw probability is compared, not the calibrated
+    assert compared["good"]["roc_auc"] == pytest.approx(1.0) and compared["flat"]["roc_auc"] == pytest.approx(0.5)
+    bad = base.assign(probability=0.5)
+    bad.loc[0, "label"] = 1 - bad.loc[0, "label"]
     with pytest.raises(SystemExit, match="does not hold these lesions"):
-        bench.score_heldout(lesions, heldout, reference, 20)
+        bench.score_heldout(lesions, heldout, {"reference": bad}, 20)
 
 
 def test_channels_last_only_on_a_gpu(monkeypatch) -> None:
