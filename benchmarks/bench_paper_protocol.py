@@ -311,9 +311,12 @@ def _aligned(lesions: LesionSet, name: str, table: "pd.DataFrame") -> np.ndarray
 def score_heldout(lesions: LesionSet, heldout: dict, references: "dict[str, pd.DataFrame]", n_boot: int
                   ) -> list[dict]:
     """Per left-out family (fold): ROC / PR AUC of the mean of its finished seeds and, for every reference
-    method (out-of-family probabilities of the same lesions), that method's on the same lesions and the paired
-    participant bootstrap of the PR AUC difference (paper minus method). Ranking only: a partial run has no
-    calibration map."""
+    method (out-of-family probabilities of the same lesions), that method's on the same lesions, the paired
+    participant bootstrap of the PR AUC difference (paper minus method), and the equal-weight mean of the two
+    rankings within the family (nothing fitted) with its gain over the method alone. Ranking only: a partial run
+    has no calibration map."""
+    from scipy.stats import rankdata
+
     from qsmrim_app.model.metrics import paired_bootstrap, pr_auc, roc_auc
 
     by_fold: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}
@@ -334,8 +337,12 @@ def score_heldout(lesions: LesionSet, heldout: dict, references: "dict[str, pd.D
             if np.isnan(p_ref).any():
                 continue  # that method has no out-of-family prediction for this family
             boot = paired_bootstrap(y, p, p_ref, lesions.subjects[index], n_boot=n_boot)
+            both = rankdata(p) + rankdata(p_ref)  # equal weights, nothing fitted: does the paper net add to it?
+            added = paired_bootstrap(y, both, p_ref, lesions.subjects[index], n_boot=n_boot)
             row["compared"][name] = {"roc_auc": roc_auc(y, p_ref), "pr_auc": pr_auc(y, p_ref),
-                                     "pr_auc_difference": boot["pr_auc"]}
+                                     "pr_auc_difference": boot["pr_auc"],
+                                     "rank_mean_with_paper": {"pr_auc": pr_auc(y, both), "roc_auc": roc_auc(y, both),
+                                                              "pr_auc_gain": added["pr_auc"]}}
         rows.append(row)
     return rows
 

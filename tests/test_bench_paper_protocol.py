@@ -122,6 +122,8 @@ def test_score_compares_every_method_and_refuses_other_lesions(bench, tmp_path: 
     assert set(compared) == {"good", "flat"}
     assert 0 < lesions.labels[index].sum() < 6  # both classes: the raw probability is compared, not the calibrated
     assert compared["good"]["roc_auc"] == pytest.approx(1.0) and compared["flat"]["roc_auc"] == pytest.approx(0.5)
+    # a flat method adds nothing to the paper's ranking: their rank mean ranks as the paper alone
+    assert compared["flat"]["rank_mean_with_paper"]["roc_auc"] == pytest.approx(rows[0]["roc_auc"])
     bad = base.assign(probability=0.5)
     bad.loc[0, "label"] = 1 - bad.loc[0, "label"]
     with pytest.raises(SystemExit, match="does not hold these lesions"):
