@@ -25,7 +25,8 @@ from scipy import ndimage
 from lesion_layouts import write_lstai_bids, write_lstai_output
 from qsmrim_app import derivatives as drv
 
-pytestmark = pytest.mark.slow
+# one xdist worker runs this module: its shared fixtures are built once (Makefile: --dist loadgroup)
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("lesion_inputs_cli")]
 REPO = Path(__file__).resolve().parent.parent
 SUBJECTS = ("01", "02")
 
