@@ -158,7 +158,7 @@ def run_worker(args: argparse.Namespace) -> int:
             rec = {"fold": k, "seed": s, "skipped": True}
         else:
             prob = train_members(lesions, config, Path(args.out_dir), [(k, s)])[(k, s)]
-            save_heldout(Path(args.out_dir), k, s, folds[k][1], prob)
+            save_heldout(Path(args.out_dir), k, s, folds[k][1], prob, lesions)
             elapsed = time.time() - start
             last = max(elapsed, last)  # the slowest so far (or the estimate) decides the next start
             rec = {"fold": k, "seed": s, "seconds": round(elapsed, 1), "pid": os.getpid()}
@@ -168,13 +168,17 @@ def run_worker(args: argparse.Namespace) -> int:
     return 0
 
 
-def save_heldout(out_dir: Path, fold: int, seed: int, index: np.ndarray, probability: np.ndarray) -> Path:
-    """One member's held-out probabilities with the lesions' indices in the packed arrays: what ``score`` reads
-    when the run stopped before a whole seed (the per-family figures need only that family's member)."""
+def save_heldout(out_dir: Path, fold: int, seed: int, index: np.ndarray, probability: np.ndarray,
+                 lesions: LesionSet) -> Path:
+    """One member's held-out probabilities with the lesions' indices in the packed arrays and their keys
+    (subject, session, lesion id, checked by ``score``): what ``score`` reads when the run stopped before a whole
+    seed (the per-family figures need only that family's member)."""
     path = out_dir / "heldout" / f"fold{fold}_seed{seed}.npz"
     path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, fold=fold, seed=seed, index=np.asarray(index, np.int64),
-             probability=np.asarray(probability, np.float64))
+    index = np.asarray(index, np.int64)
+    np.savez(path, fold=fold, seed=seed, index=index, probability=np.asarray(probability, np.float64),
+             subjects=lesions.subjects[index].astype(str), sessions=lesions.sessions[index].astype(str),
+             lesion_ids=lesions.lesion_ids[index])
     return path
 
 
@@ -195,8 +199,10 @@ def choose_memory_format(config: TrainConfig, n_lesions: int, n_features: int, c
     from qsmrim_app.model.train import estimate_training_seconds
 
     if choice != "auto" or resolve_device(config.device).type != "cuda":
+        on_gpu = resolve_device(config.device).type == "cuda"
         os.environ[CHANNELS_LAST_ENV] = "1" if choice == "on" else "0"
-        return {"channels_last": choice == "on", "chosen_by": choice if choice != "auto" else "not a GPU"}
+        return {"channels_last": choice == "on" and on_gpu,
+                "chosen_by": choice if on_gpu or choice == "off" else "not a GPU"}
     per_step = {}
     for flag in ("0", "1"):
         os.environ[CHANNELS_LAST_ENV] = flag
@@ -278,12 +284,25 @@ def train_paper(args: argparse.Namespace) -> int:
     return 0 if m else 1
 
 
-def read_heldout(out_dir: Path) -> dict[tuple[int, int], tuple[np.ndarray, np.ndarray]]:
-    """Every finished member's (held-out indices, probabilities), by (fold, seed)."""
+def read_heldout(out_dir: Path, lesions: LesionSet, column: str) -> dict[tuple[int, int], tuple[np.ndarray, np.ndarray]]:
+    """Every finished member's (held-out indices, probabilities), by (fold, seed); refused unless the indices
+    are the held-out lesions of that fold of these arrays (and, where stored, name the same lesions)."""
+    from qsmrim_app.model.cv import cv_folds, with_data_grid
+
+    folds = cv_folds(lesions, with_data_grid(paper_config(lesions, column), lesions))
     out = {}
     for path in sorted((Path(out_dir) / "heldout").glob("fold*_seed*.npz")):
         with np.load(path) as z:
-            out[(int(z["fold"]), int(z["seed"]))] = (z["index"], z["probability"])
+            k, index = int(z["fold"]), z["index"]
+            same = k < len(folds) and np.array_equal(index, folds[k][1])
+            if same and "subjects" in z.files:
+                same = (np.array_equal(z["subjects"], lesions.subjects[index].astype(str))
+                        and np.array_equal(z["sessions"], lesions.sessions[index].astype(str))
+                        and np.array_equal(z["lesion_ids"], lesions.lesion_ids[index]))
+            if not same:
+                raise SystemExit(f"{path} does not hold fold {k}'s held-out lesions of these arrays (made from "
+                                 "another corpus or packing?)")
+            out[(k, int(z["seed"]))] = (index, z["probability"])
     return out
 
 
@@ -292,29 +311,40 @@ def reference_tables(path: Path) -> "dict[str, pd.DataFrame]":
     ``reference``) or bench_lofo_models.py's ``--predictions`` table (one per ``method``, its raw probability)."""
     import pandas as pd
 
-    table = pd.read_csv(path, sep="\t", dtype={"session": str}).fillna({"session": ""})
+    table = pd.read_csv(path, sep="\t", dtype={"subject": str, "session": str}, keep_default_na=False)
+    table["session"] = table["session"].replace("n/a", "")  # "no session", as the model directory writes it
     if "method" not in table.columns:
-        return {"reference": table}
-    return {str(m): t.drop(columns="probability").rename(columns={"probability_raw": "probability"})
-            for m, t in table.groupby("method", sort=False)}
+        tables = {"reference": table}
+    else:
+        raw = "probability_raw" if "probability_raw" in table.columns else "probability"
+        tables = {str(m): t.drop(columns=[c for c in ("probability",) if c != raw]).rename(columns={raw: "probability"})
+                  for m, t in table.groupby("method", sort=False)}
+    for name, t in tables.items():
+        if t.duplicated(["subject", "session", "lesion_id"]).any():
+            raise SystemExit(f"{path}: {name} has more than one row for some (subject, session, lesion_id)")
+    return tables
 
 
 def _aligned(lesions: LesionSet, name: str, table: "pd.DataFrame") -> np.ndarray:
-    """``table``'s probability for every lesion of the packed arrays (same lesions and labels, or refused)."""
-    keys = table.set_index(["subject", "session", "lesion_id"])
-    rows = keys.reindex(list(zip(lesions.subjects, lesions.sessions, lesions.lesion_ids.astype(int))))
-    if rows["label"].isna().any() or (rows["label"].to_numpy(int) != lesions.labels).any():
+    """``table``'s probability for every lesion of the packed arrays (NaN where it has none); refused where a
+    lesion it holds has another label."""
+    keys = table.assign(lesion_id=table["lesion_id"].astype(int)).set_index(["subject", "session", "lesion_id"])
+    rows = keys.reindex(list(zip(lesions.subjects.astype(str), lesions.sessions.astype(str),
+                                 lesions.lesion_ids.astype(int))))
+    held = rows["label"].notna().to_numpy()
+    if not held.any() or (rows["label"].to_numpy(float)[held] != lesions.labels[held]).any():
         raise SystemExit(f"the {name} table does not hold these lesions with these labels")
-    return rows["probability"].to_numpy(float)
+    return np.where(held, rows["probability"].to_numpy(float), np.nan)
 
 
-def score_heldout(lesions: LesionSet, heldout: dict, references: "dict[str, pd.DataFrame]", n_boot: int
-                  ) -> list[dict]:
+def score_heldout(lesions: LesionSet, heldout: dict, references: "dict[str, pd.DataFrame]", n_boot: int,
+                  control_base: str | None = None) -> list[dict]:
     """Per left-out family (fold): ROC / PR AUC of the mean of its finished seeds and, for every reference
     method (out-of-family probabilities of the same lesions), that method's on the same lesions, the paired
     participant bootstrap of the PR AUC difference (paper minus method), and the equal-weight mean of the two
-    rankings within the family (nothing fitted) with its gain over the method alone. Ranking only: a partial run
-    has no calibration map."""
+    rankings within the family (nothing fitted) with its gain over the method alone. ``control_base``: also the
+    rank mean of that method with each other one (``controls``), so that what averaging any second ranking
+    gives is not credited to the paper's network. Ranking only: a partial run has no calibration map."""
     from scipy.stats import rankdata
 
     from qsmrim_app.model.metrics import paired_bootstrap, pr_auc, roc_auc
@@ -335,7 +365,7 @@ def score_heldout(lesions: LesionSet, heldout: dict, references: "dict[str, pd.D
         for name, p_all in refs.items():
             p_ref = p_all[index]
             if np.isnan(p_ref).any():
-                continue  # that method has no out-of-family prediction for this family
+                continue  # the table lacks some of this family's lesions: no comparison on a subset
             boot = paired_bootstrap(y, p, p_ref, lesions.subjects[index], n_boot=n_boot)
             both = rankdata(p) + rankdata(p_ref)  # equal weights, nothing fitted: does the paper net add to it?
             added = paired_bootstrap(y, both, p_ref, lesions.subjects[index], n_boot=n_boot)
@@ -343,20 +373,34 @@ def score_heldout(lesions: LesionSet, heldout: dict, references: "dict[str, pd.D
                                      "pr_auc_difference": boot["pr_auc"],
                                      "rank_mean_with_paper": {"pr_auc": pr_auc(y, both), "roc_auc": roc_auc(y, both),
                                                               "pr_auc_gain": added["pr_auc"]}}
+        if control_base is not None and control_base in row["compared"]:
+            base = refs[control_base][index]
+            row["controls"] = {name: {"with": control_base, "pr_auc": pr_auc(y, rankdata(base) + rankdata(p_all[index]))}
+                               for name, p_all in refs.items()
+                               if name != control_base and not np.isnan(p_all[index]).any()}
         rows.append(row)
     return rows
 
 
+def _finite(obj):
+    """JSON without NaN (an AUC of a family without rim+ lesions is undefined): None instead."""
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_finite(v) for v in obj]
+    return None if isinstance(obj, float) and not np.isfinite(obj) else obj
+
+
 def score(args: argparse.Namespace) -> int:
-    lesions, _, _ = load_arrays(Path(args.arrays))
-    heldout = read_heldout(Path(args.out_dir))
+    lesions, column, _ = load_arrays(Path(args.arrays))
+    heldout = read_heldout(Path(args.out_dir), lesions, column)
     if not heldout:
         raise SystemExit(f"no held-out predictions under {args.out_dir}/heldout")
     references = reference_tables(Path(args.reference)) if args.reference else {}
-    rows = score_heldout(lesions, heldout, references, args.n_boot)
-    Path(args.json).write_text(json.dumps({"command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-                                           "members": sorted(f"fold{k}_seed{s}" for k, s in heldout),
-                                           "reference": args.reference, "families": rows}, indent=1) + "\n")
+    rows = score_heldout(lesions, heldout, references, args.n_boot, args.control_base)
+    result = {"command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+              "members": sorted(f"fold{k}_seed{s}" for k, s in heldout), "reference": args.reference, "families": rows}
+    Path(args.json).write_text(json.dumps(_finite(result), indent=1) + "\n")
     for r in rows:
         print(f"{r['family']:>16}  paper PR {r['pr_auc']:.3f} ROC {r['roc_auc']:.3f}  " + "  ".join(
             f"{m} {c['pr_auc']:.3f} ({c['pr_auc_difference']['ci_low']:+.3f}, {c['pr_auc_difference']['ci_high']:+.3f})"
@@ -396,6 +440,8 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--reference", help="other methods on the same lesions: a model's oof_predictions.tsv or "
                                        "bench_lofo_models.py's --predictions table")
     c.add_argument("--n-boot", type=int, default=2000)
+    c.add_argument("--control-base", help="a method of --reference: also its rank mean with every other method "
+                                          "(what averaging two rankings gives without the paper's network)")
     c.add_argument("--json", required=True)
     w = sub.add_parser("worker", help="(internal) one worker process of train")
     for name in ("--arrays", "--out-dir", "--members", "--overrides", "--log"):

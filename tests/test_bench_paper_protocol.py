@@ -93,11 +93,24 @@ def test_train_in_two_workers_writes_a_leave_one_family_out_model(bench, tmp_pat
                        "--json", str(scored)]) == 0
     rows = json.loads(scored.read_text())["families"]
     assert sorted(r["family"] for r in rows) == ["fam0", "fam1", "fam2"] and all(r["seeds"] == 2 for r in rows)
-    for r in rows:  # the mean of a fold's seeds is the out-of-fold probability of its lesions
+    # lesion by lesion, the mean of a fold's saved seeds is the model's out-of-fold probability
+    packed, column, _ = bench.load_arrays(tmp_path / "arrays.npz")
+    heldout = bench.read_heldout(tmp_path / "model", packed, column)
+    oof_by_key = oof.set_index(["subject", "lesion_id"])["probability"]
+    for k in range(3):
+        index, p0 = heldout[(k, 0)]
+        _, p1 = heldout[(k, 1)]
+        expected = oof_by_key.reindex(list(zip(packed.subjects[index], packed.lesion_ids[index]))).to_numpy(float)
+        np.testing.assert_allclose((p0 + p1) / 2, expected, atol=2e-6)  # the table rounds to 6 decimals
+    for r in rows:
         ref = r["compared"]["reference"]
         assert r["pr_auc"] == pytest.approx(ref["pr_auc"], abs=1e-4)
-        assert r["roc_auc"] == pytest.approx(ref["roc_auc"], abs=1e-4)
-        assert abs(ref["pr_auc_difference"]["difference"]) < 1e-4
+    # held-out files of another packing are refused, not mapped onto the wrong lesions
+    other = replace(lesions, lesion_ids=lesions.lesion_ids + 100)
+    bench.save_arrays(tmp_path / "other.npz", other, "family", 3.0)
+    other_packed, _, _ = bench.load_arrays(tmp_path / "other.npz")
+    with pytest.raises(SystemExit, match="does not hold fold"):
+        bench.read_heldout(tmp_path / "model", other_packed, "family")
     # a deadline already past starts nothing and writes no model
     rc = bench.main(["train", "--arrays", str(tmp_path / "arrays.npz"), "--out-dir", str(tmp_path / "none"),
                      "--workers", "1", "--json", str(timing), "--epochs", "1", "--width", "0.0625",
@@ -124,10 +137,21 @@ def test_score_compares_every_method_and_refuses_other_lesions(bench, tmp_path: 
     assert compared["good"]["roc_auc"] == pytest.approx(1.0) and compared["flat"]["roc_auc"] == pytest.approx(0.5)
     # a flat method adds nothing to the paper's ranking: their rank mean ranks as the paper alone
     assert compared["flat"]["rank_mean_with_paper"]["roc_auc"] == pytest.approx(rows[0]["roc_auc"])
+    # the control: the rank mean of one method with every other, without the paper's ranking
+    rows = bench.score_heldout(lesions, heldout, bench.reference_tables(path), 20, control_base="good")
+    assert set(rows[0]["controls"]) == {"flat"} and rows[0]["controls"]["flat"]["with"] == "good"
+    assert rows[0]["controls"]["flat"]["pr_auc"] == pytest.approx(compared["good"]["pr_auc"])  # flat adds nothing
     bad = base.assign(probability=0.5)
     bad.loc[0, "label"] = 1 - bad.loc[0, "label"]
     with pytest.raises(SystemExit, match="does not hold these lesions"):
         bench.score_heldout(lesions, heldout, {"reference": bad}, 20)
+    # a table without some of the family's lesions is not compared on the rest
+    rows = bench.score_heldout(lesions, heldout, {"partial": base.assign(probability=0.5).iloc[3:]}, 20)
+    assert rows[0]["compared"] == {}
+    # one lesion twice: refused with its name
+    table.iloc[[0, 0]].to_csv(path, sep="\t", index=False)
+    with pytest.raises(SystemExit, match="more than one row"):
+        bench.reference_tables(path)
 
 
 def test_channels_last_only_on_a_gpu(monkeypatch) -> None:
