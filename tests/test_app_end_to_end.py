@@ -21,8 +21,7 @@ import pytest
 
 from qsmrim_app import derivatives as drv
 
-# one xdist worker runs this module: its shared fixtures are built once (Makefile: --dist loadgroup)
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("app_end_to_end")]
+pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
 TINY_TRAINING = ["--epochs", "2", "--folds", "2", "--seeds", "1", "--width-multiplier", "0.125",
                  "--batch-size", "32"]

@@ -14,9 +14,6 @@ import pytest
 
 from qsmrim_app.synthetic.blind import rule
 
-# one xdist worker runs this module: its shared fixtures are built once (Makefile: --dist loadgroup)
-pytestmark = pytest.mark.xdist_group("blind_family")
-
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -16,9 +16,6 @@ from qsmrim_app.model.predict import load_ensemble
 from qsmrim_app.model.train import train
 from test_train import synthetic_lesions, tiny_config
 
-# one xdist worker runs this module: its shared fixtures are built once (Makefile: --dist loadgroup)
-pytestmark = pytest.mark.xdist_group("fusion")
-
 
 def _oof(model_dir: Path) -> pd.DataFrame:
     t = pd.read_csv(model_dir / "oof_predictions.tsv", sep="\t", dtype={"session": str}, keep_default_na=False)

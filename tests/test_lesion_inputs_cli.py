@@ -25,8 +25,7 @@ from scipy import ndimage
 from lesion_layouts import write_lstai_bids, write_lstai_output
 from qsmrim_app import derivatives as drv
 
-# one xdist worker runs this module: its shared fixtures are built once (Makefile: --dist loadgroup)
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("lesion_inputs_cli")]
+pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
 SUBJECTS = ("01", "02")
 

@@ -23,9 +23,6 @@ from scipy import ndimage
 from qsmrim_app.synthetic import main as synth_main
 from qsmrim_app.synthetic.semireal import RIM_SEEN, RULE_COVERAGE, consensus_rule, split_of
 
-# one xdist worker runs this module: its shared fixtures are built once (Makefile: --dist loadgroup)
-pytestmark = pytest.mark.xdist_group("semireal")
-
 REPO = Path(__file__).resolve().parent.parent
 PATIENT, GRID, SESSION = 1, "1x1x1", "1x1x1"  # patient01: 180 lesions, rims and every confounder
 ARGS = ["--semi-real", "--patients", str(PATIENT), "--grids", GRID, "--seed", "0"]
