@@ -198,8 +198,8 @@ def choose_memory_format(config: TrainConfig, n_lesions: int, n_features: int, c
     from qsmrim_app.model.predict import resolve_device
     from qsmrim_app.model.train import estimate_training_seconds
 
-    if choice != "auto" or resolve_device(config.device).type != "cuda":
-        on_gpu = resolve_device(config.device).type == "cuda"
+    on_gpu = resolve_device(config.device).type == "cuda"
+    if choice != "auto" or not on_gpu:
         os.environ[CHANNELS_LAST_ENV] = "1" if choice == "on" else "0"
         return {"channels_last": choice == "on" and on_gpu,
                 "chosen_by": choice if on_gpu or choice == "off" else "not a GPU"}
@@ -316,9 +316,9 @@ def reference_tables(path: Path) -> "dict[str, pd.DataFrame]":
     if "method" not in table.columns:
         tables = {"reference": table}
     else:
-        raw = "probability_raw" if "probability_raw" in table.columns else "probability"
-        tables = {str(m): t.drop(columns=[c for c in ("probability",) if c != raw]).rename(columns={raw: "probability"})
-                  for m, t in table.groupby("method", sort=False)}
+        if "probability_raw" in table.columns:  # the ranking, not the calibrated probability
+            table = table.drop(columns="probability").rename(columns={"probability_raw": "probability"})
+        tables = {str(m): t for m, t in table.groupby("method", sort=False)}
     for name, t in tables.items():
         if t.duplicated(["subject", "session", "lesion_id"]).any():
             raise SystemExit(f"{path}: {name} has more than one row for some (subject, session, lesion_id)")
