@@ -1,19 +1,23 @@
 """Which feature columns carry rim evidence to data made another way: leave-one-family-out by feature set.
 
-The fusion's feature component is a penalised logistic regression on 556 columns (pyradiomics without the
+The fusion's feature component is a penalised logistic regression on 403 columns (pyradiomics without the
 voxel counts, plus the radial profile). This asks, with that same learner (`comparators.fit_logreg`, the
 app's `FeatureScaler`), which columns generalise: every family of the training corpus left out in turn
-(mean of the families' own PR AUC) and a test family never trained on (the blind family), overall and per
-lesion-volume bin (small rims are where the bundled model fails, docs/families.md). Candidate columns not in
+(mean of the families' own PR AUC, each set against the first with participants resampled within each
+family) and a test family never trained on (the blind family), overall, per lesion-volume bin (small rims are
+where the bundled model fails, docs/families.md) and against the first set by a paired participant bootstrap. Candidate columns not in
 the app are computed here from the stored raw patches (``desc-patches_lesions.npz``), so a candidate is
 measured before it is added to the participant level:
 
-- ``outer``: the rim band's contrast to the tissue just outside it, per axial slice of the patch (the rim
-  band 1 mm inside to 2 mm outside the edge, the outside 3-5 mm out): the band's 75th/90th percentile minus
-  the outside's median on each slice, and the fraction of 12 edge sectors whose 75th percentile exceeds that
-  slice's outside by 1 or 2 robust SDs; each summarised by its largest and its second largest slice (the
-  consensus reads a rim on at least 2 slices). In a small lesion every part of the core lies within the
-  rim's blur, so the outside, not the core, is the contrast that is left.
+- ``outer`` (7 columns): the rim band's contrast to the tissue just outside it (the band 1 mm inside to 2 mm
+  outside the edge, the outside 3-5 mm out), in robust SDs of the local reference. Per axial 1.5 mm slice of
+  the patch: c75 = the band's 75th percentile minus the outside's median, c90 the same with the 90th, and a1 /
+  a2 = the fraction of 12 edge sectors whose 75th percentile exceeds that slice's outside median by 1 / 2 SDs.
+  Columns: c75 on the best slice and on the second best, c90 on the second best, a1 on the best and the
+  second best, a2 on the second best (a second best is 0 when only one slice has a band and an outside: a rim
+  on one slice is not the consensus's rim), and the whole band's 75th percentile minus the whole outside's
+  median. In a small lesion every part of the core lies within the rim's blur, so the outside, not the core,
+  is the contrast that is left.
 
     python benchmarks/bench_feature_sets.py --outputs TRAIN_OUT --participants TRAIN_BIDS/participants.tsv \\
         --test-family blind=BLIND_OUT --out benchmarks/results/feature_sets.json
@@ -32,6 +36,7 @@ import pandas as pd
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))  # bench_lofo_models' paired per-family mean
 
 from qsmrim_app.radial import RIM_BAND_MM, SECTORS, SIGMA_LEVELS  # noqa: E402
 
@@ -44,9 +49,12 @@ MIN_VOXELS = 4  # a slice's band or outside with fewer voxels says nothing
 
 
 def _kth(values: np.ndarray, k: int) -> float:
-    """The k-th largest (0: the largest); the smallest there is when fewer; NaN when none."""
+    """The k-th largest (0: the largest); 0 when there are fewer than k + 1 slices (no evidence on a k-th
+    slice, the neutral value of a contrast and a fraction), NaN when there is none at all (the scaler imputes)."""
     v = np.sort(values[np.isfinite(values)])[::-1]
-    return float(v[min(k, v.size - 1)]) if v.size else np.nan
+    if not v.size:
+        return np.nan
+    return float(v[k]) if v.size > k else 0.0
 
 
 def outer_contrast(patch: np.ndarray, reference: Sequence[float], spacing_mm: Sequence[float]) -> np.ndarray:
@@ -112,35 +120,49 @@ def _auc(y: np.ndarray, p: np.ndarray) -> dict:
 
 
 def evaluate(table: pd.DataFrame, labels: np.ndarray, groups: np.ndarray, sets: dict[str, list[str]],
-             tests: dict[str, tuple[pd.DataFrame, np.ndarray, np.ndarray]], n_boot: int = 2000) -> dict:
-    """Per feature set: leave-one-group-out PR/ROC AUC per group and their mean; each test family (table,
-    labels, participants) scored by the model fitted on every group, overall, per volume bin, and against the
-    first set by a paired participant bootstrap."""
+             tests: dict[str, tuple[pd.DataFrame, np.ndarray, np.ndarray]], subjects: np.ndarray,
+             n_boot: int = 2000) -> dict:
+    """Per feature set: leave-one-group-out PR/ROC AUC per group and their mean (against the first set:
+    participants resampled within each group, paired); each test family (table, labels, participants) scored
+    by the model fitted on every group, overall, per volume bin, and against the first set by a paired
+    participant bootstrap."""
+    from bench_lofo_models import per_family_mean
+
     from qsmrim_app.model.metrics import paired_bootstrap
 
-    out, first = {}, {}
+    out, first, held_out = {}, {}, {}
     for name, columns in sets.items():
         x = table[columns].to_numpy(np.float64)
-        lofo = {}
+        lofo, prob = {}, np.full(labels.size, np.nan)
         for g in sorted(set(groups)):
             held = groups == g
-            lofo[str(g)] = _auc(labels[held], _fit_predict(x[~held], labels[~held], x[held]))
+            prob[held] = _fit_predict(x[~held], labels[~held], x[held])
+            lofo[str(g)] = _auc(labels[held], prob[held])
+        held_out[name] = pd.DataFrame({"label": labels, "probability": prob, "family": groups, "subject": subjects})
         entry = {"n_columns": len(columns), "lofo": lofo,
                  "lofo_mean_pr_auc": float(np.mean([v["pr_auc"] for v in lofo.values() if v["pr_auc"] is not None])),
                  "test": {}}
         for test_name, (test_table, y, people) in tests.items():
             p = _fit_predict(x, labels, test_table[columns].to_numpy(np.float64))
             bins = pd.cut(test_table[VOLUME_COLUMN], VOLUME_BINS_MM3)
+            if bins.isna().any():
+                raise ValueError(f"{test_name}: {int(bins.isna().sum())} lesions without a {VOLUME_COLUMN}")
             entry["test"][test_name] = {"all": _auc(y, p), "by_volume_mm3": {
                 f"{iv.left:g}-{iv.right:g}": _auc(y[(bins == iv).to_numpy()], p[(bins == iv).to_numpy()])
                 for iv in bins.cat.categories if (bins == iv).any()}}
             if test_name in first:  # this set minus the first, the same participants resampled for both
                 boot = paired_bootstrap(y, p, first[test_name], people, n_boot=n_boot)
                 entry["test"][test_name]["minus_first_set"] = {
-                    m: {k: boot[m][k] for k in ("difference", "ci_low", "ci_high")} for m in ("roc_auc", "pr_auc")}
+                    "n_clusters": boot["n_clusters"], "n_boot": boot["n_boot"], "n_valid": boot["n_valid"],
+                    **{m: {k: boot[m][k] for k in ("difference", "ci_low", "ci_high", "p_value")}
+                       for m in ("roc_auc", "pr_auc")}}
             else:
                 first[test_name] = p
         out[name] = entry
+    paired = per_family_mean(held_out, n_boot)  # first minus each other set
+    for name, d in paired["paired_vs_" + next(iter(sets))].items():
+        out[name]["lofo_mean_minus_first_set"] = {  # as the test family's: this set minus the first
+            m: {"difference": -v["difference"], "ci_low": -v["ci_high"], "ci_high": -v["ci_low"]} for m, v in d.items()}
     return out
 
 
@@ -175,7 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     summary = {"command": " ".join(sys.argv if argv is None else ["bench_feature_sets.py", *argv]),
                "learner": "comparators.fit_logreg on FeatureScaler-scaled columns (the fusion's feature component)",
                "n_lesions": int(labels.size), "rim_positive": int(labels.sum()),
-               "sets": evaluate(table, labels, groups, feature_sets(table.columns), tests, args.n_boot)}
+               "n_boot": args.n_boot,
+               "sets": evaluate(table, labels, groups, feature_sets(table.columns), tests, subjects, args.n_boot)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(summary, indent=1) + "\n")
     for name, entry in summary["sets"].items():
@@ -183,8 +206,10 @@ def main(argv: list[str] | None = None) -> int:
                         + (" (PR minus the first set {difference:+.3f} [{ci_low:+.3f}, {ci_high:+.3f}])".format(
                             **v["minus_first_set"]["pr_auc"]) if "minus_first_set" in v else "")
                         for t, v in entry["test"].items())
+        vs = entry.get("lofo_mean_minus_first_set", {}).get("pr_auc")
+        vs = " ({difference:+.3f} [{ci_low:+.3f}, {ci_high:+.3f}])".format(**vs) if vs else ""
         print(f"{name:28s} ({entry['n_columns']} columns) leave-one-{args.column}-out mean PR "
-              f"{entry['lofo_mean_pr_auc']:.3f}  {tail}")
+              f"{entry['lofo_mean_pr_auc']:.3f}{vs}  {tail}")
     return 0
 
 
