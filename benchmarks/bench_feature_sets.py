@@ -36,14 +36,15 @@ import pandas as pd
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "benchmarks"))  # bench_lofo_models' paired per-family mean
+sys.path.insert(0, str(REPO / "benchmarks"))  # the volume bins and the paired per-family mean of the others
 
-from qsmrim_app.radial import RIM_BAND_MM, SECTORS, SIGMA_LEVELS  # noqa: E402
+from bench_blind_breakdown import VOLUME_BINS_MM3  # noqa: E402  (about the blind family's terciles)
+
+from qsmrim_app.radial import RIM_BAND_MM, SECTORS, SIGMA_LEVELS, _sector_fractions  # noqa: E402
 
 OUTSIDE_MM = (3.0, 5.0)
 OUTER_NAMES = ("outer_slice_p75_max", "outer_slice_p75_2nd", "outer_slice_p90_2nd", "outer_arc_k1_max",
                "outer_arc_k1_2nd", "outer_arc_k2_2nd", "outer_band_p75")
-VOLUME_BINS_MM3 = (0.0, 140.0, 310.0, np.inf)  # as bench_blind_breakdown.py: about the blind family's terciles
 VOLUME_COLUMN = "original_shape_VoxelVolume"  # mm3 (voxels x voxel volume): the lesion tables' volume_mm3
 MIN_VOXELS = 4  # a slice's band or outside with fewer voxels says nothing
 
@@ -73,9 +74,8 @@ def outer_contrast(patch: np.ndarray, reference: Sequence[float], spacing_mm: Se
         level = np.median(zk[o])
         contrast.append((np.percentile(zk[b], 75) - level, np.percentile(zk[b], 90) - level))
         angle = np.arctan2(y - y[ins].mean(), x - x[ins].mean())
-        sector = np.minimum(((angle + np.pi) / (2 * np.pi) * SECTORS).astype(int), SECTORS - 1)[b]
-        p75 = np.array([np.percentile(zk[b][sector == s], 75) for s in np.unique(sector)])
-        arcs.append([np.mean(p75 > level + s) for s in SIGMA_LEVELS])
+        sector = np.minimum(((angle + np.pi) / (2 * np.pi) * SECTORS).astype(int), SECTORS - 1)
+        arcs.append(_sector_fractions(zk - level, b, sector, SECTORS))  # radial.py's arcs, above the outside
     c = np.asarray(contrast, float).reshape(-1, 2)
     a = np.asarray(arcs, float).reshape(-1, len(SIGMA_LEVELS))
     whole = (np.percentile(z[band], 75) - np.median(z[outer])) if band.any() and outer.any() else np.nan
@@ -142,8 +142,12 @@ def evaluate(table: pd.DataFrame, labels: np.ndarray, groups: np.ndarray, sets: 
         entry = {"n_columns": len(columns), "lofo": lofo,
                  "lofo_mean_pr_auc": float(np.mean([v["pr_auc"] for v in lofo.values() if v["pr_auc"] is not None])),
                  "test": {}}
+        predicted = {}
+        if tests:  # one fit on every group scores all the test families
+            stacked = _fit_predict(x, labels, np.vstack([t[columns].to_numpy(np.float64) for t, _, _ in tests.values()]))
+            predicted = dict(zip(tests, np.split(stacked, np.cumsum([len(t) for t, _, _ in tests.values()])[:-1])))
         for test_name, (test_table, y, people) in tests.items():
-            p = _fit_predict(x, labels, test_table[columns].to_numpy(np.float64))
+            p = predicted[test_name]
             bins = pd.cut(test_table[VOLUME_COLUMN], VOLUME_BINS_MM3)
             if bins.isna().any():
                 raise ValueError(f"{test_name}: {int(bins.isna().sum())} lesions without a {VOLUME_COLUMN}")
